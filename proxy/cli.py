@@ -1,0 +1,60 @@
+"""Command-line entry point: argument parsing only.
+
+Each command group lives beside the code it drives and contributes its own
+sub-parser through an ``add_parser(subparsers)`` function that sets ``func``;
+``func(args)`` returns the exit code. Errors from our exception tree become a
+one-line message and their exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from proxy import __version__
+from proxy.errors import TlsProxyError
+
+# Modules that each add one top-level command (imported lazily by main()).
+COMMAND_MODULES = (
+    "proxy.pki.commands",  # certs ...
+    "proxy.server.commands",  # serve
+    "proxy.config.commands",  # check
+    "proxy.echo",  # echo
+    "proxy.demo",  # demo
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tlsproxy",
+        description="TLS-terminating reverse proxy with mutual TLS, and a certificate toolkit.",
+    )
+    parser.add_argument("--version", action="version", version=f"tlsproxy {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue  # command not built yet
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TlsProxyError as exc:
+        print(f"tlsproxy: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The configuration as frozen dataclasses.
+
+``proxy.config.load`` builds a ``ProxyConfig`` from YAML (or from the zero-config command
+line) once; nothing reads YAML after that. Each component takes the slice it needs.
+All paths are absolute (relative ones were resolved against the config file's folder);
+all durations are float seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CLIENT_AUTH_MODES = ("none", "optional", "require")
+FORWARD_MODES = ("none", "xfcc", "rfc9440", "headers")
+ALLOW_KINDS = ("cn", "ou", "dns", "uri", "email", "fingerprint")
+HTTP_ENGINES = ("auto", "httptools", "h11")
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """A HOST:PORT to bind; ``host`` is bare (``::`` not ``[::]``)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class CertificatePair:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    certificates: tuple[CertificatePair, ...] = ()
+    auto: bool = False  # effective value: True also when no certificates are listed
+    ca_dir: Path = Path("certs/ca")
+    min_version: str = "1.2"
+    session_tickets: bool = True
+
+
+@dataclass(frozen=True)
+class AllowEntry:
+    """One allow-list entry; ``kind`` is one of ALLOW_KINDS.
+
+    ``fingerprint`` values are normalised to lowercase hex without colons or the
+    ``sha256:`` prefix.
+    """
+
+    kind: str
+    value: str
+
+
+@dataclass(frozen=True)
+class ClientAuthSettings:
+    """Listener-wide client certificate policy (the TLS handshake)."""
+
+    mode: str = "none"
+    ca: Path | None = None
+    crl: Path | None = None
+    allow: tuple[AllowEntry, ...] = ()
+    forward: str = "xfcc"
+
+
+@dataclass(frozen=True)
+class ServiceClientAuth:
+    """Per-service policy, checked per request after the handshake."""
+
+    require: bool = False
+    allow: tuple[AllowEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    handshake: float = 10.0
+    request_header: float = 15.0
+    idle: float = 60.0
+    upstream_connect: float = 5.0
+    upstream_response: float = 60.0
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_header_bytes: int = 65536
+    max_body_bytes: int = 0  # 0 = unlimited
+    max_connections: int = 10000
+
+
+@dataclass(frozen=True)
+class AccessLogSettings:
+    format: str = "json"  # json | text
+    path: str = "-"  # "-" = stdout
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    listen: ListenAddress | None = None  # None = no admin listener
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A plain-HTTP upstream origin, parsed from ``http://host:port``."""
+
+    url: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    upstreams: tuple[Upstream, ...]
+    hosts: tuple[str, ...] = ()  # lowercase, no port; empty = any host
+    path_prefix: str = "/"
+    strip_prefix: bool = False
+    client_auth: ServiceClientAuth | None = None
+    set_headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    services: tuple[Service, ...]
+    listen: tuple[ListenAddress, ...] = (ListenAddress("0.0.0.0", 8443),)
+    redirect_http: ListenAddress | None = None
+    workers: int = 1  # "auto" is resolved to os.cpu_count() at load time
+    http_engine: str = "auto"
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    client_auth: ClientAuthSettings = field(default_factory=ClientAuthSettings)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    access_log: AccessLogSettings = field(default_factory=AccessLogSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    source: Path | None = None  # the YAML file, None for the zero-config form
