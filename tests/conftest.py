@@ -1,0 +1,90 @@
+"""The one shared fixture: a session PKI made with our own toolkit (no committed keys).
+
+``pki.ca_dir`` / ``pki.ca_pem``  the trusted CA (``ca.pem`` + ``ca.key``)
+``pki.other_ca_dir`` / ``pki.other_ca_pem``  a second CA nothing trusts
+``pki.server``                   (cert, key) for localhost, 127.0.0.1, ::1, *.localhost
+``pki.leaf(stem, *names, ...)``  issue more certificates on demand (cached by arguments)
+``pki.crl([cert paths])``        a PEM CRL from the main CA revoking those certificates
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from proxy.pki.build import issue_leaf, make_crl, validity_window
+from proxy.pki.store import ensure_ca, load_certificates, write_crl, write_leaf
+
+SERVER_NAMES = ("localhost", "127.0.0.1", "::1", "*.localhost")
+
+
+@dataclass
+class SessionPKI:
+    tmp: Path
+    ca_dir: Path
+    other_ca_dir: Path
+    _cas: dict = field(default_factory=dict)
+    _leaves: dict = field(default_factory=dict)
+    server: tuple[Path, Path] = field(init=False)
+    _crls: int = 0
+
+    def __post_init__(self) -> None:
+        self._cas = {"main": ensure_ca(self.ca_dir), "other": ensure_ca(self.other_ca_dir, "tlsproxy untrusted CA")}
+        self.server = self.leaf("server", *SERVER_NAMES)
+
+    @property
+    def ca_pem(self) -> Path:
+        return self.ca_dir / "ca.pem"
+
+    @property
+    def other_ca_pem(self) -> Path:
+        return self.other_ca_dir / "ca.pem"
+
+    @property
+    def ca_cert(self) -> x509.Certificate:
+        return self._cas["main"][0]
+
+    @property
+    def ca_key(self):
+        return self._cas["main"][1]
+
+    def leaf(
+        self,
+        stem: str,
+        *names: str,
+        client: bool = False,
+        cn: str | None = None,
+        ou: str | None = None,
+        ca: str = "main",
+        expired: bool = False,
+        not_yet_valid: bool = False,
+    ) -> tuple[Path, Path]:
+        """(cert_path, key_path) of a leaf from CA ``main`` or ``other``; same arguments, same files."""
+        args = (stem, names, client, cn, ou, ca, expired, not_yet_valid)
+        if args not in self._leaves:
+            ca_cert, ca_key = self._cas[ca]
+            not_before, not_after = validity_window(365, expired=expired, not_yet_valid=not_yet_valid)
+            cert, key = issue_leaf(
+                ca_cert, ca_key, list(names or (stem,)), client=client, cn=cn, ou=ou,
+                not_before=not_before, not_after=not_after,
+            )
+            prefix = self.tmp / "leaves" / f"{stem}-{len(self._leaves)}"
+            self._leaves[args] = write_leaf(prefix, cert, key, [ca_cert])
+        return self._leaves[args]
+
+    def crl(self, revoked_cert_paths: list[Path]) -> Path:
+        """A fresh PEM CRL from the main CA revoking the leaf in each file."""
+        serials = [load_certificates(path)[0].serial_number for path in revoked_cert_paths]
+        self._crls += 1
+        path = self.tmp / "crls" / f"crl-{self._crls}.pem"
+        write_crl(path, make_crl(self.ca_cert, self.ca_key, serials))
+        return path
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> SessionPKI:
+    tmp = tmp_path_factory.mktemp("pki")
+    return SessionPKI(tmp=tmp, ca_dir=tmp / "ca", other_ca_dir=tmp / "other-ca")
