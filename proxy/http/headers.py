@@ -1,0 +1,197 @@
+"""Request and response header rewriting (SPEC section 4); pure, no I/O.
+
+Header names arrive lowercase as bytes (h11's convention, which both engines follow)
+and leave lowercase. Upstream requests:
+
+1. Hop-by-hop headers go: Connection and every name it lists, Keep-Alive,
+   Proxy-Connection, TE, Trailer, Transfer-Encoding (the engine re-frames bodies) and
+   Upgrade, unless an upgrade is being tunnelled, which keeps Upgrade and sends
+   ``Connection: upgrade``. Connection cannot take Host or Content-Length with it.
+2. Client identity headers go (``proxy.tls.identity.is_identity_header``): only the
+   handshake may speak about the client certificate; ``identity_headers`` are added
+   afterwards.
+3. The forwarding headers are ours: X-Forwarded-For and Forwarded are appended to
+   what the client sent, X-Forwarded-Proto/-Host/-Port replaced, X-Request-Id kept
+   when sane. Their underscore spellings (``X_Forwarded_For``) go too, since
+   CGI-style frameworks read them as the same header.
+4. The service's ``set_headers`` replace same-name headers (an empty value removes
+   the header, like nginx's ``proxy_set_header X ""``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from functools import lru_cache
+
+from proxy.config.model import Service
+
+try:
+    from proxy.tls.identity import is_identity_header
+except ImportError as _missing:  # pragma: no cover - only while identity.py is being written
+    _IDENTITY_MISSING = _missing
+
+    def is_identity_header(name: bytes) -> bool:
+        # Refuse to forward anything rather than let spoofed identity headers through.
+        raise RuntimeError("proxy.tls.identity is missing: cannot strip identity headers") from _IDENTITY_MISSING
+
+
+Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+)
+HOP_BY_HOP_KEEP_UPGRADE = HOP_BY_HOP - {b"upgrade"}
+# Connection may not list these away: framing and routing depend on them.
+_PROTECTED = frozenset({b"host", b"content-length"})
+# Headers this module owns on the way upstream; the client's copies are consumed.
+_FORWARDING = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"forwarded", b"x-request-id"}
+)
+
+# RFC 9110 tchar: what a token (and a sane request id) may contain.
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+REQUEST_ID_MAX = 200
+
+
+def upstream_request_headers(
+    headers: Sequence[tuple[bytes, bytes]],
+    *,
+    client_ip: str,
+    server_port: int,
+    service: Service,
+    request_id: bytes | None = None,
+    identity_headers: Sequence[tuple[bytes, bytes]] = (),
+    upgrade: bool = False,
+) -> tuple[Headers, bytes]:
+    """The headers to send upstream and the X-Request-Id they carry.
+
+    ``request_id`` is the id to use when the client sent no sane one (one is generated
+    when it is None too); a sane client id always wins so ids follow a request across
+    hops.
+    """
+    drop = HOP_BY_HOP_KEEP_UPGRADE if upgrade else HOP_BY_HOP
+    kept: Headers = []
+    forwarded_for: list[bytes] = []
+    forwarded: list[bytes] = []
+    listed: set[bytes] | None = None
+    host: bytes | None = None
+    client_request_id: bytes | None = None
+
+    for name, value in headers:
+        if name in drop:
+            if name == b"connection":
+                listed = _connection_tokens(value, listed)
+            continue
+        if name in _FORWARDING:
+            if name == b"x-forwarded-for":
+                forwarded_for.append(value)
+            elif name == b"forwarded":
+                forwarded.append(value)
+            elif name == b"x-request-id" and client_request_id is None and is_sane_request_id(value):
+                client_request_id = value
+            continue
+        if b"_" in name and name.replace(b"_", b"-") in _FORWARDING:
+            continue
+        if is_identity_header(name):
+            continue
+        if name == b"host" and host is None:
+            host = value
+        kept.append((name, value))
+
+    if listed:
+        listed -= _PROTECTED
+        if upgrade:
+            listed.discard(b"upgrade")
+        if listed:
+            kept = [(name, value) for name, value in kept if name not in listed]
+
+    if upgrade:
+        kept.append((b"connection", b"upgrade"))
+    forwarded_for.append(client_ip.encode("ascii"))
+    kept.append((b"x-forwarded-for", b", ".join(forwarded_for)))
+    kept.append((b"x-forwarded-proto", b"https"))
+    if host is not None:
+        kept.append((b"x-forwarded-host", host))
+    kept.append((b"x-forwarded-port", str(server_port).encode("ascii")))
+    forwarded.append(forwarded_element(client_ip, host))
+    kept.append((b"forwarded", b", ".join(forwarded)))
+    used_id = client_request_id or request_id or new_request_id()
+    kept.append((b"x-request-id", used_id))
+    kept.extend((name.lower(), value) for name, value in identity_headers)
+
+    if service.set_headers:
+        replace, additions = _encoded_set_headers(service.set_headers)
+        kept = [(name, value) for name, value in kept if name not in replace]
+        kept.extend(additions)
+    return kept, used_id
+
+
+def downstream_response_headers(
+    headers: Sequence[tuple[bytes, bytes]], *, upgrade: bool = False
+) -> Headers:
+    """An upstream response's headers without its hop-by-hop ones; with ``upgrade``
+    (a 101 being tunnelled) Upgrade stays and ``Connection: upgrade`` is sent."""
+    drop = HOP_BY_HOP_KEEP_UPGRADE if upgrade else HOP_BY_HOP
+    listed: set[bytes] | None = None
+    kept: Headers = []
+    for name, value in headers:
+        if name in drop:
+            if name == b"connection":
+                listed = _connection_tokens(value, listed)
+            continue
+        kept.append((name, value))
+    if listed:
+        listed -= _PROTECTED
+        if upgrade:
+            listed.discard(b"upgrade")
+        kept = [(name, value) for name, value in kept if name not in listed]
+    if upgrade:
+        kept.append((b"connection", b"upgrade"))
+    return kept
+
+
+def forwarded_element(client_ip: str, host: bytes | None) -> bytes:
+    """One RFC 7239 element: ``for=1.2.3.4;proto=https;host=x``; IPv6 becomes
+    ``for="[::1]"``, and values that are not tokens (``host:port``) are quoted."""
+    node = f'"[{client_ip}]"' if ":" in client_ip else client_ip
+    element = b"for=" + node.encode("ascii") + b";proto=https"
+    if host is not None:
+        element += b";host=" + _token_or_quoted(host)
+    return element
+
+
+def is_sane_request_id(value: bytes) -> bool:
+    """A client-sent X-Request-Id worth keeping: 1..200 token characters (nothing that
+    could smuggle separators or spaces into logs)."""
+    return 0 < len(value) <= REQUEST_ID_MAX and not value.translate(None, _TCHAR)
+
+
+def new_request_id() -> bytes:
+    """128 random bits as 32 hex characters (uuid4-sized, without uuid's overhead)."""
+    return os.urandom(16).hex().encode("ascii")
+
+
+def _connection_tokens(value: bytes, into: set[bytes] | None) -> set[bytes]:
+    tokens = into if into is not None else set()
+    for token in value.split(b","):
+        token = token.strip().lower()
+        if token:
+            tokens.add(token)
+    return tokens
+
+
+def _token_or_quoted(value: bytes) -> bytes:
+    if value and not value.translate(None, _TCHAR):
+        return value
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+@lru_cache(maxsize=1024)
+def _encoded_set_headers(
+    set_headers: tuple[tuple[str, str], ...],
+) -> tuple[frozenset[bytes], tuple[tuple[bytes, bytes], ...]]:
+    """(names to replace, headers to add) for one service; cached so each request
+    only pays a tuple hash."""
+    encoded = [(name.strip().lower().encode("ascii"), value.encode("utf-8")) for name, value in set_headers]
+    return frozenset(name for name, _ in encoded), tuple((n, v) for n, v in encoded if v)

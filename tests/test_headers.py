@@ -1,0 +1,184 @@
+"""Header rewriting towards the upstream and back (SPEC section 4); pure, no sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.config.model import Service, Upstream
+from proxy.http.headers import (
+    downstream_response_headers,
+    forwarded_element,
+    is_sane_request_id,
+    new_request_id,
+    upstream_request_headers,
+)
+
+SERVICE = Service(name="api", upstreams=(Upstream("http://127.0.0.1:9000", "127.0.0.1", 9000),))
+
+
+def rewrite(headers, *, client_ip="1.2.3.4", service=SERVICE, **kwargs):
+    out, request_id = upstream_request_headers(headers, client_ip=client_ip, server_port=8443, service=service, **kwargs)
+    return out, request_id
+
+
+def values(headers, name: bytes) -> list[bytes]:
+    return [value for key, value in headers if key == name]
+
+
+def test_forwarding_headers_are_added():
+    out, request_id = rewrite([(b"host", b"api.localhost:8443"), (b"accept", b"*/*")])
+    assert out[:2] == [(b"host", b"api.localhost:8443"), (b"accept", b"*/*")]
+    assert values(out, b"x-forwarded-for") == [b"1.2.3.4"]
+    assert values(out, b"x-forwarded-proto") == [b"https"]
+    assert values(out, b"x-forwarded-host") == [b"api.localhost:8443"]
+    assert values(out, b"x-forwarded-port") == [b"8443"]
+    assert values(out, b"forwarded") == [b'for=1.2.3.4;proto=https;host="api.localhost:8443"']
+    assert values(out, b"x-request-id") == [request_id]
+    assert len(request_id) == 32 and int(request_id, 16) >= 0
+
+
+def test_existing_x_forwarded_for_and_forwarded_are_appended_to():
+    out, _ = rewrite(
+        [
+            (b"host", b"x"),
+            (b"x-forwarded-for", b"10.0.0.1"),
+            (b"x-forwarded-for", b"10.0.0.2, 10.0.0.3"),
+            (b"forwarded", b"for=10.0.0.1"),
+        ]
+    )
+    assert values(out, b"x-forwarded-for") == [b"10.0.0.1, 10.0.0.2, 10.0.0.3, 1.2.3.4"]
+    assert values(out, b"forwarded") == [b"for=10.0.0.1, for=1.2.3.4;proto=https;host=x"]
+
+
+def test_client_forwarding_claims_are_replaced_including_underscore_spellings():
+    out, _ = rewrite(
+        [
+            (b"host", b"x"),
+            (b"x-forwarded-proto", b"http"),
+            (b"x-forwarded-host", b"evil"),
+            (b"x-forwarded-port", b"80"),
+            (b"x_forwarded_for", b"6.6.6.6"),
+        ]
+    )
+    assert values(out, b"x-forwarded-proto") == [b"https"]
+    assert values(out, b"x-forwarded-host") == [b"x"]
+    assert values(out, b"x-forwarded-port") == [b"8443"]
+    assert values(out, b"x_forwarded_for") == []
+    assert values(out, b"x-forwarded-for") == [b"1.2.3.4"]
+
+
+def test_ipv6_client_is_quoted_in_forwarded():
+    out, _ = rewrite([(b"host", b"[::1]:8443")], client_ip="::1")
+    assert values(out, b"x-forwarded-for") == [b"::1"]
+    assert values(out, b"forwarded") == [b'for="[::1]";proto=https;host="[::1]:8443"']
+
+
+def test_forwarded_element_quotes_what_is_not_a_token():
+    assert forwarded_element("1.2.3.4", b"example.com") == b"for=1.2.3.4;proto=https;host=example.com"
+    assert forwarded_element("1.2.3.4", b'a"b') == b'for=1.2.3.4;proto=https;host="a\\"b"'
+    assert forwarded_element("2001:db8::1", None) == b'for="[2001:db8::1]";proto=https'
+
+
+def test_hop_by_hop_headers_and_the_names_connection_lists_are_removed():
+    out, _ = rewrite(
+        [
+            (b"host", b"x"),
+            (b"connection", b"keep-alive, X-Secret-Hop, host, Content-Length"),
+            (b"keep-alive", b"timeout=5"),
+            (b"proxy-connection", b"keep-alive"),
+            (b"te", b"trailers"),
+            (b"trailer", b"x-sum"),
+            (b"transfer-encoding", b"chunked"),
+            (b"upgrade", b"websocket"),
+            (b"x-secret-hop", b"1"),
+            (b"content-length", b"5"),
+            (b"x-app", b"kept"),
+        ]
+    )
+    names = [name for name, _ in out]
+    for gone in (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding"):
+        assert gone not in names
+    assert b"upgrade" not in names and b"x-secret-hop" not in names
+    # Connection cannot remove what framing and routing depend on.
+    assert values(out, b"host") == [b"x"] and values(out, b"content-length") == [b"5"]
+    assert values(out, b"x-app") == [b"kept"]
+
+
+def test_upgrade_keeps_upgrade_and_sends_connection_upgrade():
+    out, _ = rewrite(
+        [(b"host", b"x"), (b"connection", b"Upgrade, keep-alive"), (b"upgrade", b"websocket"), (b"keep-alive", b"1")],
+        upgrade=True,
+    )
+    assert values(out, b"upgrade") == [b"websocket"]
+    assert values(out, b"connection") == [b"upgrade"]
+    assert values(out, b"keep-alive") == []
+
+
+def test_identity_headers_from_the_client_are_stripped_and_ours_added():
+    incoming = [
+        (b"host", b"x"),
+        (b"x-forwarded-client-cert", b"Hash=forged"),
+        (b"client-cert", b":Zm9yZ2Vk:"),
+        (b"client-cert-chain", b":Zm9yZ2Vk:"),
+        (b"x-client-cert-subject", b"CN=admin"),
+        (b"x_client_cert_subject", b"CN=admin"),
+        (b"X-Client-Cert-Serial", b"1"),
+        (b"x-clientele", b"kept"),
+    ]
+    ours = [(b"X-Forwarded-Client-Cert", b"Hash=real")]
+    out, _ = rewrite(incoming, identity_headers=ours)
+    assert [name for name, _ in out if b"client" in name] == [b"x-clientele", b"x-forwarded-client-cert"]
+    assert values(out, b"x-forwarded-client-cert") == [b"Hash=real"]
+
+
+def test_sane_request_id_is_kept_else_one_is_generated():
+    out, request_id = rewrite([(b"host", b"x"), (b"x-request-id", b"abc-123")])
+    assert request_id == b"abc-123" and values(out, b"x-request-id") == [b"abc-123"]
+
+    for insane in (b"", b"has space", b"a" * 201, b"semi;colon", b"\xff"):
+        out, request_id = rewrite([(b"host", b"x"), (b"x-request-id", insane)])
+        assert request_id != insane and values(out, b"x-request-id") == [request_id]
+
+    out, request_id = rewrite([(b"host", b"x")], request_id=b"chosen-by-caller")
+    assert request_id == b"chosen-by-caller"
+    out, request_id = rewrite([(b"host", b"x"), (b"x-request-id", b"client")], request_id=b"chosen-by-caller")
+    assert request_id == b"client"
+
+
+def test_request_id_rules():
+    assert is_sane_request_id(b"a" * 200) and not is_sane_request_id(b"a" * 201)
+    assert new_request_id() != new_request_id()
+
+
+def test_set_headers_replace_same_name_headers_and_empty_removes():
+    service = Service(
+        name="api",
+        upstreams=SERVICE.upstreams,
+        set_headers=(("X-Env", "dev"), ("X-Forwarded-Proto", "custom"), ("User-Agent", ""), ("X-Note", "é")),
+    )
+    out, _ = rewrite([(b"host", b"x"), (b"x-env", b"prod"), (b"user-agent", b"curl")], service=service)
+    assert values(out, b"x-env") == [b"dev"]
+    assert values(out, b"x-forwarded-proto") == [b"custom"]
+    assert values(out, b"user-agent") == []
+    assert values(out, b"x-note") == ["é".encode()]
+
+
+@pytest.mark.parametrize("upgrade", [False, True])
+def test_response_hop_by_hop_headers_are_removed(upgrade):
+    out = downstream_response_headers(
+        [
+            (b"content-type", b"text/plain"),
+            (b"connection", b"keep-alive, x-hop, upgrade"),
+            (b"keep-alive", b"timeout=5"),
+            (b"transfer-encoding", b"chunked"),
+            (b"upgrade", b"websocket"),
+            (b"x-hop", b"1"),
+            (b"content-length", b"3"),
+        ],
+        upgrade=upgrade,
+    )
+    expected = [(b"content-type", b"text/plain"), (b"content-length", b"3")]
+    if upgrade:
+        expected = [(b"content-type", b"text/plain"), (b"upgrade", b"websocket"), (b"content-length", b"3")]
+        expected.append((b"connection", b"upgrade"))
+    assert out == expected
