@@ -91,9 +91,10 @@ def upstream_request_headers(
             elif name == b"x-request-id" and client_request_id is None and is_sane_request_id(value):
                 client_request_id = value
             continue
-        if b"_" in name and name.replace(b"_", b"-") in _FORWARDING:
-            continue
-        if is_identity_header(name):
+        spoofed = _spoofed_names.get(name)
+        if spoofed is None:
+            spoofed = _is_spoofed(name)
+        if spoofed:
             continue
         if name == b"host" and host is None:
             host = value
@@ -170,6 +171,20 @@ def is_sane_request_id(value: bytes) -> bool:
 def new_request_id() -> bytes:
     """128 random bits as 32 hex characters (uuid4-sized, without uuid's overhead)."""
     return os.urandom(16).hex().encode("ascii")
+
+
+# Header names seen so far -> whether they are a client's claim we never forward.
+# Request headers repeat the same few dozen names, so a dict hit replaces the checks.
+_spoofed_names: dict[bytes, bool] = {}
+_SPOOFED_NAMES_MAX = 4096
+
+
+def _is_spoofed(name: bytes) -> bool:
+    """An identity header, or an underscore spelling of a forwarding header."""
+    spoofed = is_identity_header(name) or (b"_" in name and name.replace(b"_", b"-") in _FORWARDING)
+    if len(_spoofed_names) < _SPOOFED_NAMES_MAX:
+        _spoofed_names[name] = spoofed
+    return spoofed
 
 
 def _connection_tokens(value: bytes, into: set[bytes] | None) -> set[bytes]:
