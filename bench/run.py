@@ -1,0 +1,645 @@
+#!/usr/bin/env python3
+"""tlsproxy against nginx as a TLS terminator, same upstream, same certificate, same load.
+
+One run of this script:
+
+1. issues an ECDSA P-256 CA + server certificate with our own toolkit (``proxy.pki``);
+2. starts the upstream: an nginx serving a small file and a 1 MiB file on a plain port;
+3. starts nginx as a TLS 1.3 terminator (``proxy_pass`` with upstream keep-alive, no session
+   tickets, no session cache) and ``tlsproxy serve`` (``workers: 1``, no session tickets);
+4. loads each with wrk -- keep-alive small requests, a new TLS connection per request, and
+   1 MiB responses -- alternating the two servers, ``--runs`` times;
+5. reads each server's CPU time from /proc over every test window (-> cores used), prints a
+   table of medians with tlsproxy/nginx ratios (absolute and per server core) and writes the
+   whole record to bench/results/latest.json.
+
+The load generator and the upstream run on one core, the server under test on another
+(``taskset``), so "cores used" is the server's own cost. Both servers run for the whole
+session; only one is loaded at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RESULTS_DIR = REPO / "bench" / "results"
+SMALL_BODY = b'{"ok":true,"bench":"tlsproxy","note":"a small response body of about one hundred bytes"}\n'
+LARGE_SIZE = 1 << 20
+SERVERS = ("nginx", "tlsproxy")
+TESTS = ("keepalive", "handshake", "large")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+START_TIMEOUT = 20.0
+
+# A new TLS connection for every request: ask the server to close after each response, and
+# count responses that did not announce the close (then the figure would not be handshakes).
+HANDSHAKE_LUA = """\
+wrk.headers["Connection"] = "close"
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) kept_alive = 0 end
+function response(status, headers, body)
+  local c = headers["Connection"] or headers["connection"]
+  if c == nil or string.lower(c) ~= "close" then kept_alive = kept_alive + 1 end
+end
+function done(summary, latency, requests)
+  local total = 0
+  for _, t in ipairs(threads) do total = total + (t:get("kept_alive") or 0) end
+  io.write(string.format("keepalive_responses: %d\\n", total))
+end
+"""
+
+
+class BenchError(Exception):
+    """A precondition or a server start failed; the message says what to do."""
+
+
+# --- processes and CPU time ------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm may hold spaces and parentheses: the fields after the last ")" start at "state".
+    return text.rsplit(")", 1)[1].split()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields and int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of PID (all its threads), its live descendants and its reaped children."""
+    total = 0
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        fields = _stat_fields(current)
+        if fields is None:
+            continue
+        # utime, stime, cutime, cstime (fields 14-17 of proc(5); index 0 here is field 3)
+        total += sum(int(value) for value in fields[11:15])
+        stack.extend(_children(current))
+    return total / CLK_TCK
+
+
+def _children_cpu() -> float:
+    """CPU seconds of our reaped children (wrk, once ``subprocess.run`` has waited for it)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_connectable(port: int, proc: subprocess.Popen, name: str, log: Path | None) -> None:
+    """Until 127.0.0.1:PORT accepts, bounded; BenchError (with the log's tail) if PROC exits."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited with status {proc.returncode} before listening\n{_tail(log)}")
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)  # polling a port that is not there yet: no event to wait on
+    raise BenchError(f"{name} did not listen on 127.0.0.1:{port} within {START_TIMEOUT:.0f}s\n{_tail(log)}")
+
+
+def _tail(log: Path | None, lines: int = 15) -> str:
+    if log is None or not log.exists():
+        return ""
+    text = log.read_text(errors="replace").strip().splitlines()[-lines:]
+    return "\n".join("    " + line for line in text)
+
+
+def pinned(cpu: str | None, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *argv] if cpu is not None else argv
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    proc: subprocess.Popen
+    log: Path
+    pid: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pid = self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+# --- certificates and configs ----------------------------------------------------------
+
+
+def make_certificates(workdir: Path) -> tuple[Path, Path, Path]:
+    from proxy.pki.build import issue_leaf
+    from proxy.pki.store import ensure_ca, write_leaf
+
+    ca_cert, ca_key = ensure_ca(workdir / "ca")
+    cert, key = issue_leaf(ca_cert, ca_key, ["localhost", "127.0.0.1"], key_type="ec")
+    pem, key_path = write_leaf(workdir / "server", cert, key, [ca_cert])
+    return workdir / "ca" / "ca.pem", pem, key_path
+
+
+NGINX_COMMON = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; multi_accept on; }}
+"""
+
+NGINX_TEMP = """\
+    client_body_temp_path {prefix}/tmp_body;
+    proxy_temp_path {prefix}/tmp_proxy;
+    fastcgi_temp_path {prefix}/tmp_fastcgi;
+    uwsgi_temp_path {prefix}/tmp_uwsgi;
+    scgi_temp_path {prefix}/tmp_scgi;
+"""
+
+
+def upstream_nginx_conf(prefix: Path, port: int, docroot: Path) -> str:
+    return (
+        NGINX_COMMON.format(prefix=prefix)
+        + "http {\n"
+        + NGINX_TEMP.format(prefix=prefix)
+        + f"""\
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+    open_file_cache max=16;
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        root {docroot};
+    }}
+}}
+"""
+    )
+
+
+def terminator_nginx_conf(prefix: Path, port: int, upstream_port: int, cert: Path, key: Path) -> str:
+    return (
+        NGINX_COMMON.format(prefix=prefix)
+        + "http {\n"
+        + NGINX_TEMP.format(prefix=prefix)
+        + f"""\
+    access_log /dev/null;
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+    upstream backend {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+        keepalive_requests 10000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl backlog=4096;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.3;
+        ssl_session_tickets off;
+        ssl_session_cache off;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto https;
+        }}
+    }}
+}}
+"""
+    )
+
+
+def tlsproxy_yaml(port: int, upstream_port: int, cert: Path, key: Path, access_log: str,
+                  http_engine: str = "auto") -> str:
+    return f"""\
+# generated by bench/run.py
+listen: ["127.0.0.1:{port}"]
+workers: 1
+http_engine: {http_engine}
+tls:
+  certificates:
+    - {{cert: {json.dumps(str(cert))}, key: {json.dumps(str(key))}}}
+  min_version: "1.3"
+  session_tickets: false
+access_log: {{format: json, path: {json.dumps(access_log)}}}
+services:
+  - name: bench
+    upstream: http://127.0.0.1:{upstream_port}
+"""
+
+
+def start_nginx(name: str, prefix: Path, conf_text: str, port: int, cpu: str | None) -> Server:
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(conf_text)
+    log = prefix / "error.log"
+    argv = pinned(cpu, ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(log)])
+    stderr = open(prefix / "stderr.log", "wb")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
+    server = Server(name, port, proc, log)
+    wait_connectable(port, proc, name, log)
+    return server
+
+
+def start_tlsproxy(workdir: Path, port: int, upstream_port: int, cert: Path, key: Path, cpu: str | None,
+                   access_log: str, http_engine: str) -> Server:
+    config = workdir / "tlsproxy.yaml"
+    config.write_text(tlsproxy_yaml(port, upstream_port, cert, key, access_log, http_engine))
+    log = workdir / "tlsproxy.log"
+    argv = pinned(cpu, [sys.executable, "-m", "proxy", "serve", "-c", str(config)])
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+    server = Server("tlsproxy", port, proc, log)
+    try:
+        wait_connectable(port, proc, "tlsproxy serve", log)
+    except BenchError:
+        server.stop()
+        raise
+    return server
+
+
+# --- wrk -------------------------------------------------------------------------------
+
+_UNITS_TIME = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+_UNITS_SIZE = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+
+
+def parse_wrk(text: str) -> dict:
+    """The figures we use from wrk's report (latency in ms, transfer in MiB/s)."""
+    result: dict = {"requests_per_s": None, "p99_ms": None, "mib_per_s": None, "errors": {}, "non_2xx": 0}
+    if m := re.search(r"Requests/sec:\s+([\d.]+)", text):
+        result["requests_per_s"] = float(m.group(1))
+    if m := re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, re.M):
+        result["p99_ms"] = float(m.group(1)) * _UNITS_TIME[m.group(2)]
+    if m := re.search(r"Transfer/sec:\s+([\d.]+)(B|KB|MB|GB|TB)", text):
+        result["mib_per_s"] = float(m.group(1)) * _UNITS_SIZE[m.group(2)] / (1 << 20)
+    if m := re.search(r"(\d+) requests in", text):
+        result["requests"] = int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text):
+        result["errors"] = dict(zip(("connect", "read", "write", "timeout"), map(int, m.groups())))
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", text):
+        result["non_2xx"] = int(m.group(1))
+    if m := re.search(r"keepalive_responses: (\d+)", text):
+        result["keepalive_responses"] = int(m.group(1))
+    return result
+
+
+@dataclass
+class TestSpec:
+    name: str
+    path: str
+    connections: int
+    latency: bool = False
+    script: Path | None = None
+
+
+def run_wrk(spec: TestSpec, server: Server, duration: float, cpu: str | None, upstream: Server,
+            profile_to: Path | None = None) -> dict:
+    argv = ["wrk", "-t1", f"-c{spec.connections}", f"-d{max(1, round(duration))}s", "--timeout", "5s"]
+    if spec.latency:
+        argv.append("--latency")
+    if spec.script is not None:
+        argv += ["-s", str(spec.script)]
+    argv.append(server.url + spec.path)
+    profiler = None
+    if profile_to is not None:
+        profiler = subprocess.Popen(
+            ["py-spy", "record", "--subprocesses", "-o", str(profile_to), "--pid", str(server.pid),
+             "--duration", str(max(1, round(duration)))],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+    client0 = _children_cpu()
+    server_cpu0, upstream_cpu0, wall0 = cpu_seconds(server.pid), cpu_seconds(upstream.pid), time.monotonic()
+    proc = subprocess.run(pinned(cpu, argv), capture_output=True, text=True, timeout=duration + 60)
+    wall = time.monotonic() - wall0
+    client_cpu = _children_cpu() - client0
+    server_cpu, upstream_cpu = cpu_seconds(server.pid) - server_cpu0, cpu_seconds(upstream.pid) - upstream_cpu0
+    result = parse_wrk(proc.stdout)
+    result.update(
+        server_cores=server_cpu / wall,
+        upstream_cores=upstream_cpu / wall,
+        client_cores=client_cpu / wall,
+        wall_s=wall,
+        wrk_exit=proc.returncode,
+    )
+    if proc.returncode != 0 or result["requests_per_s"] is None:
+        result["wrk_output"] = (proc.stdout + proc.stderr)[-2000:]
+    if profiler is not None:
+        out, _ = profiler.communicate(timeout=60)
+        result["profile"] = {"exit": profiler.returncode, "output": out.decode(errors="replace")[-1000:]}
+    return result
+
+
+def check_no_resumption(server: Server) -> dict:
+    """openssl s_client -reconnect: every connection should be a full ("New") handshake."""
+    try:
+        proc = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}", "-tls1_3", "-reconnect"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"ok": False, "error": str(exc)}
+    new = len(re.findall(r"^New, ", proc.stdout, re.M))
+    reused = len(re.findall(r"^Reused, ", proc.stdout, re.M))
+    return {"ok": new > 0 and reused == 0, "new": new, "reused": reused}
+
+
+def check_connection_close(server: Server) -> bool:
+    """Does the server close after a response to a request saying ``Connection: close``?"""
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /small HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            data = b""
+            with contextlib.suppress(OSError):
+                while chunk := tls.recv(65536):
+                    data += chunk
+    return data.startswith(b"HTTP/1.1 200") and len(data) < 10_000
+
+
+# --- the session -----------------------------------------------------------------------
+
+
+def median_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(raw: dict[str, dict[str, list[dict]]]) -> dict:
+    """Medians per server and test, and tlsproxy/nginx ratios."""
+    metrics = {"keepalive": ("requests_per_s", "p99_ms"), "handshake": ("requests_per_s",), "large": ("mib_per_s",)}
+    summary: dict = {}
+    for test, keys in metrics.items():
+        row: dict = {}
+        for server in SERVERS:
+            runs = raw.get(server, {}).get(test, [])
+            if not runs:
+                continue
+            row[server] = {key: median_or_none([r[key] for r in runs]) for key in keys}
+            row[server]["server_cores"] = median_or_none([r["server_cores"] for r in runs])
+            row[server]["upstream_cores"] = median_or_none([r["upstream_cores"] for r in runs])
+            row[server]["client_cores"] = median_or_none([r["client_cores"] for r in runs])
+            per_core = [r[keys[0]] / r["server_cores"] for r in runs if r[keys[0]] and r["server_cores"] > 0.01]
+            row[server]["per_core"] = median_or_none(per_core)
+            row[server]["errors"] = sum(sum(r["errors"].values()) + r["non_2xx"] for r in runs)
+        if "nginx" in row and "tlsproxy" in row:
+            ratios = {}
+            for key in (*keys, "per_core"):
+                a, b = row["tlsproxy"].get(key), row["nginx"].get(key)
+                ratios[key] = a / b if a is not None and b else None
+            row["ratio"] = ratios
+        summary[test] = row
+    return summary
+
+
+def fmt(value: float | None, spec: str = ".0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(summary: dict, runs: int, duration: float) -> None:
+    labels = {
+        ("keepalive", "requests_per_s"): "keep-alive req/s (c32)",
+        ("keepalive", "p99_ms"): "keep-alive p99 ms",
+        ("handshake", "requests_per_s"): "new TLS conn/s (c32)",
+        ("large", "mib_per_s"): "1 MiB responses MiB/s (c8)",
+    }
+    print(f"\nmedians of {runs} run(s), {duration:.0f}s each; cores = server CPU time / wall time")
+    header = f"{'test':<28}{'nginx':>10}{'cores':>7}{'tlsproxy':>10}{'cores':>7}{'ratio':>8}{'/core':>8}"
+    print(header)
+    print("-" * len(header))
+    for (test, key), label in labels.items():
+        row = summary.get(test, {})
+        n, t, r = row.get("nginx", {}), row.get("tlsproxy", {}), row.get("ratio", {})
+        digits = ".2f" if key == "p99_ms" or key == "mib_per_s" else ".0f"
+        per_core = fmt(r.get("per_core"), ".3f") if key != "p99_ms" else ""
+        print(
+            f"{label:<28}{fmt(n.get(key), digits):>10}{fmt(n.get('server_cores'), '.2f'):>7}"
+            f"{fmt(t.get(key), digits):>10}{fmt(t.get('server_cores'), '.2f'):>7}"
+            f"{fmt(r.get(key), '.3f'):>8}{per_core:>8}"
+        )
+    print("ratio = tlsproxy / nginx (p99: higher is worse); /core = ratio of figure per server core")
+    for test, row in summary.items():
+        for server in SERVERS:
+            if row.get(server, {}).get("errors"):
+                print(f"warning: {server} {test}: {row[server]['errors']} socket errors or non-2xx responses")
+
+
+def tool_versions() -> dict:
+    def first_line(argv: list[str]) -> str:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (proc.stdout + proc.stderr).strip().splitlines()[0]
+        return "unavailable"
+
+    return {
+        "nginx": first_line(["nginx", "-v"]),
+        "wrk": first_line(["wrk", "-v"]),
+        "openssl": first_line(["openssl", "version"]),
+        "python": sys.version.split()[0],
+        "tlsproxy_commit": first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs per test and server (median taken; default 3)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk test (default 10)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections, keep-alive and handshake tests")
+    parser.add_argument("--large-connections", type=int, default=8, help="wrk connections, 1 MiB test (default 8)")
+    parser.add_argument("--only", choices=SERVERS, help="benchmark one server only")
+    parser.add_argument("--tests", default=",".join(TESTS), help=f"comma list of tests (default {','.join(TESTS)})")
+    parser.add_argument("--client-cpu", default="0", help="core for wrk and the upstream ('' = no pinning)")
+    parser.add_argument("--server-cpu", default="1", help="core for the server under test ('' = no pinning)")
+    parser.add_argument("--access-log", default="/dev/null", help="tlsproxy access_log path (default /dev/null)")
+    parser.add_argument("--http-engine", default="auto", choices=("auto", "httptools", "h11"),
+                        help="tlsproxy http_engine (default auto)")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy record tlsproxy during the first keep-alive test -> bench/results/profile.svg")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.json")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (configs, logs)")
+    args = parser.parse_args(argv)
+    args.tests = [t for t in args.tests.split(",") if t]
+    if unknown := set(args.tests) - set(TESTS):
+        parser.error(f"unknown tests: {', '.join(sorted(unknown))}")
+    if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
+        args.client_cpu = args.server_cpu = ""
+    args.client_cpu = args.client_cpu or None
+    args.server_cpu = args.server_cpu or None
+    return args
+
+
+def check_tools(args: argparse.Namespace) -> None:
+    missing = [tool for tool in ("nginx", "wrk", "openssl") if not shutil.which(tool)]
+    if missing:
+        raise BenchError(f"missing tools: {', '.join(missing)} (apt-get install -y nginx wrk openssl)")
+    if args.profile and not shutil.which("py-spy"):
+        raise BenchError("--profile needs py-spy on PATH (pip install py-spy)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        check_tools(args)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    started = time.time()
+    workdir = Path(tempfile.mkdtemp(prefix="tlsproxy-bench-"))
+    servers: dict[str, Server] = {}
+    upstream: Server | None = None
+    record: dict = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "settings": {
+            "runs": args.runs, "duration_s": args.duration, "connections": args.connections,
+            "large_connections": args.large_connections, "client_cpu": args.client_cpu,
+            "server_cpu": args.server_cpu, "tests": args.tests, "profile": args.profile,
+            "http_engine": args.http_engine, "access_log": args.access_log,
+        },
+        "versions": tool_versions(),
+        "failures": {},
+    }
+    try:
+        ca_pem, cert, key = make_certificates(workdir)
+        docroot = workdir / "www"
+        docroot.mkdir()
+        (docroot / "small").write_bytes(SMALL_BODY)
+        (docroot / "1m").write_bytes(os.urandom(LARGE_SIZE))
+        upstream_port = free_port()
+        upstream = start_nginx("upstream nginx", workdir / "upstream",
+                               upstream_nginx_conf(workdir / "upstream", upstream_port, docroot),
+                               upstream_port, args.client_cpu)
+        wanted = [args.only] if args.only else list(SERVERS)
+        if "nginx" in wanted:
+            port = free_port()
+            servers["nginx"] = start_nginx(
+                "nginx", workdir / "nginx",
+                terminator_nginx_conf(workdir / "nginx", port, upstream_port, cert, key), port, args.server_cpu,
+            )
+        if "tlsproxy" in wanted:
+            try:
+                servers["tlsproxy"] = start_tlsproxy(workdir, free_port(), upstream_port, cert, key,
+                                                     args.server_cpu, args.access_log, args.http_engine)
+            except BenchError as exc:
+                message = f"tlsproxy serve failed to start: {exc}"
+                print(f"bench: {message}\nbench: continuing with nginx only", file=sys.stderr)
+                record["failures"]["tlsproxy"] = message
+        if not servers:
+            raise BenchError("no server to benchmark")
+        record["checks"] = {}
+        for name, server in servers.items():
+            record["checks"][name] = {
+                "session_resumption": check_no_resumption(server),
+                "closes_on_connection_close": check_connection_close(server),
+            }
+            print(f"{name}: pid {server.pid}, {server.url}, checks {record['checks'][name]}")
+
+        script = workdir / "handshake.lua"
+        script.write_text(HANDSHAKE_LUA)
+        specs = {
+            "keepalive": TestSpec("keepalive", "/small", args.connections, latency=True),
+            "handshake": TestSpec("handshake", "/small", args.connections, script=script),
+            "large": TestSpec("large", "/1m", args.large_connections),
+        }
+        # Warm up each server (and the upstream's keep-alive pool) before measuring.
+        for server in servers.values():
+            run_wrk(specs["keepalive"], server, 1, args.client_cpu, upstream)
+
+        raw: dict[str, dict[str, list[dict]]] = {name: {test: [] for test in args.tests} for name in servers}
+        profile_to = RESULTS_DIR / "profile.svg" if args.profile else None
+        for run in range(args.runs):
+            order = list(servers) if run % 2 == 0 else list(reversed(servers))
+            for test in args.tests:
+                for name in order:
+                    profile = profile_to if (name == "tlsproxy" and test == "keepalive" and run == 0) else None
+                    if profile is not None:
+                        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+                    result = run_wrk(specs[test], servers[name], args.duration, args.client_cpu, upstream, profile)
+                    raw[name][test].append(result)
+                    main_figure = result["mib_per_s"] if test == "large" else result["requests_per_s"]
+                    print(f"run {run + 1}/{args.runs} {test:<9} {name:<8} {fmt(main_figure, '.1f'):>10}"
+                          f"  cores {result['server_cores']:.2f}  upstream {result['upstream_cores']:.2f}"
+                          f"  wrk {result['client_cores']:.2f}",
+                          flush=True)
+                    if servers[name].proc.poll() is not None:
+                        raise BenchError(f"{name} died during the {test} test\n{_tail(servers[name].log)}")
+        record["raw"] = raw
+        record["summary"] = summarize(raw)
+        print_table(record["summary"], args.runs, args.duration)
+        for name, message in record["failures"].items():
+            print(f"not measured: {message.splitlines()[0]}")
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        record["failures"]["bench"] = str(exc)
+        return 1
+    finally:
+        for server in [*servers.values(), *([upstream] if upstream else [])]:
+            server.stop()
+        record["elapsed_s"] = round(time.time() - started, 1)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"results: {args.output} ({record['elapsed_s']}s)")
+        if args.keep:
+            print(f"kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if not record["failures"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
