@@ -198,15 +198,15 @@ def parse_upstream(text: str) -> Upstream:
 def parse_host_pattern(text: str) -> str:
     """A service host to match against Host and SNI: lowercased, port dropped.
 
-    A leading ``*.`` matches one or more labels (the usual certificate wildcard);
-    IPv6 literals keep their brackets, as they appear in a Host header.
+    A leading ``*.`` matches one extra label (the usual certificate wildcard); IPv6
+    literals are stored bare (``::1``), as ``proxy.http.routing`` compares them.
     """
     raw = text.strip().lower()
     host, port = _split_host_port(raw, what="host")
     if port is not None:
         _parse_port(port, text, minimum=1)
     if ":" in host:
-        return f"[{host}]"
+        return host
     name = host[2:] if host.startswith("*.") else host
     _check_host(name, text)
     return host.rstrip(".")
