@@ -234,6 +234,14 @@ def keys_match(cert: x509.Certificate, key: PrivateKey) -> bool:
     return cert.public_key().public_bytes(*_spki()) == key.public_key().public_bytes(*_spki())
 
 
+def is_ca(cert: x509.Certificate) -> bool:
+    """BasicConstraints CA:TRUE (absent means leaf)."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
 def _leaf(
     *,
     issuer: x509.Name,

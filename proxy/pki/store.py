@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
 from proxy.errors import PKIError
-from proxy.pki.build import DEFAULT_CA_NAME, PrivateKey, create_ca, keys_match
+from proxy.pki.build import DEFAULT_CA_NAME, PrivateKey, create_ca, is_ca, keys_match
 
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
@@ -62,7 +62,8 @@ def ensure_free(paths: list[Path], *, force: bool) -> None:
         return
     taken = [str(p) for p in paths if os.path.lexists(p)]
     if taken:
-        raise PKIError(f"{', '.join(taken)} already exists (use --force to overwrite)")
+        verb = "exists" if len(taken) == 1 else "exist"
+        raise PKIError(f"{', '.join(taken)} already {verb} (use --force to overwrite)")
 
 
 def key_pem(key: PrivateKey) -> bytes:
@@ -128,7 +129,7 @@ def load_ca(ca_dir: Path) -> tuple[x509.Certificate, PrivateKey]:
     key = load_private_key(key_path)
     if not keys_match(cert, key):
         raise PKIError(f"{key_path} does not belong to {pem_path}")
-    if not _is_ca(cert):
+    if not is_ca(cert):
         raise PKIError(f"{pem_path} is not a CA certificate (BasicConstraints CA:TRUE missing)")
     return cert, key
 
@@ -280,13 +281,6 @@ def _looks_like_pfx(data: bytes) -> bool:
     first_len = data[1]
     offset = 2 + (first_len & 0x7F if first_len & 0x80 else 0)
     return data[offset : offset + 3] == b"\x02\x01\x03"
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
 
 
 def _friendly_name(cert: x509.Certificate) -> bytes | None:
