@@ -24,6 +24,7 @@ T = TypeVar("T")
 
 _NULL_TAG = "tag:yaml.org,2002:null"
 _STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 @dataclass
@@ -141,23 +142,46 @@ class ConfigNode:
 
     def _mapping_children(self, allowed: tuple[str, ...]) -> dict[str, ConfigNode]:
         assert isinstance(self.node, MappingNode)
-        self._doc.loader.flatten_mapping(self.node)  # YAML merge keys (<<: *defaults)
         children: dict[str, ConfigNode] = {}
-        for key_node, value_node in self.node.value:
-            key_line = key_node.start_mark.line + 1
-            if not isinstance(key_node, ScalarNode):
-                raise self.error("keys must be plain words", line=key_line)
+        for key_node, value_node in self._key_value_pairs(self.node, set()):
             key = str(key_node.value)
+            key_line = key_node.start_mark.line + 1
             if key not in allowed:
                 raise self.error(f"unknown key{did_you_mean(key, allowed)}", key=key, line=key_line)
-            if key in children:
-                first = children[key].line
-                raise self.error(f"duplicate key (first at line {first})", key=key, line=key_line)
             # Point at the value when it is on its own; at the key for blocks and nulls.
             plain_value = isinstance(value_node, ScalarNode) and value_node.tag != _NULL_TAG
             line = value_node.start_mark.line + 1 if plain_value else key_line
             children[key] = ConfigNode(value_node, self.child_path(key), self._doc, line)
         return children
+
+    def _key_value_pairs(self, node: MappingNode, seen: set[int]) -> list[tuple[ScalarNode, Node]]:
+        """The pairs of a mapping with YAML merge keys (``<<: *base``) applied: keys
+        written here win over merged ones; a key written twice here is an error.
+        (``yaml.SafeLoader.flatten_mapping`` would rewrite shared anchor nodes in place,
+        which hides duplicates when the anchor is read again.)"""
+        if id(node) in seen:
+            raise self.error("a merge key (<<) refers to itself", line=node.start_mark.line + 1)
+        seen = seen | {id(node)}
+        own: dict[str, tuple[ScalarNode, Node]] = {}
+        merged: dict[str, tuple[ScalarNode, Node]] = {}
+        for key_node, value_node in node.value:
+            key_line = key_node.start_mark.line + 1
+            if key_node.tag == _MERGE_TAG:
+                sources = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
+                for source in sources:
+                    if not isinstance(source, MappingNode):
+                        raise self.error("'<<' merges a mapping or a list of mappings", line=key_line)
+                    for pair in self._key_value_pairs(source, seen):
+                        merged.setdefault(str(pair[0].value), pair)
+                continue
+            if not isinstance(key_node, ScalarNode):
+                raise self.error("keys must be plain words", line=key_line)
+            key = str(key_node.value)
+            if key in own:
+                first = own[key][0].start_mark.line + 1
+                raise self.error(f"duplicate key (first at line {first})", key=key, line=key_line)
+            own[key] = (key_node, value_node)
+        return list({**merged, **own}.values())
 
     def pairs(self) -> list[tuple[str, ConfigNode]]:
         """A mapping with free-form keys (``set_headers``), in file order."""
@@ -165,14 +189,10 @@ class ConfigNode:
             return []
         if not isinstance(self.node, MappingNode):
             raise self.error(f"expected a mapping (key: value), got {_describe(self.node)}")
-        self._doc.loader.flatten_mapping(self.node)
-        result = []
-        for key_node, value_node in self.node.value:
-            if not isinstance(key_node, ScalarNode):
-                raise self.error("keys must be plain words", line=key_node.start_mark.line + 1)
-            key = str(key_node.value)
-            result.append((key, ConfigNode(value_node, self.child_path(key), self._doc)))
-        return result
+        return [
+            (str(key_node.value), ConfigNode(value_node, self.child_path(str(key_node.value)), self._doc))
+            for key_node, value_node in self._key_value_pairs(self.node, set())
+        ]
 
     def sequence(self) -> list[ConfigNode]:
         """The items of a list; an empty value reads as an empty list."""

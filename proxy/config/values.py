@@ -30,7 +30,11 @@ def fail(reason: str) -> NoReturn:
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` when a choice is close to ``word``, else ''."""
+    """`` (did you mean 'x'?)`` when a choice is close to ``word``, else ''.
+
+    Only for words: "1.1" is not a typo of "1.3"."""
+    if not any(c.isalpha() for c in word):
+        return ""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
