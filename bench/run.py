@@ -354,7 +354,7 @@ def run_wrk(spec: TestSpec, server: Server, duration: float, cpu: str | None, up
     profiler = None
     if profile_to is not None:
         profiler = subprocess.Popen(
-            ["py-spy", "record", "--subprocesses", "-o", str(profile_to), "--pid", str(server.pid),
+            [py_spy() or "py-spy", "record", "--subprocesses", "-o", str(profile_to), "--pid", str(server.pid),
              "--duration", str(max(1, round(duration)))],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
@@ -404,11 +404,12 @@ def check_connection_close(server: Server) -> bool:
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
         with context.wrap_socket(raw, server_hostname="localhost") as tls:
             tls.sendall(b"GET /small HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            data = b""
-            with contextlib.suppress(OSError):
+            data, closed = b"", False
+            with contextlib.suppress(OSError):  # a timeout means it kept the connection open
                 while chunk := tls.recv(65536):
                     data += chunk
-    return data.startswith(b"HTTP/1.1 200") and len(data) < 10_000
+                closed = True
+    return closed and data.startswith(b"HTTP/1.1 200")
 
 
 # --- the session -----------------------------------------------------------------------
@@ -472,6 +473,13 @@ def print_table(summary: dict, runs: int, duration: float) -> None:
             f"{fmt(r.get(key), '.3f'):>8}{per_core:>8}"
         )
     print("ratio = tlsproxy / nginx (p99: higher is worse); /core = ratio of figure per server core")
+    loads = []
+    for test, row in summary.items():
+        parts = [f"{server} {fmt(row[server].get(key), '.2f')}" for server in SERVERS if server in row
+                 for key in ("client_cores", "upstream_cores")]
+        if parts:
+            loads.append(f"{test}: " + "                         " ".join(parts[i] + "/" + parts[i + 1].split()[-1] for i in range(0, len(parts), 2)))
+    print("wrk/upstream cores while loading each server -- " + "; ".join(loads))
     for test, row in summary.items():
         for server in SERVERS:
             if row.get(server, {}).get("errors"):
@@ -528,8 +536,13 @@ def check_tools(args: argparse.Namespace) -> None:
     missing = [tool for tool in ("nginx", "wrk", "openssl") if not shutil.which(tool)]
     if missing:
         raise BenchError(f"missing tools: {', '.join(missing)} (apt-get install -y nginx wrk openssl)")
-    if args.profile and not shutil.which("py-spy"):
-        raise BenchError("--profile needs py-spy on PATH (pip install py-spy)")
+    if args.profile and not py_spy():
+        raise BenchError("--profile needs py-spy on PATH or beside this Python (pip install py-spy)")
+
+
+def py_spy() -> str | None:
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
 def main(argv: list[str] | None = None) -> int:
