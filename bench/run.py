@@ -475,10 +475,13 @@ def print_table(summary: dict, runs: int, duration: float) -> None:
     print("ratio = tlsproxy / nginx (p99: higher is worse); /core = ratio of figure per server core")
     loads = []
     for test, row in summary.items():
-        parts = [f"{server} {fmt(row[server].get(key), '.2f')}" for server in SERVERS if server in row
-                 for key in ("client_cores", "upstream_cores")]
+        parts = [
+            f"{server} {fmt(row[server].get('client_cores'), '.2f')}/{fmt(row[server].get('upstream_cores'), '.2f')}"
+            for server in SERVERS
+            if server in row
+        ]
         if parts:
-            loads.append(f"{test}: " + "                         " ".join(parts[i] + "/" + parts[i + 1].split()[-1] for i in range(0, len(parts), 2)))
+            loads.append(f"{test}: " + ", ".join(parts))
     print("wrk/upstream cores while loading each server -- " + "; ".join(loads))
     for test, row in summary.items():
         for server in SERVERS:
