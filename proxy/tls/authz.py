@@ -118,12 +118,16 @@ def authorize(
                 f"no client certificate was presented; service '{service}' admits only listed certificates",
             )
         return Decision(True, f"service '{service}' does not require a client certificate")
+    certificate = f"certificate {identity.describe()}"
     if not allow:
-        return Decision(True, f"certificate {identity.describe()} is verified; service '{service}' has no allow list")
+        return Decision(True, f"{certificate} is verified; service '{service}' has no allow list")
     matched = _first_match(identity, _compile(tuple(allow)))
     if matched is None:
-        return Decision(False, f"certificate {identity.describe()} is not allowed for service '{service}'")
-    return Decision(True, f"certificate {identity.describe()} is allowed for service '{service}' by {matched}")
+        return Decision(False, f"{certificate} is not allowed for service '{service}'")
+    return Decision(True, f"{certificate} is allowed for service '{service}' by {matched}")
+
+
+_NO_SERVICE_POLICY = ServiceClientAuth()
 
 
 def authorize_request(
@@ -138,14 +142,13 @@ def authorize_request(
     (with mode ``require`` a missing certificate is refused here too, although the
     handshake normally refused it already).
     """
-    if listener.mode != "none" and (listener.allow or listener.mode == "require"):
-        decision = authorize(identity, listener.allow, require=listener.mode == "require", service=service_name)
+    listener_requires = listener.mode == "require"
+    if listener.mode != "none" and (listener.allow or listener_requires):
+        decision = authorize(identity, listener.allow, require=listener_requires, service=service_name)
         if not decision.allowed:
             return decision
     if service_auth is None:
-        if identity is None:
-            return Decision(True, f"service '{service_name}' does not require a client certificate")
-        return Decision(True, f"certificate {identity.describe()} is verified; service '{service_name}' has no policy")
+        service_auth = _NO_SERVICE_POLICY
     return authorize(identity, service_auth.allow, require=service_auth.require, service=service_name)
 
 
@@ -163,7 +166,9 @@ def policy_key(listener: ClientAuthSettings, service_auth: ServiceClientAuth | N
     return (listener_part, require, allow)
 
 
-def misdirected(sni_service: Service | None, host_service: Service | None, listener: ClientAuthSettings) -> bool:
+def misdirected(
+    sni_service: Service | None, host_service: Service | None, listener: ClientAuthSettings
+) -> bool:
     """True when Host reaches a service with another client-auth policy than SNI chose.
 
     The proxy answers such a request with 421 (SPEC section 4): the handshake was

@@ -67,21 +67,32 @@ _VERIFY_CODES: dict[int, tuple[str, str]] = {
     12: ("crl_unavailable", "the CRL has expired"),
 }
 
+_OLD_VERSION = ("protocol_version", "client offered only TLS versions this listener refuses")
+
 _SSL_REASONS: dict[str, tuple[str, str]] = {
     "PEER_DID_NOT_RETURN_A_CERTIFICATE": ("no_certificate", "client sent no certificate, one is required"),
-    "UNSUPPORTED_PROTOCOL": ("protocol_version", "client offered only TLS versions this listener refuses"),
-    "VERSION_TOO_LOW": ("protocol_version", "client offered only TLS versions this listener refuses"),
-    "WRONG_SSL_VERSION": ("protocol_version", "client offered only TLS versions this listener refuses"),
-    "TLSV1_ALERT_PROTOCOL_VERSION": ("protocol_version", "client refused every TLS version this listener offers"),
+    "UNSUPPORTED_PROTOCOL": _OLD_VERSION,
+    "VERSION_TOO_LOW": _OLD_VERSION,
+    "WRONG_SSL_VERSION": _OLD_VERSION,
+    "TLSV1_ALERT_PROTOCOL_VERSION": ("protocol_version", "client refused every TLS version offered"),
     "NO_SHARED_CIPHER": ("no_shared_cipher", "client and listener share no cipher suite"),
     "NO_SHARED_GROUPS": ("no_shared_cipher", "client and listener share no key-exchange group"),
-    "NO_SUITABLE_SIGNATURE_ALGORITHM": ("no_shared_cipher", "client and listener share no signature algorithm"),
+    "NO_SUITABLE_SIGNATURE_ALGORITHM": ("no_shared_cipher", "client and listener share no signature scheme"),
     "HTTP_REQUEST": ("plain_http", "client sent plain HTTP to the TLS port"),
     "HTTPS_PROXY_REQUEST": ("plain_http", "client sent a plain HTTP CONNECT to the TLS port"),
     "UNEXPECTED_EOF_WHILE_READING": ("client_closed", "client closed the connection during the handshake"),
 }
 
-_CLIENT_REFUSED_OUR_CERT = {"UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "CERTIFICATE_EXPIRED"}
+# Record-layer complaints: what arrived is not (well-formed) TLS.
+_NOT_TLS_REASONS = frozenset({
+    "UNEXPECTED_MESSAGE", "WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG",
+    "RECORD_LENGTH_MISMATCH", "BAD_PACKET_LENGTH", "LENGTH_MISMATCH",
+})
+
+# Alerts a client sends when it does not accept our server certificate.
+_CLIENT_REFUSED_OUR_CERT = frozenset(
+    {"UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "CERTIFICATE_EXPIRED"}
+)
 
 
 def describe_handshake_failure(exc: BaseException) -> tuple[str, str]:
@@ -122,14 +133,17 @@ def _describe_ssl_error(exc: ssl.SSLError) -> tuple[str, str]:
     for prefix in ("TLSV1_ALERT_", "SSLV3_ALERT_", "TLSV13_ALERT_"):
         if reason.startswith(prefix):
             alert = reason[len(prefix):]
-            words = alert.lower().replace("_", " ")
+            words = _in_words(alert)
             if alert in _CLIENT_REFUSED_OUR_CERT:
                 return "client_alert", f"client refused the server certificate (alert: {words})"
             return "client_alert", f"client aborted the handshake (alert: {words})"
-    if reason in ("UNEXPECTED_MESSAGE", "WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG",
-                  "RECORD_LENGTH_MISMATCH", "BAD_PACKET_LENGTH", "LENGTH_MISMATCH"):
-        return "malformed", f"client sent bytes that are not a valid TLS handshake ({reason.lower().replace('_', ' ')})"
+    if reason in _NOT_TLS_REASONS:
+        return "malformed", f"client sent bytes that are not a valid TLS handshake ({_in_words(reason)})"
     return "other", _exception_words(exc)
+
+
+def _in_words(reason: str) -> str:
+    return reason.lower().replace("_", " ")
 
 
 def _exception_words(exc: BaseException) -> str:
