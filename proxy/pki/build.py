@@ -67,23 +67,23 @@ def validity_window(
 
 
 def create_ca(
-    name: str = DEFAULT_CA_NAME, *, days: int = 3650, key_type: str = "ec"
+    name: str = DEFAULT_CA_NAME, *, days: int = 3650, key_type: str = "ec", path_length: int = 0
 ) -> tuple[x509.Certificate, PrivateKey]:
-    """A self-signed root CA that may sign leaves only (pathlen 0)."""
+    """A self-signed root CA; pathlen 0 (the default) lets it sign leaves only."""
     key = generate_key(key_type)
-    subject = x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, _cn(name)), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tlsproxy")]
-    )
-    not_before, not_after = validity_window(days)
+    subject = _ca_subject(name)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    builder = (
-        _base(subject, subject, key.public_key(), not_before, not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(cert_sign=True), critical=True)
-        .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-    )
-    return _sign(builder, key), key
+    return _ca_cert(subject, key.public_key(), subject, key, ski, days, path_length), key
+
+
+def issue_intermediate(
+    ca_cert: x509.Certificate, ca_key: PrivateKey, name: str, *, days: int = 1825, key_type: str = "ec"
+) -> tuple[x509.Certificate, PrivateKey]:
+    """A CA (pathlen 0) signed by another CA whose pathlen allows it; for chains of three."""
+    _check_issuer(ca_cert, ca_key)
+    key = generate_key(key_type)
+    cert = _ca_cert(_ca_subject(name), key.public_key(), ca_cert.subject, ca_key, _ski_of(ca_cert), days, 0)
+    return cert, key
 
 
 def issue_leaf(
@@ -232,6 +232,32 @@ def leaf_subject(cn: str | None, ou: str | None) -> x509.Name:
 def keys_match(cert: x509.Certificate, key: PrivateKey) -> bool:
     """Whether KEY is the private half of CERT's public key."""
     return cert.public_key().public_bytes(*_spki()) == key.public_key().public_bytes(*_spki())
+
+
+def _ca_subject(name: str) -> x509.Name:
+    return x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, _cn(name)), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tlsproxy")]
+    )
+
+
+def _ca_cert(
+    subject: x509.Name,
+    public_key,
+    issuer: x509.Name,
+    signer: PrivateKey,
+    issuer_ski: x509.SubjectKeyIdentifier,
+    days: int,
+    path_length: int,
+) -> x509.Certificate:
+    not_before, not_after = validity_window(days)
+    builder = (
+        _base(subject, issuer, public_key, not_before, not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski), critical=False)
+    )
+    return _sign(builder, signer)
 
 
 def is_ca(cert: x509.Certificate) -> bool:

@@ -144,7 +144,8 @@ def hostname_sans(cert: x509.Certificate) -> list[x509.GeneralName]:
 def _target(leaf: x509.Certificate, host: str | None) -> x509.GeneralName:
     if host is not None:
         target = parse_name(host)
-        if not isinstance(target, (x509.DNSName, x509.IPAddress)) or target.value.startswith("*"):
+        wildcard = isinstance(target, x509.DNSName) and target.value.startswith("*")
+        if not isinstance(target, (x509.DNSName, x509.IPAddress)) or wildcard:
             raise PKIError(f"--host {host!r} is not a hostname or IP address")
         return target
     names = hostname_sans(leaf)
