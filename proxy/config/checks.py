@@ -10,6 +10,7 @@ is in order (each certificate issued by the next), nothing expired. Each problem
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,7 +23,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from proxy.config.model import CertificatePair, ProxyConfig
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, PKIError
+from proxy.pki import store
+from proxy.pki.build import keys_match
 
 EXPIRY_WARNING_DAYS = 14
 
@@ -93,17 +96,25 @@ def _describe(cert: x509.Certificate) -> str:
 
 def _read(path: Path) -> bytes:
     try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise _Problem(f"cannot read {path}: {exc.strerror or exc}") from None
+        return store.read_bytes(path)
+    except PKIError as exc:
+        raise _Problem(str(exc)) from None
 
 
 def _load_certificates(path: Path) -> list[x509.Certificate]:
-    data = _read(path)
+    """PEM only: that is what the TLS layer (``ssl.load_cert_chain``) accepts."""
     try:
-        return x509.load_pem_x509_certificates(data)
+        return x509.load_pem_x509_certificates(_read(path))
     except ValueError:
-        raise _Problem(f"{path} holds no PEM certificate") from None
+        raise _Problem(f"{path}: holds no PEM certificate (BEGIN CERTIFICATE block)") from None
+
+
+def _usable_by_ssl(pair: CertificatePair) -> None:
+    """The server's own loader has the last word (key formats, curves, PEM quirks)."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(pair.cert, pair.key)
+    except (ssl.SSLError, OSError) as exc:
+        raise _Problem(f"{pair.cert} with key {pair.key}: cannot be used by TLS ({exc})") from None
 
 
 class _Checker:
@@ -138,18 +149,21 @@ class _Checker:
             self._key_matches(pair, leaf)
         except _Problem as exc:
             self._add("error", f"{key}.key", str(exc))
+            return
+        try:
+            _usable_by_ssl(pair)
+        except _Problem as exc:
+            self._add("error", f"{key}.cert", str(exc))
 
     def _key_matches(self, pair: CertificatePair, leaf: x509.Certificate) -> None:
-        data = _read(pair.key)
         try:
-            private_key = serialization.load_pem_private_key(data, password=None)
+            private_key = serialization.load_pem_private_key(_read(pair.key), password=None)
         except TypeError:
-            raise _Problem(f"{pair.key} is encrypted; tlsproxy needs an unencrypted key") from None
-        except (ValueError, UnsupportedAlgorithm) as exc:
-            raise _Problem(f"{pair.key} holds no PEM private key ({exc})") from None
-        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        if private_key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
-            raise _Problem(f"{pair.key} does not match the certificate in {pair.cert}")
+            raise _Problem(f"{pair.key}: the private key is encrypted (give an unencrypted key)") from None
+        except (ValueError, UnsupportedAlgorithm):
+            raise _Problem(f"{pair.key}: holds no PEM private key") from None
+        if not keys_match(leaf, private_key):  # type: ignore[arg-type]
+            raise _Problem(f"{pair.key} is not the private key of {pair.cert}")
 
     def _chain_order(self, key: str, path: Path, chain: Sequence[x509.Certificate]) -> None:
         """Each certificate must be issued by the next one: TLS sends them in file order."""
@@ -207,11 +221,8 @@ class _Checker:
         try:
             crl = x509.load_pem_x509_crl(data)
         except ValueError:
-            try:
-                crl = x509.load_der_x509_crl(data)
-            except ValueError:
-                self._add("error", key, f"{path} holds no CRL (PEM or DER)")
-                return
+            self._add("error", key, f"{path}: holds no PEM CRL (BEGIN X509 CRL block; TLS needs PEM)")
+            return
         issuers = [ca for ca in cas if ca.subject == crl.issuer]
         if cas and not any(self._signed_by(crl, ca) for ca in issuers):
             self._add("error", key, f"{path} is not signed by a CA in client_auth.ca (issuer {crl.issuer.rfc4514_string()})")
