@@ -1,0 +1,326 @@
+"""Server-side SSLContexts from the config: one place builds them, so a reload can build
+a complete new set and swap it in (or keep the old one when this raises ConfigError).
+
+Policy, Mozilla's "intermediate" server profile: TLS 1.2 and 1.3 only, ECDHE + AEAD
+ciphers for 1.2 (1.3 suites are all AEAD), no compression, no renegotiation, ALPN
+``http/1.1``; the client picks among those ciphers (Mozilla: server preference off).
+
+Certificates: one SSLContext per configured certificate, each carrying the same client
+authentication settings (the SNI callback switches a connection's context, so a lax
+context would otherwise undo a strict one). The first certificate is the default, used
+for no SNI or an SNI no certificate names; SNI matches SAN DNS names exactly or through
+a one-label ``*.`` wildcard. With ``tls.auto`` (or no certificates) a server certificate
+for every service host + localhost + 127.0.0.1 + ::1 is issued from ``tls.ca_dir`` into
+``ca_dir/auto/`` and reused while it names the same hosts and has > 30 days left.
+
+``session_tickets: false`` means no resumption at all: no TLS 1.2 tickets
+(OP_NO_TICKET), no TLS 1.3 tickets (``num_tickets = 0``) and no TLS 1.2 session-ID
+cache. Python has no API for the last one (SSL_CTX_set_session_cache_mode), so
+``_disable_session_cache`` calls OpenSSL through ctypes on the context's own SSL_CTX,
+after checking it found the right object; when that is impossible the config is
+refused rather than silently resumable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from proxy.config.model import CertificatePair, ProxyConfig
+from proxy.errors import ConfigError, PKIError
+from proxy.pki import store
+from proxy.pki.build import issue_leaf, keys_match
+from proxy.pki.names import parse_names
+
+INTERMEDIATE_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+ALPN = ["http/1.1"]
+AUTO_DIR = "auto"
+AUTO_STEM = "server"
+AUTO_RENEW_BEFORE = dt.timedelta(days=30)
+AUTO_DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
+
+# Set by the SNI callback on the connection's SSLObject: an attribute (not a table in
+# ServerTLS) so it outlives a context swap on reload and needs no cleanup.
+_SNI_ATTRIBUTE = "_tlsproxy_server_name"
+
+
+@dataclass(frozen=True)
+class LoadedCertificate:
+    """A server certificate in use: where it came from and what it covers."""
+
+    path: Path
+    key_path: Path
+    names: tuple[str, ...]  # SAN DNS names and IP addresses (CN when there is no SAN)
+    not_after: dt.datetime
+    auto: bool = False
+
+
+class ServerTLS:
+    """The server contexts for one config; immutable once built, replaced on reload."""
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        certificates: list[LoadedCertificate],
+        client_cas: list[x509.Certificate],
+        by_name: dict[str, ssl.SSLContext],
+        by_parent: dict[str, ssl.SSLContext],
+        files: tuple[Path, ...],
+    ) -> None:
+        self.context = context
+        self.certificates = certificates
+        self.client_cas = client_cas
+        self.files = files  # every file read: a reload source watches these
+        self._by_name = by_name
+        self._by_parent = by_parent
+        context.sni_callback = self._on_server_name
+
+    @classmethod
+    def from_config(cls, config: ProxyConfig) -> ServerTLS:
+        """Build every context; ConfigError naming the key and file on any failure."""
+        return _Builder(config).build()
+
+    @staticmethod
+    def server_name(ssl_object: object) -> str | None:
+        """The SNI this connection's client sent (lowercase), or None."""
+        return getattr(ssl_object, _SNI_ATTRIBUTE, None)
+
+    def context_for(self, server_name: str | None) -> ssl.SSLContext:
+        """The context whose certificate covers SERVER_NAME, else the default."""
+        if server_name:
+            selected = self._by_name.get(server_name)
+            if selected is None:
+                selected = self._by_parent.get(server_name.partition(".")[2])
+            if selected is not None:
+                return selected
+        return self.context
+
+    def _on_server_name(self, ssl_object, server_name: str | None, _context) -> None:
+        if server_name is None:
+            return
+        server_name = server_name.lower()
+        setattr(ssl_object, _SNI_ATTRIBUTE, server_name)
+        selected = self.context_for(server_name)
+        if selected is not self.context:
+            ssl_object.context = selected
+
+
+class _Builder:
+    """Carries the config and what was read while ``ServerTLS.from_config`` runs."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.source = str(config.source) if config.source is not None else "<command line>"
+        self.files: list[Path] = []
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.source, None, key, reason)
+
+    def build(self) -> ServerTLS:
+        tls = self.config.tls
+        pairs = [(f"tls.certificates[{index}]", pair, False) for index, pair in enumerate(tls.certificates)]
+        if tls.auto or not tls.certificates:
+            pairs.append(("tls.ca_dir", self.auto_certificate(), True))
+        client_cas = self.load_client_cas()
+
+        contexts: list[ssl.SSLContext] = []
+        certificates: list[LoadedCertificate] = []
+        for key, pair, auto in pairs:
+            loaded = self.check_pair(key, pair, auto)
+            contexts.append(self.new_context(key, pair))
+            certificates.append(loaded)
+
+        by_name: dict[str, ssl.SSLContext] = {}
+        by_parent: dict[str, ssl.SSLContext] = {}
+        for loaded, context in zip(certificates, contexts):
+            for name in loaded.names:
+                name = name.lower()
+                if name.startswith("*."):
+                    by_parent.setdefault(name[2:], context)
+                else:
+                    by_name.setdefault(name, context)
+        return ServerTLS(contexts[0], certificates, client_cas, by_name, by_parent, tuple(dict.fromkeys(self.files)))
+
+    # --- one context ---------------------------------------------------------------
+
+    def new_context(self, key: str, pair: CertificatePair) -> ssl.SSLContext:
+        tls = self.config.tls
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = MIN_VERSIONS[tls.min_version]
+        context.set_ciphers(INTERMEDIATE_CIPHERS)
+        context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+        context.set_alpn_protocols(ALPN)
+        if not tls.session_tickets:
+            context.options |= ssl.OP_NO_TICKET
+            context.num_tickets = 0
+            if not _disable_session_cache(context):
+                raise self.error(
+                    "tls.session_tickets",
+                    "false needs OpenSSL's session cache switched off, which this Python build does not allow",
+                )
+        try:
+            context.load_cert_chain(pair.cert, pair.key)
+        except (ssl.SSLError, OSError) as exc:
+            raise self.error(f"{key}.cert", f"{pair.cert} with key {pair.key}: cannot be used by TLS ({exc})") from None
+        self.apply_client_auth(context)
+        return context
+
+    def apply_client_auth(self, context: ssl.SSLContext) -> None:
+        settings = self.config.client_auth
+        context.verify_mode = self.verify_mode()
+        if context.verify_mode == ssl.CERT_NONE:
+            return
+        try:
+            context.load_verify_locations(cafile=settings.ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise self.error("client_auth.ca", f"{settings.ca}: not a usable CA bundle ({exc})") from None
+        if settings.crl is not None:
+            try:
+                context.load_verify_locations(cafile=settings.crl)
+            except (ssl.SSLError, OSError) as exc:
+                raise self.error("client_auth.crl", f"{settings.crl}: not a usable PEM CRL ({exc})") from None
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+
+    def verify_mode(self) -> ssl.VerifyMode:
+        """none/optional/require; ``none`` still asks for a certificate when a service
+        requires one (or allow-lists one), since authorization needs it per request."""
+        mode = self.config.client_auth.mode
+        if mode == "require":
+            return ssl.CERT_REQUIRED
+        if mode == "optional" or any(
+            service.client_auth is not None and (service.client_auth.require or service.client_auth.allow)
+            for service in self.config.services
+        ):
+            return ssl.CERT_OPTIONAL
+        return ssl.CERT_NONE
+
+    # --- files ---------------------------------------------------------------------
+
+    def check_pair(self, key: str, pair: CertificatePair, auto: bool) -> LoadedCertificate:
+        """Read the pair with the toolkit first, so errors say which file and why."""
+        self.files += [pair.cert, pair.key]
+        try:
+            certs = store.load_certificates(pair.cert)
+        except PKIError as exc:
+            raise self.error(f"{key}.cert", str(exc)) from None
+        try:
+            private_key = store.load_private_key(pair.key)
+        except PKIError as exc:
+            raise self.error(f"{key}.key", str(exc)) from None
+        if not keys_match(certs[0], private_key):
+            raise self.error(f"{key}.key", f"{pair.key} is not the private key of {pair.cert}")
+        return LoadedCertificate(pair.cert, pair.key, _host_names(certs[0]), certs[0].not_valid_after_utc, auto)
+
+    def load_client_cas(self) -> list[x509.Certificate]:
+        settings = self.config.client_auth
+        if settings.ca is None:
+            if self.verify_mode() != ssl.CERT_NONE:
+                raise self.error("client_auth.ca", "needed to verify client certificates")
+            return []
+        self.files.append(settings.ca)
+        try:
+            cas = store.load_certificates(settings.ca)
+        except PKIError as exc:
+            raise self.error("client_auth.ca", str(exc)) from None
+        if settings.crl is not None:
+            self.files.append(settings.crl)
+            try:
+                store.load_crl(settings.crl)
+            except PKIError as exc:
+                raise self.error("client_auth.crl", str(exc)) from None
+        return cas
+
+    def auto_certificate(self) -> CertificatePair:
+        """The auto-issued server certificate, reused or (re-)issued under the CA lock."""
+        ca_dir = self.config.tls.ca_dir
+        names = list(AUTO_DEFAULT_NAMES)
+        for service in self.config.services:
+            names += [host for host in service.hosts if host not in names]
+        try:
+            ca_cert, ca_key = store.ensure_ca(ca_dir)
+            prefix = Path(ca_dir) / AUTO_DIR / AUTO_STEM
+            pair = CertificatePair(store.suffixed(prefix, ".pem"), store.suffixed(prefix, ".key"))
+            wanted = set(parse_names(names))
+            if not _reusable(pair, ca_cert, wanted):
+                cert, key = issue_leaf(ca_cert, ca_key, names)
+                store.write_leaf(prefix, cert, key, [ca_cert], force=True)
+        except PKIError as exc:
+            raise self.error("tls.ca_dir", f"automatic certificate in {ca_dir}: {exc}") from None
+        self.files.append(Path(ca_dir) / store.CA_CERT_FILE)
+        return pair
+
+
+def _reusable(pair: CertificatePair, ca_cert: x509.Certificate, wanted: set[x509.GeneralName]) -> bool:
+    """Whether an existing auto certificate names exactly WANTED, comes from this CA,
+    matches its key and stays valid for more than AUTO_RENEW_BEFORE."""
+    if not (pair.cert.exists() and pair.key.exists()):
+        return False
+    try:
+        cert = store.load_certificates(pair.cert)[0]
+        key = store.load_private_key(pair.key)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        cert.verify_directly_issued_by(ca_cert)
+    except (PKIError, x509.ExtensionNotFound, InvalidSignature, ValueError, TypeError):
+        return False
+    left = cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)
+    return set(sans) == wanted and left > AUTO_RENEW_BEFORE and keys_match(cert, key)
+
+
+def _host_names(cert: x509.Certificate) -> tuple[str, ...]:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return tuple(str(attr.value) for attr in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME))
+    return tuple(sans.get_values_for_type(x509.DNSName)) + tuple(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))
+
+
+# --- OpenSSL's session cache, which Python does not expose ----------------------------
+
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_CTRL_GET_SESS_CACHE_MODE = 45
+_SSL_SESS_CACHE_OFF = 0
+_libssl: ctypes.CDLL | None = None
+
+
+def _disable_session_cache(context: ssl.SSLContext) -> bool:
+    """SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF); True when done.
+
+    The SSL_CTX pointer is the first field after PyObject_HEAD in CPython's
+    PySSLContext. It is only trusted after SSL_CTX_get_options on it returns exactly
+    ``context.options``, so a different layout fails closed instead of corrupting memory
+    elsewhere (the read is of our own object's memory either way).
+    """
+    try:
+        lib = _openssl()
+        pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+        if not pointer or lib.SSL_CTX_get_options(pointer) != int(context.options):
+            return False
+        lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
+        return lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None) == _SSL_SESS_CACHE_OFF
+    except (OSError, AttributeError, ValueError):
+        return False
+
+
+def _openssl() -> ctypes.CDLL:
+    """The libssl the ``_ssl`` module itself is linked against (same process, same copy)."""
+    global _libssl
+    if _libssl is None:
+        module = ssl._ssl  # type: ignore[attr-defined]
+        lib = ctypes.CDLL(getattr(module, "__file__", None))
+        lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+        lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+        lib.SSL_CTX_ctrl.restype = ctypes.c_long
+        lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        _libssl = lib
+    return _libssl
