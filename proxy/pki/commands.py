@@ -19,7 +19,7 @@ from proxy.pki import build, store
 from proxy.pki.inspect import JSON_KEYS, inspect_file, render_text, rfc3339
 from proxy.pki.names import name_text, parse_names
 from proxy.pki.trust import find_system_store, install_ca, trust_instructions
-from proxy.pki.verify import PURPOSES, verify_certificate
+from proxy.pki.verify import PURPOSES, shallow_wildcards, verify_certificate
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -127,6 +127,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
     store.ensure_free([p for p in [p12_path] if p], force=args.force)
     pem_path, key_path = store.write_leaf(args.out, cert, key, [ca_cert], force=args.force)
     lines = _wrote_leaf(cert, pem_path, key_path, args.client)
+    lines += _wildcard_notes(args.names)
     if args.expired or args.not_yet_valid:
         lines.append(f"note: deliberately {'expired' if args.expired else 'not yet valid'} (for negative tests)")
     if p12_path:
@@ -142,6 +143,7 @@ def cmd_self_signed(args: argparse.Namespace) -> int:
     cert, key = build.self_signed(args.names, cn=args.cn, days=args.days, key_type=args.key_type)
     pem_path, key_path = store.write_leaf(args.out, cert, key, [], force=args.force)
     lines = _wrote_leaf(cert, pem_path, key_path, client=False)
+    lines += _wildcard_notes(args.names)
     lines.append("note: self-signed: clients must trust this very file (it is its own CA)")
     lines += _usage(cert, pem_path, key_path, ca_pem=pem_path, client=False)
     _say(*lines)
@@ -311,6 +313,14 @@ def _wrote_leaf(cert: x509.Certificate, pem_path: Path, key_path: Path, client: 
     return [
         f"wrote {pem_path}  ({chain}: {_summary(cert, client)})",
         f"wrote {key_path}  (private key, mode 0600)",
+    ]
+
+
+def _wildcard_notes(names: list[str]) -> list[str]:
+    return [
+        f"note: {name} will not match in curl/Python/OpenSSL clients (a wildcard needs two labels "
+        f"after it); add the names you use explicitly, e.g. api{name[1:]}"
+        for name in shallow_wildcards(names)
     ]
 
 

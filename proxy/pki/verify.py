@@ -76,6 +76,8 @@ def verify_certificate(
     check_purpose(leaf, purpose)
     target = _target(leaf, host) if purpose == "server" else None
     _run(leaf, [leaf], [], target, moment, host=host, purpose=purpose)  # the leaf alone: names, EKU
+    if isinstance(target, x509.DNSName):
+        check_wildcard_depth(leaf, target.value)
     chain = _run(leaf, roots, intermediates, target, moment, host=host, purpose=purpose)
     if crl is not None:
         check_not_revoked(leaf, crl, chain)
@@ -111,6 +113,28 @@ def check_purpose(cert: x509.Certificate, purpose: str) -> None:
         return
     if _PURPOSE_EKU[purpose] not in usages and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usages:
         raise _wrong_eku(cert, purpose)
+
+
+def check_wildcard_depth(cert: x509.Certificate, host: str) -> None:
+    """OpenSSL (so curl, Python, most non-browser clients) refuses a wildcard directly
+    above a single label (``*.localhost``), although the web-PKI verifier allows it: a
+    host reached only through such a wildcard is a mismatch for those clients."""
+    dns = [str(name.value).lower() for name in hostname_sans(cert) if isinstance(name, x509.DNSName)]
+    host = host.lower().rstrip(".")
+    if host in dns or "." not in host:
+        return
+    parent = host.split(".", 1)[1]
+    if f"*.{parent}" in dns and "." not in parent:
+        raise VerificationFailed(
+            HOSTNAME_MISMATCH,
+            f"{host!r} matches only the wildcard '*.{parent}', which OpenSSL-based clients refuse "
+            "(a wildcard needs two labels after it); list the name explicitly",
+        )
+
+
+def shallow_wildcards(names: list[str]) -> list[str]:
+    """NAMEs like ``*.localhost`` that OpenSSL-based clients will never match."""
+    return [n for n in names if n.startswith("*.") and "." not in n[2:].rstrip(".")]
 
 
 def is_self_signed(cert: x509.Certificate) -> bool:
@@ -153,10 +177,10 @@ def _target(leaf: x509.Certificate, host: str | None) -> x509.GeneralName:
         raise VerificationFailed(
             HOSTNAME_MISMATCH, f"{_who(leaf)} has no DNS or IP subjectAltName, so no hostname can match"
         )
-    first = names[0]
-    if isinstance(first, x509.DNSName) and first.value.startswith("*."):
-        return x509.DNSName("x" + first.value[1:])
-    return first
+    exact = [name for name in names if not str(name.value).startswith("*.")]
+    if exact:
+        return exact[0]
+    return x509.DNSName("x" + names[0].value[1:])
 
 
 def _run(
