@@ -3,6 +3,8 @@
 ``pki.ca_dir`` / ``pki.ca_pem``  the trusted CA (``ca.pem`` + ``ca.key``)
 ``pki.other_ca_dir`` / ``pki.other_ca_pem``  a second CA nothing trusts
 ``pki.server``                   (cert, key) for localhost, 127.0.0.1, ::1, *.localhost
+                                 (OpenSSL clients never match *.localhost: for api.localhost
+                                 and friends issue ``pki.leaf("api", "api.localhost")``)
 ``pki.leaf(stem, *names, ...)``  issue more certificates on demand (cached by arguments)
 ``pki.crl([cert paths])``        a PEM CRL from the main CA revoking those certificates
 """
