@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config.load import config_from_args, default_config_path, load_config
+from proxy.config.load import config_from_args, default_config_path, load_config, load_config_with_lines
 from proxy.config.model import (
     AllowEntry,
     ListenAddress,
@@ -162,6 +162,28 @@ def test_yaml_merge_keys_work(load) -> None:
         """
     )
     assert [(s.name, s.strip_prefix, s.path_prefix) for s in config.services] == [("a", True, "/a"), ("b", True, "/b")]
+
+
+def test_merge_keys_still_refuse_a_key_written_twice(load) -> None:
+    """The anchor (services[0]) is read on its own and again through the merge."""
+    text = """\
+        services:
+          - &a {name: a, upstream: http://a, path_prefix: /a}
+          - {<<: *a, name: b, name: c, path_prefix: /b}
+        """
+    assert error_of(load, text) == "proxy.yaml:3: services[1].name: duplicate key (first at line 3)"
+
+
+def test_the_first_error_in_the_file_is_reported(load) -> None:
+    assert error_of(load, 'listen: "nope"\nservices: []\n').startswith("proxy.yaml:1: listen:")
+
+
+def test_lines_of_every_key_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text("tls:\n  certificates:\n    - cert: a.pem\n      key: a.key\n" + SERVICE)
+    _, lines = load_config_with_lines(path, {})
+    assert (lines["tls.certificates[0].cert"], lines["tls.certificates[0].key"]) == (3, 4)
+    assert lines["services[0].upstream"] == 7
 
 
 def test_same_prefix_on_different_hosts_is_fine(load) -> None:

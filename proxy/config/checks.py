@@ -225,7 +225,8 @@ class _Checker:
             return
         issuers = [ca for ca in cas if ca.subject == crl.issuer]
         if cas and not any(self._signed_by(crl, ca) for ca in issuers):
-            self._add("error", key, f"{path} is not signed by a CA in client_auth.ca (issuer {crl.issuer.rfc4514_string()})")
+            issuer = crl.issuer.rfc4514_string()
+            self._add("error", key, f"{path} is not signed by a CA in client_auth.ca (issuer {issuer})")
         next_update = crl.next_update_utc
         if next_update is not None and next_update < self._now:
             self._add(

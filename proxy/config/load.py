@@ -111,13 +111,14 @@ def _proxy_config(root: ConfigNode, base: Path, source: Path) -> ProxyConfig:
     if root.is_null:
         raise root.error("the file is empty; a config needs at least 'services'")
     keys = root.mapping(TOP_LEVEL_KEYS, required=("services",))
+    # Sections are read in the documented order (services last, since its cross-field
+    # rules need client_auth), so the first error reported is usually the first in the file.
     client_auth = _optional(keys, "client_auth", lambda n: _client_auth(n, base), ClientAuthSettings())
     defaults = ProxyConfig(services=())
     return ProxyConfig(
-        services=_services(keys["services"], listener_ca=client_auth.ca),
         listen=_optional(keys, "listen", _listen_list, defaults.listen),
         redirect_http=_optional(keys, "redirect_http", _optional_listen, None),
-        workers=_optional(keys, "workers", lambda n: n.check(parse_workers, n.value(), os.cpu_count()), 1),
+        workers=_optional(keys, "workers", _workers, defaults.workers),
         http_engine=_optional(keys, "http_engine", lambda n: _choice(n, HTTP_ENGINES), defaults.http_engine),
         tls=_optional(keys, "tls", lambda n: _tls(n, base), _tls_defaults(base)),
         client_auth=client_auth,
@@ -125,8 +126,13 @@ def _proxy_config(root: ConfigNode, base: Path, source: Path) -> ProxyConfig:
         limits=_optional(keys, "limits", _limits, defaults.limits),
         access_log=_optional(keys, "access_log", lambda n: _access_log(n, base), defaults.access_log),
         admin=_optional(keys, "admin", _admin, defaults.admin),
+        services=_services(keys["services"], listener_ca=client_auth.ca),
         source=source,
     )
+
+
+def _workers(node: ConfigNode) -> int:
+    return node.check(parse_workers, node.value(), os.cpu_count())
 
 
 def _choice(node: ConfigNode, choices: Sequence[str]) -> str:
@@ -355,7 +361,9 @@ def config_from_args(
         mode = _flag("--client-auth", parse_choice, client_auth, ("optional", "require"))
         if client_ca is None:
             raise UsageError("--client-auth: needs --client-ca (the CA bundle that signs client certificates)")
-    certificates = () if cert is None or key is None else (CertificatePair(Path(cert).absolute(), Path(key).absolute()),)
+    certificates = ()
+    if cert is not None and key is not None:
+        certificates = (CertificatePair(Path(cert).absolute(), Path(key).absolute()),)
     return ProxyConfig(
         services=(
             Service(name="default", upstreams=tuple(_flag("--upstream", parse_upstream, url) for url in urls)),
