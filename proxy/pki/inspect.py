@@ -96,8 +96,8 @@ def render_text(info: dict, *, index: int, total: int, now: dt.datetime | None =
 def validity_note(info: dict, moment: str) -> str:
     """"N days left", "EXPIRED N days ago" or "NOT YET VALID" (RFC 3339 strings sort by time)."""
     left = info["days_left"]
-    if left < 0:
-        return f"EXPIRED {-left} day{'s' if left != -1 else ''} ago"
+    if info["not_after"] < moment:
+        return f"EXPIRED {-left} day{'s' if left != -1 else ''} ago" if left else "EXPIRED less than a day ago"
     if info["not_before"] > moment:
         return "NOT YET VALID"
     return f"{left} day{'s' if left != 1 else ''} left"
@@ -111,8 +111,8 @@ def sans_of(cert: x509.Certificate) -> list[x509.GeneralName]:
 
 
 def days_left(cert: x509.Certificate, moment: dt.datetime) -> int:
-    """Whole days until notAfter (negative once expired)."""
-    return (cert.not_valid_after_utc - moment) // dt.timedelta(days=1)
+    """Whole days until notAfter, truncated toward zero (-3: expired three days ago)."""
+    return int((cert.not_valid_after_utc - moment) / dt.timedelta(days=1))
 
 
 def key_type(public_key) -> str:

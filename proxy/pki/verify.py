@@ -67,7 +67,9 @@ def verify_certificate(
     if not roots:
         raise PKIError("no trusted CA certificate given")
     moment = at or dt.datetime.now(dt.timezone.utc)
-    intermediates = list(intermediates)
+    # A root sent along in the chain (as our own PREFIX.pem files do) is never an
+    # intermediate; offering it to the path builder only muddles the error.
+    intermediates = [cert for cert in intermediates if not is_self_signed(cert)]
     if is_self_signed(leaf) and leaf not in roots:
         raise VerificationFailed(
             SELF_SIGNED, f"{_who(leaf)} is its own issuer and is not among the trusted CAs"
