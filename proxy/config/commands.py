@@ -3,6 +3,8 @@
 Exit 0 with a short summary and ``config OK``; exit 1 with one
 ``tlsproxy: error: FILE:LINE: key: reason`` line per problem on stderr. Warnings (a
 certificate expiring within 14 days) are printed the same way and do not fail.
+With ``--client-cert F --url URL`` it then runs the authorization dry run
+(``proxy.config.dry_run``) and exits 0 when the certificate would be admitted, 1 if not.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import sys
 from pathlib import Path
 
 from proxy.config.checks import CheckReport, check_files
+from proxy.config.dry_run import explain_access, split_url
 from proxy.config.load import default_config_path, load_config_with_lines
 from proxy.config.model import ProxyConfig
-from proxy.errors import TlsProxyError, UsageError
+from proxy.errors import UsageError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_check(args: argparse.Namespace) -> int:
     if (args.client_cert is None) != (args.url is None):
         raise UsageError("--client-cert and --url go together")
+    if args.url is not None:
+        split_url(args.url)  # a bad --url is a usage error, before any file is read
     path = args.config or default_config_path(os.environ)
     config, lines = load_config_with_lines(path)
     report = check_files(config, lines, str(path))
@@ -87,8 +92,7 @@ def summary(config: ProxyConfig, report: CheckReport) -> str:
 
 def dry_run(config: ProxyConfig, client_cert_path: Path, url: str) -> int:
     """``check --client-cert F --url URL``: which service the URL reaches and whether the
-    certificate would be admitted (exit 0 admitted, 1 refused).
-
-    Placeholder until routing and authorization are wired in (SPEC section 3).
-    """
-    raise TlsProxyError("the --client-cert/--url dry run is not built yet")
+    certificate would be admitted, and why (exit 0 admitted, 1 refused)."""
+    verdict = explain_access(config, client_cert_path, url)
+    print("\n".join(verdict.lines))
+    return 0 if verdict.admitted else 1
