@@ -54,7 +54,10 @@ def split_url(url: str) -> tuple[str, str]:
     return parts.netloc.rpartition("@")[2], target
 
 
-def explain_access(config: ProxyConfig, client_cert: Path, url: str, *, now: dt.datetime | None = None) -> AccessVerdict:
+def explain_access(
+    config: ProxyConfig, client_cert: Path, url: str, *, now: dt.datetime | None = None
+) -> AccessVerdict:
+    """Route the URL, verify the certificate as the handshake would, then authorize."""
     host, target = split_url(url)
     service = Router(config.services).route(host, target)
     if service is None:
