@@ -1,0 +1,124 @@
+"""Access log: formats, batching, stdout and files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import pytest
+
+from proxy.config.model import AccessLogSettings
+from proxy.errors import ConfigError
+from proxy.server import access_log
+from proxy.server.access_log import FIELDS, AccessLog, format_time
+
+RECORD = {
+    "client": "127.0.0.1",
+    "tls_version": "TLSv1.3",
+    "sni": "api.localhost",
+    "method": b"GET",
+    "path": b"/api/x?q=1",
+    "status": 200,
+    "bytes_in": 0,
+    "bytes_out": 123,
+    "duration_ms": 1.23456,
+    "service": "api",
+    "upstream": "127.0.0.1:9000",
+    "request_id": b"abc123",
+}
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def test_json_lines_have_the_documented_keys_in_order(tmp_path):
+    path = tmp_path / "access.log"
+    log = AccessLog.open(AccessLogSettings(format="json", path=str(path)))
+    log.write(RECORD)
+    log.write({**RECORD, "status": 404, "service": None, "extra": "kept"})
+    assert path.read_text() == ""  # batched: nothing until a flush
+    log.close()
+    first, second = (json.loads(line) for line in path.read_text().splitlines())
+    assert tuple(first) == FIELDS
+    assert RFC3339_UTC.match(first["time"])
+    assert first["method"] == "GET" and first["path"] == "/api/x?q=1" and first["request_id"] == "abc123"
+    assert first["duration_ms"] == 1.235 and first["status"] == 200
+    assert second["status"] == 404 and second["service"] is None and second["extra"] == "kept"
+
+
+def test_text_line_is_readable_and_cannot_be_split(capsys):
+    log = AccessLog.open(AccessLogSettings(format="text", path="-"))
+    log.write({**RECORD, "time": 0})
+    log.write({"time": 0, "method": "GET", "path": '/a\n"b c', "status": 400})
+    log.close()
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == (
+        '1970-01-01T00:00:00.000Z 127.0.0.1 "GET /api/x?q=1" 200 in=0 out=123 1.235ms service=api '
+        "upstream=127.0.0.1:9000 sni=api.localhost tls=TLSv1.3 request_id=abc123"
+    )
+    assert second.startswith('1970-01-01T00:00:00.000Z - "GET /a\\x0a\\"b%20c" 400 in=- out=- -')
+
+
+def test_json_to_stdout(capsys):
+    log = AccessLog.open(AccessLogSettings(format="json", path="-"))
+    log.write(RECORD)
+    log.close()
+    assert json.loads(capsys.readouterr().out)["sni"] == "api.localhost"
+
+
+def test_a_full_buffer_is_written_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(access_log, "FLUSH_BYTES", 1000)
+    path = tmp_path / "access.log"
+    log = AccessLog.open(AccessLogSettings(path=str(path)))
+    written = 0
+    while not path.read_text():
+        log.write(RECORD)
+        written += 1
+        assert written < 100
+    assert len(path.read_text().splitlines()) == written
+    log.close()
+
+
+def test_the_loop_timer_flushes_a_partial_batch(tmp_path):
+    path = tmp_path / "access.log"
+
+    class Observed(AccessLog):
+        flushed: asyncio.Event
+
+        def flush(self) -> None:
+            super().flush()
+            self.flushed.set()
+
+    async def main() -> str:
+        log = Observed.open(AccessLogSettings(path=str(path)))
+        log.flushed = asyncio.Event()
+        log.write(RECORD)
+        assert path.read_text() == ""
+        await asyncio.wait_for(log.flushed.wait(), 5)
+        content = path.read_text()
+        log.close()
+        return content
+
+    assert json.loads(asyncio.run(main()))["status"] == 200
+
+
+def test_reopen_follows_a_rotated_file(tmp_path):
+    path = tmp_path / "access.log"
+    log = AccessLog.open(AccessLogSettings(path=str(path)))
+    log.write(RECORD)
+    path.rename(tmp_path / "access.log.1")
+    log.reopen()
+    log.write({**RECORD, "status": 201})
+    log.close()
+    assert json.loads((tmp_path / "access.log.1").read_text())["status"] == 200
+    assert json.loads(path.read_text())["status"] == 201
+
+
+def test_unopenable_path_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        AccessLog.open(AccessLogSettings(path=str(tmp_path / "missing" / "access.log")), source="proxy.yaml")
+    assert info.value.key == "access_log.path" and str(info.value).startswith("proxy.yaml: access_log.path:")
+
+
+def test_format_time():
+    assert format_time(1.5) == "1970-01-01T00:00:01.500Z"
+    assert RFC3339_UTC.match(format_time())
