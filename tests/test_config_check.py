@@ -248,3 +248,16 @@ def test_check_command_dry_run_options(pki, tmp_path: Path) -> None:
     both = run_check("-c", "proxy.yaml", "--client-cert", str(cert), "--url", "https://localhost/", cwd=tmp_path)
     assert both.returncode in (0, 1)  # admitted or refused (or "not built yet"), never a usage error
     assert "usage:" not in both.stderr
+
+
+def test_service_host_without_a_certificate_is_a_warning(pki, tmp_path: Path) -> None:
+    cert, key = pki.server  # localhost, 127.0.0.1, ::1, *.localhost
+    path = write_config(tmp_path, cert, key)
+    text = path.read_text().replace("hosts: [localhost]", "hosts: [localhost, api.localhost, api.example]")
+    path.write_text(text)
+    report = check(path)
+    assert report.ok
+    assert messages(report, "warning") == [
+        "proxy.yaml:5: services[0].hosts[2]: no certificate in tls.certificates names 'api.example'; "
+        "clients would get the default certificate and a name mismatch"
+    ]

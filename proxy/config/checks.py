@@ -71,6 +71,8 @@ def check_files(
         ca_pem = config.tls.ca_dir / "ca.pem"
         if ca_pem.exists():
             checker.ca_bundle("tls.ca_dir", ca_pem)
+    else:
+        checker.host_coverage(config)
     if config.client_auth.ca is not None:
         cas = checker.ca_bundle("client_auth.ca", config.client_auth.ca)
         if config.client_auth.crl is not None:
@@ -88,6 +90,11 @@ def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
     if not names:
         names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     return tuple(names)
+
+
+def _covered(host: str, names: set[str]) -> bool:
+    """Whether a certificate name matches HOST: exactly, or a ``*.`` one label up."""
+    return host in names or (not host.startswith("*.") and f"*.{host.partition('.')[2]}" in names)
 
 
 def _describe(cert: x509.Certificate) -> str:
@@ -202,6 +209,21 @@ class _Checker:
                 self._add("error", key, f"{which} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
             elif self._days_left(cert) < EXPIRY_WARNING_DAYS:
                 self._add("warning", key, f"{which} expires in {self._days_left(cert)} days ({after:%Y-%m-%d})")
+
+    def host_coverage(self, config: ProxyConfig) -> None:
+        """Every service host should be named by some certificate, or SNI falls back to
+        the first certificate and clients see a name mismatch (a warning: a client
+        might connect by another name)."""
+        names = {name.lower() for info in self.report.certificates for name in info.names}
+        for index, service in enumerate(config.services):
+            for position, host in enumerate(service.hosts):
+                if not _covered(host, names):
+                    self._add(
+                        "warning",
+                        f"services[{index}].hosts[{position}]",
+                        f"no certificate in tls.certificates names '{host}'; "
+                        "clients would get the default certificate and a name mismatch",
+                    )
 
     def ca_bundle(self, key: str, path: Path) -> list[x509.Certificate]:
         try:
