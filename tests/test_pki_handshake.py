@@ -19,6 +19,9 @@ import httpx
 import pytest
 import requests
 
+from proxy.pki.build import self_signed
+from proxy.pki.store import write_leaf
+
 TIMEOUT = 10.0
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
@@ -183,3 +186,16 @@ def test_client_cert_refused(pki, which: str, server_error: str) -> None:
             reply = b""
         assert not reply.endswith(b"ok")
         assert server_error in server.outcome()
+
+
+def test_self_signed_server_trusted_directly(tmp_path: Path) -> None:
+    cert, key = self_signed(["localhost", "127.0.0.1"])
+    pem, key_path = write_leaf(tmp_path / "ss", cert, key, [])
+    other, other_key = self_signed(["localhost"])
+    other_pem, _ = write_leaf(tmp_path / "other", other, other_key, [])
+    with TLSResponder(pem, key_path) as server:
+        assert python_get(server.port, pem).endswith(b"ok")
+        server.outcome()
+        with pytest.raises(ssl.SSLCertVerificationError, match="self-signed certificate"):
+            python_get(server.port, other_pem)
+        server.outcome()

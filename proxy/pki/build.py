@@ -112,7 +112,7 @@ def issue_leaf(
         issuer=ca_cert.subject,
         signer=ca_key,
         issuer_ski=_ski_of(ca_cert),
-        subject=leaf_subject(cn if cn is not None else names[0], ou),
+        subject=_subject_for(names, cn, ou),
         public_key=key.public_key(),
         sans=sans,
         client=client,
@@ -128,7 +128,7 @@ def self_signed(
     """One self-signed leaf (the ``openssl req -x509`` case): trust it directly, not as a CA."""
     sans = _require_sans(names)
     key = generate_key(key_type)
-    subject = leaf_subject(cn if cn is not None else names[0], None)
+    subject = _subject_for(names, cn, None)
     not_before, not_after = validity_window(days)
     cert = _leaf(
         issuer=subject,
@@ -152,7 +152,7 @@ def make_csr(
     key = generate_key(key_type)
     builder = (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(leaf_subject(cn if cn is not None else names[0], ou))
+        .subject_name(_subject_for(names, cn, ou))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
     )
     return builder.sign(key, _hash_for(key)), key
@@ -227,6 +227,11 @@ def leaf_subject(cn: str | None, ou: str | None) -> x509.Name:
     if ou:
         attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, _cn(ou)))
     return x509.Name(attributes)
+
+
+def _subject_for(names: list[str], cn: str | None, ou: str | None) -> x509.Name:
+    """An explicit CN must fit; a CN defaulted from a long first NAME is simply left out."""
+    return leaf_subject(_cn(cn) if cn is not None else names[0], ou)
 
 
 def keys_match(cert: x509.Certificate, key: PrivateKey) -> bool:
