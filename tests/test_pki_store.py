@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,9 @@ def test_key_file_never_world_readable_even_with_lax_umask(pki, tmp_path: Path) 
     finally:
         os.umask(old)
     assert mode(key_path) == 0o600
+
+
+def test_concurrent_ensure_ca_makes_one_ca(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: ensure_ca(tmp_path / "shared")[0], range(4)))
+    assert all(cert == results[0] for cert in results)
