@@ -30,6 +30,7 @@ WRONG_EKU = "wrong EKU"
 UNKNOWN_ISSUER = "unknown issuer"
 SELF_SIGNED = "self-signed"
 REVOKED = "revoked"
+REVOCATION_UNKNOWN = "revocation status unknown"
 UNSUPPORTED_ALGORITHM = "unsupported algorithm"
 INVALID = "invalid certificate"
 
@@ -97,10 +98,14 @@ def check_validity(cert: x509.Certificate, moment: dt.datetime) -> None:
 def check_not_revoked(
     leaf: x509.Certificate, crl: x509.CertificateRevocationList, chain: list[x509.Certificate]
 ) -> None:
-    """Raise ``revoked`` when the CRL (signed by the leaf's issuer) lists the leaf's serial."""
+    """Raise ``revoked`` when the CRL lists the leaf's serial, and ``revocation status
+    unknown`` when the CRL is not the issuer's (it cannot vouch for this certificate)."""
     issuer = chain[1] if len(chain) > 1 else chain[0]
     if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):
-        raise PKIError(f"the CRL was not issued by {issuer.subject.rfc4514_string()}, the certificate's issuer")
+        # OpenSSL's CRL check refuses too ("unable to get certificate CRL").
+        raise VerificationFailed(
+            REVOCATION_UNKNOWN, f"the CRL was not issued by {issuer.subject.rfc4514_string()}, the certificate's issuer"
+        )
     entry = crl.get_revoked_certificate_by_serial_number(leaf.serial_number)
     if entry is not None:
         raise VerificationFailed(REVOKED, f"{_who(leaf)} was revoked on {_date(entry.revocation_date_utc)}")
