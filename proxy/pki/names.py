@@ -62,11 +62,6 @@ def name_text(general: x509.GeneralName) -> str:
     return f"{type(general).__name__}:{general.value}"
 
 
-def is_hostname(general: x509.GeneralName) -> bool:
-    """True for the SAN types a TLS client matches a hostname against (DNS, IP)."""
-    return isinstance(general, (x509.DNSName, x509.IPAddress))
-
-
 def _as_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     candidate = text[1:-1] if text.startswith("[") and text.endswith("]") else text
     try:
