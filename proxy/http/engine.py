@@ -1,0 +1,188 @@
+"""The HTTP engine interface: HTTP/1.1 framing with no I/O.
+
+The relay in ``proxy.server`` never parses HTTP itself. It feeds the bytes it read
+into an engine and acts on the events that come out; to send, it hands the engine
+events and writes the bytes that come back. One engine object per connection side:
+
+* ``ServerEngine`` talks to the client: parses requests, serialises responses.
+* ``ClientEngine`` talks to the upstream: serialises requests, parses responses.
+
+Pull style (``feed`` then ``next_event`` until ``None``) fits both h11 (pull) and
+httptools (callbacks that fill a queue), and lets a server engine hold back a
+pipelined request until the current response is done.
+
+Parse errors surface as ``proxy.errors`` exceptions (``BadRequest``, ``HeadersTooLarge``
+on the client side, ``BadGateway`` on the upstream side), so the relay picks the status
+in one place. Header names are lowercase bytes; values bytes.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+Headers = list[tuple[bytes, bytes]]
+
+# Methods a pooled connection may replay on a fresh connection (RFC 9110 9.2.2).
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """A request line and header section.
+
+    ``content_length`` / ``chunked`` describe the body framing the client used, so
+    the upstream side can re-frame it (``Transfer-Encoding`` itself is hop-by-hop and
+    is removed before the head goes upstream).
+    """
+
+    method: bytes
+    target: bytes
+    headers: Headers
+    http_version: bytes = b"1.1"
+    content_length: int | None = None
+    chunked: bool = False
+    expect_continue: bool = False
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lowercase), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """A status line and header section; 1xx heads are informational."""
+
+    status: int
+    headers: Headers = field(default_factory=list)
+    reason: bytes = b""
+
+    @property
+    def informational(self) -> bool:
+        return self.status < 200
+
+
+@dataclass(slots=True)
+class Body:
+    """A piece of a message body (never the whole body: bodies are streamed)."""
+
+    data: bytes
+
+
+@dataclass(slots=True)
+class EndOfMessage:
+    """The body (and any trailers, which are dropped) is complete."""
+
+
+@dataclass(slots=True)
+class Closed:
+    """The peer closed its side cleanly between messages."""
+
+
+Event = RequestHead | ResponseHead | Body | EndOfMessage | Closed
+
+
+class ServerEngine(abc.ABC):
+    """The client-facing side of one connection."""
+
+    @abc.abstractmethod
+    def feed(self, data: bytes) -> None:
+        """Bytes read from the client; ``b""`` means the client closed its side."""
+
+    @abc.abstractmethod
+    def next_event(self) -> Event | None:
+        """The next parsed event, or None when more data is needed or the next
+        request must wait until the current response is complete.
+
+        Raises ``BadRequest`` / ``HeadersTooLarge`` for requests that cannot be
+        framed unambiguously; the connection must then be answered and closed."""
+
+    @abc.abstractmethod
+    def send_head(self, head: ResponseHead) -> bytes:
+        """Serialise a response head (1xx heads may precede the final one)."""
+
+    @abc.abstractmethod
+    def send_body(self, data: bytes) -> Sequence[bytes]:
+        """Serialise a piece of body; a list so large data is written without a copy."""
+
+    @abc.abstractmethod
+    def send_end(self) -> bytes:
+        """Finish the response (terminating chunk where the framing needs one)."""
+
+    @property
+    @abc.abstractmethod
+    def awaiting_continue(self) -> bool:
+        """The client sent ``Expect: 100-continue`` and waits before sending the body."""
+
+    @property
+    @abc.abstractmethod
+    def request_complete(self) -> bool:
+        """The current request's body has been read to its end."""
+
+    @property
+    @abc.abstractmethod
+    def can_respond(self) -> bool:
+        """No byte of a final response has been sent for the current request yet,
+        so an error response is still possible."""
+
+    @abc.abstractmethod
+    def start_next_cycle(self) -> bool:
+        """After a complete exchange: True if the connection can carry another
+        request (keep-alive on both ends), False if it must be closed."""
+
+
+class ClientEngine(abc.ABC):
+    """The upstream-facing side of one pooled connection."""
+
+    @abc.abstractmethod
+    def send_head(self, head: RequestHead, headers: Headers, target: bytes) -> bytes:
+        """Serialise a request head with the rewritten ``headers`` and ``target``;
+        the body framing follows ``head.content_length`` / ``head.chunked``."""
+
+    @abc.abstractmethod
+    def send_body(self, data: bytes) -> Sequence[bytes]:
+        """Serialise a piece of request body."""
+
+    @abc.abstractmethod
+    def send_end(self) -> bytes:
+        """Finish the request body."""
+
+    @abc.abstractmethod
+    def feed(self, data: bytes) -> None:
+        """Bytes read from the upstream; ``b""`` means the upstream closed."""
+
+    @abc.abstractmethod
+    def next_event(self) -> Event | None:
+        """The next response event or None (need data). Raises ``BadGateway`` when the
+        upstream breaks the protocol or closes before the response is complete."""
+
+    @abc.abstractmethod
+    def start_next_cycle(self) -> bool:
+        """After a complete exchange: True if the connection can go back to the pool."""
+
+
+@dataclass(frozen=True)
+class EngineFactory:
+    """Makes the engines for one configured ``http_engine``."""
+
+    name: str
+    server: type[ServerEngine]
+    client: type[ClientEngine]
+
+
+def engine_factory(name: str = "auto") -> EngineFactory:
+    """The engine classes for config value ``http_engine``.
+
+    Only h11 exists so far; ``auto`` and ``httptools`` fall back to it until the
+    httptools engine lands behind this same interface."""
+    from proxy.http.h11_engine import H11ClientEngine, H11ServerEngine
+
+    return EngineFactory("h11", H11ServerEngine, H11ClientEngine)

@@ -1,0 +1,183 @@
+"""The HTTP engine on h11 (see ``proxy.http.engine`` for the interface).
+
+h11 does the framing; this module adds what a proxy needs on top of it and h11 leaves
+to the application:
+
+* a request with both ``Content-Length`` and ``Transfer-Encoding`` is refused (h11
+  would silently prefer chunked: a request-smuggling vector when the upstream does not);
+* control characters in header values are refused (h11 lets them through);
+* the header-section limit also applies when a too-big head arrives in one read (h11
+  only checks heads that are still incomplete);
+* h11's exceptions become ``BadRequest`` / ``HeadersTooLarge`` / ``BadGateway``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import h11
+
+from proxy.errors import BadGateway, BadRequest, HeadersTooLarge
+from proxy.http.engine import (
+    Body,
+    ClientEngine,
+    Closed,
+    EndOfMessage,
+    Event,
+    Headers,
+    RequestHead,
+    ResponseHead,
+    ServerEngine,
+)
+
+# Bytes not allowed in a field value (RFC 9110 5.5): CTLs other than HTAB, and DEL.
+_CTL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
+_NEED = (h11.NEED_DATA, h11.PAUSED)
+_END = EndOfMessage()
+
+
+def _head_size(method: bytes, target: bytes, headers: Headers) -> int:
+    """The header section's size on the wire, give or take whitespace."""
+    return len(method) + len(target) + 12 + sum(len(k) + len(v) + 4 for k, v in headers)
+
+
+def _has_ctl(headers: Headers) -> bool:
+    values = b"".join(value for _, value in headers)
+    return len(values.translate(None, _CTL)) != len(values)
+
+
+class H11ServerEngine(ServerEngine):
+    """Client side of a connection: parses requests, writes responses."""
+
+    def __init__(self, max_header_bytes: int = 65536) -> None:
+        self._max_header_bytes = max_header_bytes or 65536
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_header_bytes)
+
+    def feed(self, data: bytes) -> None:
+        self._conn.receive_data(data)
+
+    def next_event(self) -> Event | None:
+        try:
+            event = self._conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            if exc.error_status_hint == 431:
+                raise HeadersTooLarge(
+                    f"request header section larger than {self._max_header_bytes} bytes"
+                ) from None
+            raise BadRequest(f"malformed request: {exc}") from None
+        if event in _NEED:
+            return None
+        if type(event) is h11.Data:
+            return Body(event.data)
+        if type(event) is h11.Request:
+            return self._request_head(event)
+        if type(event) is h11.EndOfMessage:
+            return _END
+        return Closed()
+
+    def _request_head(self, event: h11.Request) -> RequestHead:
+        headers = list(event.headers)
+        if _head_size(event.method, event.target, headers) > self._max_header_bytes:
+            raise HeadersTooLarge(f"request header section larger than {self._max_header_bytes} bytes")
+        content_length = None
+        chunked = False
+        for name, value in headers:
+            if name == b"content-length":
+                content_length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+        if chunked and content_length is not None:
+            raise BadRequest("malformed request: both Content-Length and Transfer-Encoding")
+        if _has_ctl(headers):
+            raise BadRequest("malformed request: control character in a header value")
+        return RequestHead(
+            event.method,
+            event.target,
+            headers,
+            event.http_version,
+            content_length,
+            chunked,
+            self._conn.they_are_waiting_for_100_continue,
+        )
+
+    def send_head(self, head: ResponseHead) -> bytes:
+        cls = h11.InformationalResponse if head.status < 200 else h11.Response
+        return self._send(cls(status_code=head.status, headers=head.headers, reason=head.reason))
+
+    def send_body(self, data: bytes) -> Sequence[bytes]:
+        try:
+            return self._conn.send_with_data_passthrough(h11.Data(data=data)) or ()
+        except h11.LocalProtocolError as exc:
+            raise BadGateway(f"upstream response cannot be relayed: {exc}") from None
+
+    def send_end(self) -> bytes:
+        return self._send(h11.EndOfMessage())
+
+    def _send(self, event: object) -> bytes:
+        try:
+            return self._conn.send(event) or b""
+        except h11.LocalProtocolError as exc:
+            raise BadGateway(f"upstream response cannot be relayed: {exc}") from None
+
+    @property
+    def awaiting_continue(self) -> bool:
+        return self._conn.they_are_waiting_for_100_continue
+
+    @property
+    def request_complete(self) -> bool:
+        return self._conn.their_state is h11.DONE
+
+    @property
+    def can_respond(self) -> bool:
+        """No part of a response has been sent yet for the current request."""
+        return self._conn.our_state in (h11.IDLE, h11.SEND_RESPONSE)
+
+    def start_next_cycle(self) -> bool:
+        conn = self._conn
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            return True
+        return False
+
+
+class H11ClientEngine(ClientEngine):
+    """Upstream side of a pooled connection: writes requests, parses responses."""
+
+    def __init__(self, max_header_bytes: int = 65536) -> None:
+        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes or 65536)
+
+    def send_head(self, head: RequestHead, headers: Headers, target: bytes) -> bytes:
+        if head.chunked and head.content_length is None:
+            headers = [*headers, (b"transfer-encoding", b"chunked")]
+        return self._conn.send(h11.Request(method=head.method, target=target, headers=headers))
+
+    def send_body(self, data: bytes) -> Sequence[bytes]:
+        return self._conn.send_with_data_passthrough(h11.Data(data=data)) or ()
+
+    def send_end(self) -> bytes:
+        return self._conn.send(h11.EndOfMessage()) or b""
+
+    def feed(self, data: bytes) -> None:
+        self._conn.receive_data(data)
+
+    def next_event(self) -> Event | None:
+        try:
+            event = self._conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise BadGateway(f"upstream broke the protocol: {exc}") from None
+        if event in _NEED:
+            return None
+        if type(event) is h11.Data:
+            return Body(event.data)
+        if type(event) is h11.Response or type(event) is h11.InformationalResponse:
+            return ResponseHead(event.status_code, list(event.headers), event.reason)
+        if type(event) is h11.EndOfMessage:
+            return _END
+        return Closed()
+
+    def start_next_cycle(self) -> bool:
+        conn = self._conn
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            return True
+        return False

@@ -1,0 +1,151 @@
+"""Channel: one connection's bytes as awaitable reads and writes, bounded both ways.
+
+An ``asyncio.Protocol`` (so it works with plain and TLS transports alike, and with
+``connect_accepted_socket``) that turns the callback API into ``await read()`` and
+``await drain()`` for the relay, with explicit flow control:
+
+* reading: received chunks queue up to ``read_limit`` bytes, then the transport is
+  paused until the relay has consumed half of them;
+* writing: the transport's high-water mark is ``write_limit``; ``drain()`` blocks while
+  the transport is above it, which is what stops the relay from reading the other side.
+
+Chunks are handed out as received (no joining, no copying).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterable
+
+READ_LIMIT = 256 * 1024
+WRITE_LIMIT = 256 * 1024
+
+
+class ConnectionLost(ConnectionError):
+    """The peer went away (or we aborted) while we still wanted to write."""
+
+
+class Channel(asyncio.Protocol):
+    """Bounded, awaitable byte stream over one transport."""
+
+    def __init__(self, read_limit: int = READ_LIMIT, write_limit: int = WRITE_LIMIT) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._read_limit = read_limit
+        self._write_limit = write_limit
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._reading_paused = False
+        self._eof = False
+        self.closed = False
+        self._read_waiter: asyncio.Future | None = None
+        self._drain_waiter: asyncio.Future | None = None
+        self._writing_paused = False
+
+    # -- protocol callbacks ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=self._write_limit)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered >= self._read_limit and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_reader()
+        return True  # keep our side open: a half-closed client still gets its response
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self.closed = True
+        self._wake_reader()
+        self._wake_drainer()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_drainer()
+
+    # -- for the relay -----------------------------------------------------------------
+
+    @property
+    def at_eof(self) -> bool:
+        """The peer closed its side and everything it sent has been read."""
+        return self._eof and not self._chunks
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self._chunks)
+
+    async def read(self) -> bytes:
+        """The next received chunk; ``b""`` once the peer has closed."""
+        while not self._chunks:
+            if self._eof:
+                return b""
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._reading_paused and self._buffered <= self._read_limit // 2 and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return chunk
+
+    def write(self, data: bytes) -> None:
+        if self.closed or self.transport.is_closing():
+            raise ConnectionLost("connection closed")
+        self.transport.write(data)
+
+    def writelines(self, pieces: Iterable[bytes]) -> None:
+        if self.closed or self.transport.is_closing():
+            raise ConnectionLost("connection closed")
+        self.transport.writelines(pieces)
+
+    async def drain(self, timeout: float = 0) -> None:
+        """Wait while the transport's write buffer is above the high-water mark;
+        ``timeout`` (0 = none) bounds the wait for a peer that stopped reading."""
+        if self._writing_paused and not self.closed:
+            async with asyncio.timeout(timeout or None):
+                while self._writing_paused and not self.closed:
+                    self._drain_waiter = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._drain_waiter
+                    finally:
+                        self._drain_waiter = None
+        if self.closed:
+            raise ConnectionLost("connection closed")
+
+    def close(self) -> None:
+        """Close after the write buffer is flushed."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now; pending reads see EOF and writes fail at once."""
+        self._eof = True
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake_reader()
+        self._wake_drainer()
+
+    def _wake_reader(self) -> None:
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_drainer(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)

@@ -1,0 +1,122 @@
+"""One client connection after the TLS handshake: the keep-alive request loop.
+
+For each request: route it, apply the limits, rewrite the headers, hand it to the
+``Relay``, write one access-log record. Every failure arrives here as a
+``proxy.errors.HTTPError`` and is answered in one place: with its status while no
+response byte has gone out, otherwise by closing the connection. A request whose
+body was not read to its end ends the connection after the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from proxy.errors import HTTPError, NotFound, PayloadTooLarge
+from proxy.http.engine import RequestHead
+from proxy.http.headers import upstream_request_headers
+from proxy.http.routing import upstream_target
+from proxy.server.channel import ConnectionLost
+from proxy.server.downstream import Downstream
+from proxy.server.relay import Relay
+from proxy.server.state import ServerState
+
+log = logging.getLogger("tlsproxy")
+
+
+async def serve_connection(down: Downstream, state: ServerState) -> None:
+    """Serve requests on ``down`` until either side ends the connection."""
+    timeouts = state.config.timeouts
+    first_wait = timeouts.request_header
+    with state.track(down) as tracked:
+        try:
+            while not state.closing:
+                tracked.idle = True
+                try:
+                    head = await down.read_head(first_wait, timeouts.request_header)
+                except HTTPError as exc:  # unframeable request: answer and close
+                    _answer_error(down, exc, close=True)
+                    return
+                finally:
+                    tracked.idle = False
+                if head is None:
+                    return
+                if not await handle_request(down, head, state):
+                    return
+                first_wait = timeouts.idle
+        finally:
+            down.channel.close()
+
+
+async def handle_request(down: Downstream, head: RequestHead, state: ServerState) -> bool:
+    """Answer one request; True when the connection may carry another."""
+    started = time.monotonic()
+    stamp = time.time()
+    info = down.info
+    service = None
+    relay = None
+    request_id = None
+    status = 0
+    keep_alive = False
+    try:
+        host = head.header(b"host")
+        host_text = host.decode("latin-1") if host is not None else None
+        path = head.target.decode("latin-1")
+        service = state.router.route(host_text, path)
+        if service is None:
+            raise NotFound(f"no service for host {host_text or '(none)'!r} and path {path.partition('?')[0]!r}")
+        limit = state.config.limits.max_body_bytes
+        if limit and head.content_length is not None and head.content_length > limit:
+            raise PayloadTooLarge(f"request body of {head.content_length} bytes is larger than {limit} bytes")
+        headers, request_id = upstream_request_headers(
+            head.headers, client_ip=info.ip, server_port=info.server_port, service=service
+        )
+        relay = Relay(
+            down, head, service, state.pool, state.config.timeouts,
+            max_body_bytes=limit, closing=state.closing,
+        )
+        status = await relay.run(headers, upstream_target(service, head.target))
+        keep_alive = down.engine.start_next_cycle()
+    except HTTPError as exc:
+        status = exc.status
+        keep_alive = _answer_error(down, exc, close=not down.engine.request_complete or state.closing)
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        log.debug("connection from %s ended: %r", info.address, exc)
+        down.channel.abort()
+    except Exception:  # a bug: log it, never take the process down
+        log.exception("internal error while relaying a request from %s", info.address)
+        down.channel.abort()
+    finally:
+        state.access_log.write(
+            {
+                "time": stamp,
+                "client": info.address,
+                "tls_version": info.tls_version,
+                "sni": info.sni,
+                "method": head.method,
+                "path": head.target,
+                "status": status,
+                "bytes_in": down.bytes_in,
+                "bytes_out": down.bytes_out,
+                "duration_ms": round((time.monotonic() - started) * 1000, 3),
+                "service": service.name if service is not None else None,
+                "upstream": relay.upstream_url if relay is not None else None,
+                "request_id": request_id,
+            }
+        )
+    return keep_alive
+
+
+def _answer_error(down: Downstream, exc: HTTPError, *, close: bool) -> bool:
+    """Answer ``exc`` if no response has started, else abort; True if keep-alive."""
+    if not down.engine.can_respond:
+        down.channel.abort()  # mid-response: only closing tells the client it failed
+        return False
+    try:
+        down.send_error(exc.status, str(exc), close=close)
+    except ConnectionLost:
+        return False
+    if close:
+        return False
+    return down.engine.start_next_cycle()

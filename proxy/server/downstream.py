@@ -1,0 +1,127 @@
+"""Downstream: the client's side of one connection (a Channel plus a ServerEngine).
+
+Reads request heads under the idle / request-header timeouts, writes responses with
+backpressure, and answers errors in the one plain format every failure uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from proxy.http.engine import Body, EndOfMessage, RequestHead, ResponseHead, ServerEngine
+from proxy.server.channel import Channel
+
+
+@dataclass(slots=True)
+class ClientInfo:
+    """What the connection knows about its client, for headers and the access log."""
+
+    ip: str
+    port: int
+    server_port: int
+    tls_version: str | None = None
+    sni: str | None = None
+    ssl_object: object | None = None
+
+    @property
+    def address(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+class Downstream:
+    """The client connection as the relay sees it."""
+
+    __slots__ = ("channel", "engine", "info", "bytes_in", "bytes_out", "method", "write_timeout")
+
+    def __init__(self, channel: Channel, engine: ServerEngine, info: ClientInfo, write_timeout: float = 0) -> None:
+        self.channel = channel
+        self.write_timeout = write_timeout  # how long a client may stop reading our response
+        self.engine = engine
+        self.info = info
+        self.bytes_in = 0  # request body bytes of the current request
+        self.bytes_out = 0  # response body bytes of the current request
+        self.method = b""  # of the current request (a HEAD response has no body)
+
+    async def read_head(self, first_byte_timeout: float, header_timeout: float) -> RequestHead | None:
+        """The next request head, or None when the client closed or went quiet.
+
+        ``first_byte_timeout`` bounds the wait for a new request to begin (idle
+        keep-alive); once bytes arrive, ``header_timeout`` bounds the rest of the head.
+        Raises BadRequest / HeadersTooLarge from the engine."""
+        engine = self.engine
+        channel = self.channel
+        loop = asyncio.get_running_loop()
+        started = False
+        try:
+            async with asyncio.timeout(first_byte_timeout or None) as deadline:
+                while True:
+                    event = engine.next_event()
+                    if event is None:
+                        data = await channel.read()
+                        if data and not started:
+                            started = True
+                            if header_timeout:
+                                deadline.reschedule(loop.time() + header_timeout)
+                        engine.feed(data)
+                        continue
+                    if type(event) is RequestHead:
+                        self.bytes_in = self.bytes_out = 0
+                        self.method = event.method
+                        if not event.has_body:
+                            engine.next_event()  # its EndOfMessage: the request is complete
+                        return event
+                    return None  # Closed (or stray events after a close)
+        except TimeoutError:
+            return None
+
+    async def next_body_event(self, timeout: float) -> Body | EndOfMessage:
+        """The next piece of the request body (raises BadRequest if the client
+        closes before the body is complete)."""
+        engine = self.engine
+        while True:
+            event = engine.next_event()
+            if event is not None:
+                return event  # type: ignore[return-value]
+            async with asyncio.timeout(timeout or None):
+                data = await self.channel.read()
+            engine.feed(data)
+
+    def write_head(self, head: ResponseHead) -> None:
+        self.channel.write(self.engine.send_head(head))
+
+    async def write_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.channel.writelines(self.engine.send_body(data))
+        await self.channel.drain(self.write_timeout)
+
+    def write_end(self) -> None:
+        self.channel.write(self.engine.send_end())
+
+    def send_error(self, status: int, message: str, *, close: bool = False) -> None:
+        """A complete plain-text response; ``close`` also ends the connection after it."""
+        self.send_simple(status, (message + "\n").encode(), close=close)
+
+    def send_simple(self, status: int, body: bytes, headers: list | None = None, *, close: bool = False) -> None:
+        all_headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            *(headers or ()),
+        ]
+        if close:
+            all_headers.append((b"connection", b"close"))
+        engine = self.engine
+        pieces = [engine.send_head(ResponseHead(status, all_headers, _reason(status)))]
+        if body and self.method != b"HEAD":
+            self.bytes_out += len(body)
+            pieces.extend(engine.send_body(body))
+        pieces.append(engine.send_end())
+        self.channel.writelines(pieces)
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""

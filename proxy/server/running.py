@@ -1,0 +1,176 @@
+"""Start and stop a proxy: ``start_proxy`` (async, for the demo and tests) and
+``run_proxy`` (blocking, for ``tlsproxy serve``).
+
+Start-up order: everything that can fail on bad config or certificates (TLS contexts,
+access log, binding) happens before the first connection is accepted, so a bad start
+leaves nothing running. Shutdown order (as uvicorn does it): stop accepting, close idle
+keep-alive connections, let requests in flight finish for up to ``shutdown_grace``,
+cancel the rest, then close pooled upstream connections and the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+
+from proxy.config.model import ProxyConfig
+from proxy.http.engine import engine_factory
+from proxy.http.routing import Router
+from proxy.server.access_log import AccessLog
+from proxy.server.listeners import accept_loop, bind
+from proxy.server.redirect import serve_redirect_socket
+from proxy.server.state import ServerState
+from proxy.server.tls_accept import serve_tls_socket
+from proxy.server.upstream_pool import UpstreamPool
+from proxy.tls.context import ServerTLS
+
+log = logging.getLogger("tlsproxy")
+
+
+class RunningProxy:
+    """A started proxy: its bound addresses, and ``close()``."""
+
+    def __init__(self, state: ServerState, tls_sockets: list[socket.socket], redirect_socket: socket.socket | None):
+        self.state = state
+        self._sockets = [*tls_sockets, *([redirect_socket] if redirect_socket else [])]
+        self.addresses: list[tuple[str, int]] = [sock.getsockname()[:2] for sock in tls_sockets]
+        self.redirect_address: tuple[str, int] | None = (
+            redirect_socket.getsockname()[:2] if redirect_socket is not None else None
+        )
+        self.connection_tasks: set[asyncio.Task] = set()
+        self._accept_tasks: list[asyncio.Task] = []
+        self._closed = False
+
+    def _start_accepting(self) -> None:
+        limit = self.state.config.limits.max_connections
+        limiter = asyncio.Semaphore(limit) if limit > 0 else None
+        loop = asyncio.get_running_loop()
+        state = self.state
+        tls_count = len(self.addresses)
+        for index, sock in enumerate(self._sockets):
+            serve = serve_tls_socket if index < tls_count else serve_redirect_socket
+
+            async def handler(conn: socket.socket, peer: tuple, serve=serve) -> None:
+                await serve(conn, peer, state)
+
+            self._accept_tasks.append(loop.create_task(accept_loop(sock, handler, self.connection_tasks, limiter)))
+
+    def describe(self) -> list[str]:
+        """One line per listener, as printed at start-up."""
+        services = ", ".join(
+            f"{service.name} -> {' '.join(up.url for up in service.upstreams)}" for service in self.state.config.services
+        )
+        lines = [f"tlsproxy: listening on https://{_url_host(host)}:{port} (services: {services})"
+                 for host, port in self.addresses]
+        if self.redirect_address is not None:
+            host, port = self.redirect_address
+            lines.append(f"tlsproxy: redirecting http://{_url_host(host)}:{port} to https://")
+        return lines
+
+    async def close(self, grace: float | None = None) -> None:
+        """Stop accepting, finish in-flight requests (up to ``grace``, default the
+        config's shutdown_grace), then release everything."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._accept_tasks:
+            task.cancel()
+        for task in self._accept_tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for sock in self._sockets:
+            sock.close()
+        self.state.begin_shutdown()
+        grace = self.state.config.timeouts.shutdown_grace if grace is None else grace
+        pending = set(self.connection_tasks)
+        if pending:
+            _done, pending = await asyncio.wait(pending, timeout=grace or None)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        self.state.pool.close()
+        self.state.access_log.close()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def start_proxy(config: ProxyConfig) -> RunningProxy:
+    """Build everything from ``config``, bind the listeners and start accepting.
+
+    Raises ConfigError (bad TLS files) or OSError (cannot bind) before accepting."""
+    tls = ServerTLS.from_config(config)
+    engines = engine_factory(config.http_engine)
+    timeouts = config.timeouts
+    pool = UpstreamPool(
+        engines,
+        connect_timeout=timeouts.upstream_connect,
+        idle_timeout=timeouts.idle,
+        max_header_bytes=max(65536, config.limits.max_header_bytes),
+    )
+    access_log = AccessLog.open(config.access_log)
+    sockets: list[socket.socket] = []
+    try:
+        for address in config.listen:
+            sockets.append(bind(address, reuse_port=config.workers > 1))
+        redirect = bind(config.redirect_http) if config.redirect_http is not None else None
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        access_log.close()
+        raise
+    state = ServerState(
+        config=config,
+        tls=tls,
+        router=Router(config.services),
+        pool=pool,
+        access_log=access_log,
+        engines=engines,
+        https_port=sockets[0].getsockname()[1] if sockets else 443,
+    )
+    running = RunningProxy(state, sockets, redirect)
+    running._start_accepting()
+    return running
+
+
+def run_proxy(config: ProxyConfig) -> int:
+    """Serve until SIGINT / SIGTERM, then shut down gracefully; the exit code."""
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("tlsproxy: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    with _runner() as runner:
+        runner.run(_serve_until_signal(config))
+    return 0
+
+
+async def _serve_until_signal(config: ProxyConfig) -> None:
+    running = await start_proxy(config)
+    for line in running.describe():
+        print(line, file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        print("tlsproxy: stopping (finishing requests in flight)", file=sys.stderr, flush=True)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        await running.close()
+
+
+def _runner() -> asyncio.Runner:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)

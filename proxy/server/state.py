@@ -1,0 +1,59 @@
+"""ServerState: what every connection of one running proxy shares.
+
+Built once per start (the config slices, the router, the TLS contexts, the upstream
+pool, the access log), plus the live connections, so shutdown can close the idle ones
+at once and let busy ones finish their current response.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from proxy.config.model import ProxyConfig
+from proxy.http.engine import EngineFactory
+from proxy.http.routing import Router
+from proxy.server.access_log import AccessLog
+from proxy.server.downstream import Downstream
+from proxy.server.upstream_pool import UpstreamPool
+from proxy.tls.context import ServerTLS
+from proxy.tls.handshake import HandshakeCounters
+
+
+@dataclass(slots=True, eq=False)
+class TrackedConnection:
+    """A live client connection; ``idle`` while it waits for the next request."""
+
+    down: Downstream
+    idle: bool = True
+
+
+@dataclass
+class ServerState:
+    config: ProxyConfig
+    tls: ServerTLS
+    router: Router
+    pool: UpstreamPool
+    access_log: AccessLog
+    engines: EngineFactory
+    https_port: int = 443  # the first TLS listener's port, for redirect_http
+    closing: bool = False
+    handshake_failures: HandshakeCounters = field(default_factory=HandshakeCounters)
+    connections: set[TrackedConnection] = field(default_factory=set)
+
+    @contextlib.contextmanager
+    def track(self, down: Downstream) -> Iterator[TrackedConnection]:
+        tracked = TrackedConnection(down)
+        self.connections.add(tracked)
+        try:
+            yield tracked
+        finally:
+            self.connections.discard(tracked)
+
+    def begin_shutdown(self) -> None:
+        """Stop keep-alive: idle connections close now, busy ones after their response."""
+        self.closing = True
+        for tracked in list(self.connections):
+            if tracked.idle:
+                tracked.down.channel.close()

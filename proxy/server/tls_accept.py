@@ -1,0 +1,65 @@
+"""An accepted socket on a TLS listener: sniff, handshake, then serve requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+from proxy.server.channel import Channel
+from proxy.server.connection import serve_connection
+from proxy.server.downstream import ClientInfo, Downstream
+from proxy.server.listeners import TLS_HANDSHAKE_RECORD, peek_first_byte, refuse_plain_http
+from proxy.server.state import ServerState
+from proxy.tls.handshake import describe_handshake_failure
+
+log = logging.getLogger("tlsproxy")
+
+
+def _address(peer: tuple) -> str:
+    host, port = peer[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve_tls_socket(sock: socket.socket, peer: tuple, state: ServerState) -> None:
+    timeouts = state.config.timeouts
+    server_port = sock.getsockname()[1]
+    try:
+        first = await peek_first_byte(sock, timeouts.handshake)
+    except TimeoutError:
+        first = b""
+    if not first:
+        sock.close()
+        return
+    if first[0] != TLS_HANDSHAKE_RECORD:
+        state.handshake_failures.increment("plain_http")
+        log.info("plain HTTP from %s on the TLS port: answered 400", _address(peer))
+        await refuse_plain_http(sock)
+        return
+
+    channel = Channel()
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.connect_accepted_socket(
+            lambda: channel, sock, ssl=state.tls.context, ssl_handshake_timeout=timeouts.handshake or None
+        )
+    except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+        key, words = describe_handshake_failure(exc)
+        state.handshake_failures.increment(key)
+        log.warning("TLS handshake with %s failed: %s", _address(peer), words)
+        with contextlib.suppress(OSError):
+            sock.close()
+        return
+
+    ssl_object = channel.transport.get_extra_info("ssl_object")
+    info = ClientInfo(
+        ip=peer[0],
+        port=peer[1],
+        server_port=server_port,
+        tls_version=ssl_object.version() if ssl_object is not None else None,
+        sni=state.tls.server_name(ssl_object) if ssl_object is not None else None,
+        ssl_object=ssl_object,
+    )
+    engine = state.engines.server(state.config.limits.max_header_bytes)
+    await serve_connection(Downstream(channel, engine, info, write_timeout=timeouts.idle), state)

@@ -1,0 +1,292 @@
+"""Test helpers for the proxy: a real upstream HTTP server and the proxy in a thread.
+
+``TestUpstream`` is a threaded HTTP/1.1 server (h11 on blocking sockets, one thread per
+connection) that counts accepted connections, so tests can prove keep-alive reuse
+and that refused requests never reached it. Routes:
+
+  /echo...             JSON: method, target, headers, body length + sha256 (reads any body)
+  /download?size=N     N pattern bytes streamed (``&chunked=1``: chunked framing)
+  /status/NNN          that status, no body (HEAD-safe; 1xx not allowed)
+  /hang                no answer until the test ends (for upstream_response timeouts)
+  /die                 promises 1 MiB, sends 1 KiB, closes (upstream dies mid-response)
+  /early               413 without reading the body, then close
+  /close-reused        on a connection's 2nd request: close without answering
+
+``pattern(n)`` / ``pattern_sha256(n)`` give the download bytes without keeping them.
+``ProxyThread`` runs ``start_proxy`` on a uvloop loop in a background thread so the
+sync clients (requests, curl, node) can talk to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+
+from proxy.config.model import (
+    AccessLogSettings,
+    CertificatePair,
+    ListenAddress,
+    ProxyConfig,
+    Service,
+    TLSSettings,
+    Upstream,
+)
+
+CHUNK = 256 * 1024
+_PATTERN = bytes(range(256)) * (CHUNK // 256)
+WAIT = 20.0  # bound on every wait in the helpers
+
+
+def pattern(size: int) -> Iterator[bytes]:
+    """``size`` deterministic bytes in CHUNK pieces."""
+    while size > 0:
+        piece = _PATTERN[: min(size, CHUNK)]
+        size -= len(piece)
+        yield piece
+
+
+def pattern_sha256(size: int) -> str:
+    digest = hashlib.sha256()
+    for piece in pattern(size):
+        digest.update(piece)
+    return digest.hexdigest()
+
+
+class TestUpstream:
+    """A threaded HTTP/1.1 upstream on 127.0.0.1 (port from the OS)."""
+
+    __test__ = False  # not a test class, despite the name
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, 0), family=family)
+        self.host = host
+        self.port = self._listener.getsockname()[1]
+        self.accepts = 0
+        self.requests: list[dict] = []
+        self._lock = threading.Lock()
+        self._release = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        accept = threading.Thread(target=self._accept_loop, daemon=True)
+        accept.start()
+        self._threads.append(accept)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def model(self) -> Upstream:
+        return Upstream(self.url, self.host, self.port)
+
+    def __enter__(self) -> TestUpstream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._release.set()
+        self._listener.close()
+        with self._lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+        for thread in self._threads:
+            thread.join(WAIT)
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.accepts += 1
+                self._conns.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        http = h11.Connection(h11.SERVER)
+        served = 0
+        try:
+            while True:
+                request = self._next(conn, http)
+                if not isinstance(request, h11.Request):
+                    return
+                served += 1
+                path = request.target.decode()
+                if path.startswith("/close-reused") and served > 1:
+                    return
+                self.requests.append(
+                    {"method": request.method.decode(), "target": path,
+                     "headers": [(k.decode(), v.decode("latin-1")) for k, v in request.headers]}
+                )
+                if not self._respond(conn, http, request):
+                    return
+                if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
+                    return
+                http.start_next_cycle()
+        except (OSError, h11.ProtocolError):
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    @staticmethod
+    def _next(conn: socket.socket, http: h11.Connection):
+        while True:
+            event = http.next_event()
+            if event is h11.NEED_DATA:
+                http.receive_data(conn.recv(CHUNK))
+                continue
+            return event
+
+    def _read_body(self, conn: socket.socket, http: h11.Connection) -> tuple[int, str]:
+        if http.they_are_waiting_for_100_continue:
+            conn.sendall(http.send(h11.InformationalResponse(status_code=100, headers=[])))
+        digest = hashlib.sha256()
+        size = 0
+        while True:
+            event = self._next(conn, http)
+            if isinstance(event, h11.Data):
+                digest.update(event.data)
+                size += len(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return size, digest.hexdigest()
+            else:
+                raise h11.RemoteProtocolError("body ended early")
+
+    def _respond(self, conn: socket.socket, http: h11.Connection, request: h11.Request) -> bool:
+        url = urlsplit(request.target.decode())
+        query = {key: values[0] for key, values in parse_qs(url.query).items()}
+        path = url.path
+        send = conn.sendall
+        if path.startswith("/status/"):
+            self._read_body(conn, http)
+            status = int(path.rsplit("/", 1)[1])
+            send(http.send(h11.Response(status_code=status, headers=[("content-length", "0")]
+                                        if status not in (204, 304) else [])))
+            send(http.send(h11.EndOfMessage()))
+        elif path == "/download":
+            size = int(query.get("size", "0"))
+            framing = [("transfer-encoding", "chunked")] if query.get("chunked") else [("content-length", str(size))]
+            send(http.send(h11.Response(status_code=200, headers=framing)))
+            if request.method != b"HEAD":
+                for piece in pattern(size):
+                    send(http.send(h11.Data(data=piece)))
+            send(http.send(h11.EndOfMessage()))
+        elif path == "/hang":
+            self._release.wait(WAIT)
+            return False
+        elif path == "/die":
+            send(http.send(h11.Response(status_code=200, headers=[("content-length", str(1 << 20))])))
+            send(http.send(h11.Data(data=b"x" * 1024)))
+            return False
+        elif path == "/early":
+            body = b"too big\n"
+            send(http.send(h11.Response(status_code=413, headers=[
+                ("content-length", str(len(body))), ("connection", "close")])))
+            send(http.send(h11.Data(data=body)))
+            send(http.send(h11.EndOfMessage()))
+            return False
+        else:  # /echo and anything else
+            size, sha = self._read_body(conn, http)
+            body = json.dumps({
+                "method": request.method.decode(),
+                "target": request.target.decode(),
+                "headers": [[k.decode(), v.decode("latin-1")] for k, v in request.headers],
+                "body_bytes": size,
+                "body_sha256": sha,
+                "server_port": self.port,
+            }).encode()
+            send(http.send(h11.Response(status_code=200, headers=[
+                ("content-type", "application/json"), ("content-length", str(len(body)))])))
+            if request.method != b"HEAD":
+                send(http.send(h11.Data(data=body)))
+            send(http.send(h11.EndOfMessage()))
+        return True
+
+
+def proxy_config(pki, services: list[Service] | Service, tmp_path: Path, **overrides) -> ProxyConfig:
+    """A ProxyConfig for tests: 127.0.0.1 port 0, the session PKI's server cert,
+    the access log in ``tmp_path``."""
+    cert, key = pki.server
+    if isinstance(services, Service):
+        services = [services]
+    fields = {
+        "services": tuple(services),
+        "listen": (ListenAddress("127.0.0.1", 0),),
+        "tls": TLSSettings(certificates=(CertificatePair(Path(cert), Path(key)),)),
+        "access_log": AccessLogSettings(format="json", path=str(tmp_path / "access.log")),
+    }
+    fields.update(overrides)
+    return ProxyConfig(**fields)
+
+
+def service(name: str, *upstreams: TestUpstream | Upstream, **fields) -> Service:
+    models = tuple(up.model() if isinstance(up, TestUpstream) else up for up in upstreams)
+    return Service(name=name, upstreams=models, **fields)
+
+
+class ProxyThread:
+    """``start_proxy(config)`` on a uvloop event loop in a background thread."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        try:
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover
+            self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        from proxy.server import start_proxy
+
+        try:
+            self.running = self.call(start_proxy(config))
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.port = self.running.addresses[0][1]
+
+    def call(self, coroutine, timeout: float = WAIT):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def url(self, path: str = "/", host: str = "localhost") -> str:
+        return f"https://{host}:{self.port}{path}"
+
+    def close(self, grace: float = 5.0) -> None:
+        try:
+            self.call(self.running.close(grace), WAIT + grace)
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(WAIT)
+        self.loop.close()
+
+    def __enter__(self) -> ProxyThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
