@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import uvloop
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from proxy.config.model import (
     CertificatePair,
@@ -30,8 +31,8 @@ from proxy.config.model import (
     Upstream,
 )
 from proxy.errors import ConfigError
-from proxy.pki.build import issue_leaf
-from proxy.pki.store import ensure_ca, load_certificates, write_leaf
+from proxy.pki.build import issue_leaf, make_crl
+from proxy.pki.store import ensure_ca, load_certificates, write_crl, write_leaf
 from proxy.tls.context import INTERMEDIATE_CIPHERS, ServerTLS
 
 TIMEOUT = 5.0
@@ -153,6 +154,7 @@ def test_unknown_or_missing_sni_gets_the_first_certificate(pki, two_certs):
 
 def test_loaded_certificates_describe_what_is_served(two_certs):
     tls = ServerTLS.from_config(config_for(*two_certs))
+    assert tls.renewal_due is None
     assert [c.names for c in tls.certificates] == [("api.example",), ("web.example", "*.web.example")]
     assert tls.certificates[0].path == two_certs[0][0] and not tls.certificates[0].auto
     assert tls.certificates[0].not_after > dt.datetime.now(dt.timezone.utc)
@@ -312,6 +314,36 @@ def test_revoked_client_cert_is_refused_with_the_crl(pki):
     assert handshake(tls, client_context(pki, cert=good)).accepted
 
 
+def test_crl_applies_on_the_sni_selected_context_too(pki, two_certs):
+    revoked = pki.leaf("revoked", "revoked", client=True)
+    tls = ServerTLS.from_config(mtls_config(pki, crl=pki.crl([revoked[0]]), pairs=list(two_certs)))
+    refused = handshake(tls, client_context(pki, cert=revoked), "web.example")
+    assert not refused.accepted and "revoked" in refused.server_error
+    assert handshake(tls, client_context(pki, cert=pki.leaf("good", "good", client=True)), "web.example").accepted
+
+
+def test_crl_from_another_ca_or_expired_is_a_config_error(pki, tmp_path):
+    other_ca = load_certificates(pki.other_ca_pem)[0]
+    foreign = tmp_path / "foreign.pem"
+    other_key = ensure_ca(pki.other_ca_dir)[1]
+    write_crl(foreign, make_crl(other_ca, other_key, [1]))
+    error = error_of(mtls_config(pki, crl=foreign))
+    assert error.key == "client_auth.crl" and "none of the CAs" in error.reason
+
+    now = dt.datetime.now(dt.timezone.utc)
+    expired = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(pki.ca_cert.subject)
+        .last_update(now - dt.timedelta(days=10))
+        .next_update(now - dt.timedelta(days=1))
+        .sign(pki.ca_key, hashes.SHA256())
+    )
+    stale = tmp_path / "stale.pem"
+    write_crl(stale, expired)
+    error = error_of(mtls_config(pki, crl=stale))
+    assert error.key == "client_auth.crl" and "expired" in error.reason
+
+
 def test_optional_accepts_with_and_without_a_cert(pki):
     tls = ServerTLS.from_config(mtls_config(pki, mode="optional"))
     assert tls.context.verify_mode == ssl.CERT_OPTIONAL
@@ -351,6 +383,7 @@ def test_auto_certificate_is_issued_once_and_reused(pki, tmp_path):
     assert loaded.auto and loaded.path == ca_dir / "auto" / "server.pem"
     assert set(loaded.names) == {"localhost", "api.localhost", "127.0.0.1", "::1"}
     assert (ca_dir / "ca.pem").exists() and (ca_dir / "auto" / "server.key").stat().st_mode & 0o077 == 0
+    assert tls.renewal_due == loaded.not_after - dt.timedelta(days=30)
     assert serial_of(ServerTLS.from_config(auto_config(ca_dir, "api.localhost")).certificates[0]) == serial_of(loaded)
 
     client = ssl.create_default_context(cafile=str(ca_dir / "ca.pem"))  # full hostname check

@@ -86,6 +86,13 @@ class ServerTLS:
         self._by_parent = by_parent
         context.sni_callback = self._on_server_name
 
+    @property
+    def renewal_due(self) -> dt.datetime | None:
+        """When the first auto-issued certificate enters its renewal window; building
+        from the config again after that re-issues it in place. None without auto certs."""
+        due = [loaded.not_after - AUTO_RENEW_BEFORE for loaded in self.certificates if loaded.auto]
+        return min(due) if due else None
+
     @classmethod
     def from_config(cls, config: ProxyConfig) -> ServerTLS:
         """Build every context; ConfigError naming the key and file on any failure."""
@@ -234,12 +241,28 @@ class _Builder:
         except PKIError as exc:
             raise self.error("client_auth.ca", str(exc)) from None
         if settings.crl is not None:
-            self.files.append(settings.crl)
-            try:
-                store.load_crl(settings.crl)
-            except PKIError as exc:
-                raise self.error("client_auth.crl", str(exc)) from None
+            self.check_crl(settings.crl, cas)
         return cas
+
+    def check_crl(self, path: Path, cas: list[x509.Certificate]) -> None:
+        """Refuse a CRL OpenSSL would turn into "refuse every client": one no trusted
+        CA signed (no CRL then exists for the clients' issuer), or one past nextUpdate."""
+        self.files.append(path)
+        try:
+            crl = store.load_crl(path)
+        except PKIError as exc:
+            raise self.error("client_auth.crl", str(exc)) from None
+        if not any(_signed_by(crl, ca) for ca in cas):
+            raise self.error(
+                "client_auth.crl",
+                f"{path} is issued by {crl.issuer.rfc4514_string()}, which is none of the CAs in client_auth.ca",
+            )
+        if crl.next_update_utc is not None and crl.next_update_utc < dt.datetime.now(dt.timezone.utc):
+            raise self.error(
+                "client_auth.crl",
+                f"{path} expired on {crl.next_update_utc:%Y-%m-%d %H:%M} UTC (nextUpdate): every client "
+                "certificate would be refused until a fresh CRL is published",
+            )
 
     def auto_certificate(self) -> CertificatePair:
         """The auto-issued server certificate, reused or (re-)issued under the CA lock."""
@@ -275,6 +298,13 @@ def _reusable(pair: CertificatePair, ca_cert: x509.Certificate, wanted: set[x509
         return False
     left = cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)
     return set(sans) == wanted and left > AUTO_RENEW_BEFORE and keys_match(cert, key)
+
+
+def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    try:
+        return crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())
+    except (TypeError, ValueError):
+        return False
 
 
 def _host_names(cert: x509.Certificate) -> tuple[str, ...]:
