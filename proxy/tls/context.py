@@ -116,7 +116,7 @@ class ServerTLS:
     def _on_server_name(self, ssl_object, server_name: str | None, _context) -> None:
         if server_name is None:
             return
-        server_name = server_name.lower()
+        server_name = server_name.lower().rstrip(".")
         setattr(ssl_object, _SNI_ATTRIBUTE, server_name)
         selected = self.context_for(server_name)
         if selected is not self.context:
