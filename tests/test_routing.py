@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from proxy.config.model import Service, Upstream
@@ -128,3 +130,42 @@ def test_strip_prefix(prefix, target, expected):
 
 def test_target_unchanged_without_strip_prefix():
     assert upstream_target(service("s", prefix="/api"), b"/api/x/../y?q") == b"/api/x/../y?q"
+
+
+def reference_route(services: list[Service], host: str | None, path: str) -> Service | None:
+    """The routing rules written the slow, obvious way, to check the precomputed tables."""
+    host = normalize_host(host) if host else None
+    best = None
+    for order, svc in enumerate(services):
+        prefix = svc.path_prefix
+        boundary = prefix.endswith("/") or path == prefix or path[len(prefix) : len(prefix) + 1] in ("/", "?")
+        if not (path.startswith(prefix) and boundary):
+            continue
+        ranks = [2] if not svc.hosts else []
+        for pattern in svc.hosts:
+            if host == pattern:
+                ranks.append(0)
+            elif pattern.startswith("*.") and host and host.partition(".")[2] == pattern[2:]:
+                ranks.append(1)
+        if ranks:
+            key = (-len(prefix), min(ranks), order)
+            if best is None or key < best[0]:
+                best = (key, svc)
+    return best[1] if best else None
+
+
+def test_router_agrees_with_the_obvious_implementation():
+    rng = random.Random(7)
+    hosts = ["a.test", "b.test", "*.test", "x.a.test", "*.a.test", "::1"]
+    prefixes = ["/", "/api", "/api/", "/api/v1", "/b", "/api/v1/x"]
+    requests = ["a.test", "B.test:443", "c.test", "x.a.test", "y.a.test", "[::1]:8443", "other", None]
+    paths = ["/", "/api", "/api/", "/apix", "/api/v1", "/api/v1/x/y", "/api?x", "/b/c", "/bc", "/api/v10"]
+    for _ in range(300):
+        services = [
+            service(f"s{i}", *rng.sample(hosts, rng.choice([0, 0, 1, 2])), prefix=rng.choice(prefixes))
+            for i in range(rng.randint(1, 6))
+        ]
+        router = Router(services)
+        for host in requests:
+            for path in paths:
+                assert router.route(host, path) is reference_route(services, host, path), (services, host, path)
