@@ -62,6 +62,8 @@ class Outcome:
     session: ssl.SSLSession | None = None
     session_reused: bool = False
     version: str | None = None
+    cipher: str | None = None
+    alpn: str | None = None
 
     @property
     def accepted(self) -> bool:
@@ -107,6 +109,8 @@ def handshake(tls: ServerTLS, client: ssl.SSLContext, server_name: str | None = 
                     der = conn.getpeercert(binary_form=True)
                     outcome.peer_names = tuple(load_san(x509.load_der_x509_certificate(der)))
                     outcome.version = conn.version()
+                    outcome.cipher = conn.cipher()[0]
+                    outcome.alpn = conn.selected_alpn_protocol()
                     conn.sendall(b"x")
                     if conn.recv(1) != b"y":  # TLS 1.3: a refused client cert shows up here
                         raise ConnectionError("server closed the connection")
@@ -198,6 +202,7 @@ def test_intermediate_profile_settings(pki):
     context = ServerTLS.from_config(config_for(pki.server)).context
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
     assert context.options & ssl.OP_NO_COMPRESSION and context.options & ssl.OP_NO_RENEGOTIATION
+    assert not context.options & ssl.OP_CIPHER_SERVER_PREFERENCE
     tls12 = {c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"}
     assert tls12 == set(INTERMEDIATE_CIPHERS.split(":"))
 
@@ -219,20 +224,17 @@ def test_tls12_client_with_only_cbc_ciphers_is_refused(pki):
     assert handshake(tls, gcm).accepted
 
 
+def test_the_client_chooses_among_the_allowed_ciphers(pki):
+    tls = ServerTLS.from_config(config_for(pki.server))
+    chacha_first = "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256"
+    client = client_context(pki, max_version=ssl.TLSVersion.TLSv1_2, ciphers=chacha_first)
+    assert handshake(tls, client).cipher == "ECDHE-ECDSA-CHACHA20-POLY1305"
+
+
 def test_alpn_offers_http11(pki):
     client = client_context(pki)
     client.set_alpn_protocols(["h2", "http/1.1"])
-    with socket.create_server(("127.0.0.1", 0)) as listener, ThreadPoolExecutor(1) as pool:
-        listener.settimeout(TIMEOUT)
-        tls = ServerTLS.from_config(config_for(pki.server))
-        served = pool.submit(_serve_one, listener, tls, Outcome())
-        with socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as raw:
-            with client.wrap_socket(raw, server_hostname="localhost") as conn:
-                assert conn.selected_alpn_protocol() == "http/1.1"
-                conn.sendall(b"x")
-                conn.recv(1)
-                conn.unwrap()
-        served.result(timeout=TIMEOUT)
+    assert handshake(ServerTLS.from_config(config_for(pki.server)), client).alpn == "http/1.1"
 
 
 # --- resumption ------------------------------------------------------------------------
