@@ -93,6 +93,10 @@ async def _serve_connection(reader: asyncio.StreamReader, writer: asyncio.Stream
                 return
     except (ConnectionError, h11.LocalProtocolError):
         return
+    except asyncio.CancelledError:
+        # The loop is shutting down with this keep-alive connection open. Ending quietly
+        # matters on 3.11, whose stream callback logs a cancelled handler as an error.
+        return
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError, OSError):

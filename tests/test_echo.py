@@ -146,3 +146,26 @@ def test_command_rejects_a_bad_listen_address():
         [sys.executable, "-m", "proxy", "echo", "--listen", "nope"], capture_output=True, text=True, timeout=15
     )
     assert result.returncode == 2 and "HOST:PORT" in result.stderr
+
+
+def test_loop_shutdown_with_an_open_keep_alive_connection_is_quiet():
+    problems: list[dict] = []
+    client = socket.socket()
+    client.setblocking(False)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, context: problems.append(context))
+        server = await start_echo("127.0.0.1", 0)
+        await loop.sock_connect(client, server.sockets[0].getsockname()[:2])
+        await loop.sock_sendall(client, b"GET /k HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while not received.endswith(b"}\n"):
+            received += await asyncio.wait_for(loop.sock_recv(client, 65536), TIMEOUT)
+        server.close()  # the connection stays open: asyncio.run cancels its handler
+
+    try:
+        asyncio.run(main())
+    finally:
+        client.close()
+    assert problems == []
