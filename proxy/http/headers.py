@@ -25,15 +25,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from proxy.config.model import Service
-
-try:
-    from proxy.tls.identity import is_identity_header
-except ImportError as _missing:  # pragma: no cover - only while identity.py is being written
-    _IDENTITY_MISSING = _missing
-
-    def is_identity_header(name: bytes) -> bool:
-        # Refuse to forward anything rather than let spoofed identity headers through.
-        raise RuntimeError("proxy.tls.identity is missing: cannot strip identity headers") from _IDENTITY_MISSING
+from proxy.tls.identity import is_identity_header
 
 
 Headers = list[tuple[bytes, bytes]]
