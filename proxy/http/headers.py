@@ -27,7 +27,6 @@ from functools import lru_cache
 from proxy.config.model import Service
 from proxy.tls.identity import is_identity_header
 
-
 Headers = list[tuple[bytes, bytes]]
 
 HOP_BY_HOP = frozenset(
