@@ -59,6 +59,7 @@ class Outcome:
     client_cert_seen: bool = False
     client_error: str | None = None
     peer_names: tuple[str, ...] = ()
+    peer_serial: int | None = None
     session: ssl.SSLSession | None = None
     session_reused: bool = False
     version: str | None = None
@@ -107,7 +108,8 @@ def handshake(tls: ServerTLS, client: ssl.SSLContext, server_name: str | None = 
             with socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as raw:
                 with client.wrap_socket(raw, server_hostname=server_name, session=session) as conn:
                     der = conn.getpeercert(binary_form=True)
-                    outcome.peer_names = tuple(load_san(x509.load_der_x509_certificate(der)))
+                    peer = x509.load_der_x509_certificate(der)
+                    outcome.peer_names, outcome.peer_serial = tuple(load_san(peer)), peer.serial_number
                     outcome.version = conn.version()
                     outcome.cipher = conn.cipher()[0]
                     outcome.alpn = conn.selected_alpn_protocol()
@@ -390,6 +392,16 @@ def test_auto_certificate_is_issued_once_and_reused(pki, tmp_path):
 
     client = ssl.create_default_context(cafile=str(ca_dir / "ca.pem"))  # full hostname check
     assert handshake(tls, client, "api.localhost").accepted
+
+
+def test_workers_starting_together_share_one_auto_certificate(tmp_path):
+    config = auto_config(tmp_path / "ca", "api.localhost")
+    with ThreadPoolExecutor(4) as pool:
+        built = [future.result(timeout=30) for future in [pool.submit(ServerTLS.from_config, config) for _ in range(4)]]
+    client = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.pem"))
+    served = [handshake(tls, client, "api.localhost") for tls in built]
+    assert all(outcome.accepted for outcome in served)
+    assert len({outcome.peer_serial for outcome in served}) == 1
 
 
 def test_auto_certificate_is_reissued_for_new_hosts_or_near_expiry(tmp_path):

@@ -47,6 +47,7 @@ MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 ALPN = ["http/1.1"]
 AUTO_DIR = "auto"
 AUTO_STEM = "server"
+AUTO_LOCK = ".auto.lock"
 AUTO_RENEW_BEFORE = dt.timedelta(days=30)
 AUTO_DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -278,9 +279,12 @@ class _Builder:
             prefix = Path(ca_dir) / AUTO_DIR / AUTO_STEM
             pair = CertificatePair(store.suffixed(prefix, ".pem"), store.suffixed(prefix, ".key"))
             wanted = set(parse_names(names))
-            if not _reusable(pair, ca_cert, wanted):
-                cert, key = issue_leaf(ca_cert, ca_key, names)
-                store.write_leaf(prefix, cert, key, [ca_cert], force=True)
+            # Workers starting (or renewing) together: one issues, the others reuse, and
+            # nobody reads a key from one issuance beside a certificate from another.
+            with store._locked(Path(ca_dir) / AUTO_LOCK):
+                if not _reusable(pair, ca_cert, wanted):
+                    cert, key = issue_leaf(ca_cert, ca_key, names)
+                    store.write_leaf(prefix, cert, key, [ca_cert], force=True)
         except PKIError as exc:
             raise self.error("tls.ca_dir", f"automatic certificate in {ca_dir}: {exc}") from None
         self.files.append(Path(ca_dir) / store.CA_CERT_FILE)
