@@ -226,6 +226,11 @@ async def serve_demo(files: DemoFiles, port: int, stop: asyncio.Event | None = N
         echo.close()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(echo.wait_closed(), SHUTDOWN_GRACE)
+        # The proxy closed its pooled upstream connections; let the echo's handlers see the
+        # EOF and end on their own rather than be cancelled mid-close by the loop's teardown.
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:
+            await asyncio.wait(others, timeout=SHUTDOWN_GRACE)
 
 
 def run_demo(args: argparse.Namespace) -> int:

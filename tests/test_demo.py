@@ -88,10 +88,13 @@ class DemoProcess:
     def output(self) -> str:
         return "\n".join(self.lines)
 
-    def kill(self) -> None:
+    def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=STOP_TIMEOUT)
+        self._reader.join(timeout=STOP_TIMEOUT)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
 
 
 def printed_commands(lines: list[str]) -> list[tuple[int, list[str]]]:
@@ -148,7 +151,7 @@ def test_demo_printed_curl_lines_work_and_ctrl_c_stops_it(tmp_path: Path) -> Non
         demo.drain()
         assert "tlsproxy demo: stopped" in demo.output
     finally:
-        demo.kill()
+        demo.close()
 
 
 def test_demo_refuses_a_busy_port_with_a_message(tmp_path: Path) -> None:
