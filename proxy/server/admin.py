@@ -214,7 +214,8 @@ async def _serve_connection(routes: AdminRoutes, reader: asyncio.StreamReader, w
     except h11.RemoteProtocolError as exc:
         with contextlib.suppress(OSError, TimeoutError, h11.LocalProtocolError):
             async with asyncio.timeout(REQUEST_TIMEOUT):
-                await _send(conn, writer, AdminResponse.text(exc.error_status_hint, f"bad request: {exc}\n"), close=True)
+                error = AdminResponse.text(exc.error_status_hint, f"bad request: {exc}\n")
+                await _send(conn, writer, error, close=True)
     except (OSError, TimeoutError, h11.LocalProtocolError):
         return
 
