@@ -17,7 +17,7 @@ from test_metrics import parse_exposition, sample
 
 from proxy.config.model import ListenAddress
 from proxy.server.admin import MAX_BODY_BYTES, MAX_HEADER_BYTES, AdminRoutes, request_path, start_admin
-from proxy.server.metrics import CONTENT_TYPE, Registry
+from proxy.server.metrics import CONTENT_TYPE, ProxyMetrics, Registry
 
 TIMEOUT = 5.0
 
@@ -274,3 +274,29 @@ def test_connections_over_the_limit_are_closed_at_once(admin, monkeypatch):
         assert first.recv(65536).startswith(b"HTTP/1.1 200 ")  # now counted as open
         with admin.raw() as second:  # sends nothing: unread bytes would turn the close into a reset
             assert read_until_closed(second) == b""
+
+
+def test_pipelined_requests_are_answered_in_order(admin):
+    with admin.raw() as sock:
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        reply = read_until_closed(sock)
+    assert reply.count(b"HTTP/1.1 200 ") == 2 and reply.index(b"ok\n") < reply.index(b"ready\n")
+
+
+def test_proxy_metrics_can_be_served_directly(admin):
+    metrics = ProxyMetrics()
+    metrics.requests.labels("api", 502).inc()
+
+    async def serve():
+        return await start_admin(ListenAddress("127.0.0.1", 0), metrics=metrics, ready=lambda: True, ca_pem=lambda: None)
+
+    server = admin.call(serve())
+    try:
+        host, port = server.address
+        page = requests.get(f"http://{host}:{port}/metrics", timeout=TIMEOUT).content
+        assert sample(parse_exposition(page), "tlsproxy_requests_total", service="api", status="502") == 1
+    finally:
+        admin.call(server.__aexit__(None, None, None))  # close() on the server's own loop

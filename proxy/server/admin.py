@@ -25,12 +25,13 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import h11
 
 from proxy.config.model import ListenAddress
-from proxy.server.metrics import CONTENT_TYPE, Registry
+from proxy.server.metrics import CONTENT_TYPE
 
 __all__ = ["AdminResponse", "AdminRoutes", "AdminServer", "start_admin"]
 
@@ -43,6 +44,12 @@ REQUEST_TIMEOUT = 60.0  # from the end of one response until the next one is sen
 MAX_CONNECTIONS = 64
 ALLOWED_METHODS = (b"GET", b"HEAD")
 TEXT = b"text/plain; charset=utf-8"
+
+
+class MetricsPage(Protocol):
+    """What /metrics shows: a ``Registry`` or a ``ProxyMetrics``."""
+
+    def render(self) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +69,7 @@ class AdminRoutes:
     CA, draining) shows up at once; one that raises becomes a 500, not a dead listener."""
 
     def __init__(
-        self, *, metrics: Registry, ready: Callable[[], bool], ca_pem: Callable[[], bytes | None]
+        self, *, metrics: MetricsPage, ready: Callable[[], bool], ca_pem: Callable[[], bytes | None]
     ) -> None:
         self._metrics = metrics
         self._ready = ready
@@ -173,7 +180,7 @@ class AdminServer:
 async def start_admin(
     listen: ListenAddress,
     *,
-    metrics: Registry,
+    metrics: MetricsPage,
     ready: Callable[[], bool],
     ca_pem: Callable[[], bytes | None],
 ) -> AdminServer:
