@@ -48,6 +48,7 @@ SERVERS = ("nginx", "tlsproxy")
 TESTS = ("keepalive", "handshake", "large")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 20.0
+PROFILE_FORMATS = {".svg": "flamegraph", ".txt": "raw", ".json": "speedscope"}
 
 # A new TLS connection for every request: ask the server to close after each response, and
 # count responses that did not announce the close (then the figure would not be handshakes).
@@ -354,7 +355,8 @@ def run_wrk(spec: TestSpec, server: Server, duration: float, cpu: str | None, up
     profiler = None
     if profile_to is not None:
         profiler = subprocess.Popen(
-            [py_spy() or "py-spy", "record", "--subprocesses", "-o", str(profile_to), "--pid", str(server.pid),
+            [py_spy() or "py-spy", "record", "--subprocesses", "--format", PROFILE_FORMATS[profile_to.suffix],
+             "-o", str(profile_to), "--pid", str(server.pid),
              "--duration", str(max(1, round(duration)))],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
@@ -522,6 +524,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tlsproxy http_engine (default auto)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy record tlsproxy during the first keep-alive test -> bench/results/profile.svg")
+    parser.add_argument("--profile-format", choices=("svg", "txt", "json"), default="svg",
+                        help="profile.svg (flamegraph), profile.txt (collapsed stacks) or profile.json (speedscope)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.json")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (configs, logs)")
     args = parser.parse_args(argv)
@@ -617,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             run_wrk(specs["keepalive"], server, 1, args.client_cpu, upstream)
 
         raw: dict[str, dict[str, list[dict]]] = {name: {test: [] for test in args.tests} for name in servers}
-        profile_to = RESULTS_DIR / "profile.svg" if args.profile else None
+        profile_to = RESULTS_DIR / f"profile.{args.profile_format}" if args.profile else None
         for run in range(args.runs):
             order = list(servers) if run % 2 == 0 else list(reversed(servers))
             for test in args.tests:
