@@ -149,3 +149,8 @@ def test_watch_survives_a_failing_provider(make_cert, caplog):
     asyncio.run(scenario())
     assert "certificate expiry check failed" in caplog.text and "certs dir unreadable" in caplog.text
     assert "certificate certs/api.pem (CN=api) EXPIRED 1 day ago" in caplog.text
+
+
+def test_watch_interval_must_be_positive():
+    with pytest.raises(ValueError, match="positive"):
+        ExpiryWatch(list, logging.getLogger("tlsproxy"), interval=0)

@@ -299,3 +299,13 @@ def test_record_reload_counts_and_remembers_the_last_result():
 
 def test_content_type_is_the_prometheus_text_format():
     assert CONTENT_TYPE == "text/plain; version=0.0.4; charset=utf-8"
+
+
+def test_record_request_counts_and_times_one_request():
+    metrics = ProxyMetrics()
+    metrics.record_request("api", 504, 60.5)
+    families = parse_exposition(metrics.render())
+    assert sample(families, "tlsproxy_requests_total", service="api", status="504") == 1
+    assert sample(families, "tlsproxy_request_duration_seconds_bucket", service="api", le="60.0") == 0
+    assert sample(families, "tlsproxy_request_duration_seconds_bucket", service="api", le="+Inf") == 1
+    assert sample(families, "tlsproxy_request_duration_seconds_sum", service="api") == 60.5

@@ -119,6 +119,8 @@ class ExpiryWatch:
         metrics: ProxyMetrics | None = None,
         clock: Callable[[], dt.datetime] = _utc_now,
     ) -> None:
+        if interval <= 0:
+            raise ValueError("the expiry check interval must be positive")
         self._provider = certs_provider
         self._log = log
         self._interval = interval

@@ -24,6 +24,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Generic, TypeVar
 
 from proxy.tls.handshake import HANDSHAKE_FAILURE_KEYS
 
@@ -163,7 +164,10 @@ class _HistogramSeries:
 # --- families ---------------------------------------------------------------------------
 
 
-class _Family:
+_Series = TypeVar("_Series", "_CounterSeries", "_GaugeSeries", "_HistogramSeries")
+
+
+class _Family(Generic[_Series]):
     """A metric name with its HELP, TYPE, label names and one series per label values."""
 
     kind = ""
@@ -179,18 +183,18 @@ class _Family:
         self.name = name
         self.help = help
         self.labelnames = tuple(labelnames)
-        self._series: dict[tuple[str, ...], object] = {}  # text values -> series, render order
-        self._cache: dict[tuple, object] = {}  # values exactly as passed -> series
+        self._series: dict[tuple[str, ...], _Series] = {}  # text values -> series, render order
+        self._cache: dict[tuple, _Series] = {}  # values exactly as passed -> series
         self._default = None if self.labelnames else self.labels()
 
-    def labels(self, *values):
+    def labels(self, *values: object) -> _Series:
         """The series for these label values (in ``labelnames`` order), made on first use."""
         try:
             return self._cache[values]
         except KeyError:
             return self._add(values)
 
-    def _add(self, values: tuple):
+    def _add(self, values: tuple) -> _Series:
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name} takes {len(self.labelnames)} label values, got {len(values)}")
         texts = tuple(str(value) for value in values)
@@ -207,12 +211,12 @@ class _Family:
         if self._default is not None:
             self._default = self.labels()
 
-    def _unlabelled(self):
+    def _unlabelled(self) -> _Series:
         if self._default is None:
             raise ValueError(f"{self.name} has labels {self.labelnames}: use .labels(...)")
         return self._default
 
-    def _new_series(self, labels_text: str):
+    def _new_series(self, labels_text: str) -> _Series:
         raise NotImplementedError
 
     def render(self) -> Iterable[str]:
@@ -222,7 +226,7 @@ class _Family:
             yield from series.samples(self.name)
 
 
-class Counter(_Family):
+class Counter(_Family[_CounterSeries]):
     """A count that only goes up: ``c.inc()`` or ``c.labels("api", 200).inc()``."""
 
     kind = "counter"
@@ -238,7 +242,7 @@ class Counter(_Family):
         return self._unlabelled().value
 
 
-class Gauge(_Family):
+class Gauge(_Family[_GaugeSeries]):
     """A value that goes up and down, or is computed at render time (``set_function``)."""
 
     kind = "gauge"
@@ -263,7 +267,7 @@ class Gauge(_Family):
         return self._unlabelled().value
 
 
-class Histogram(_Family):
+class Histogram(_Family[_HistogramSeries]):
     """Observations counted into fixed buckets, plus their sum and count."""
 
     kind = "histogram"
@@ -290,13 +294,16 @@ class Histogram(_Family):
 # --- the registry -----------------------------------------------------------------------
 
 
+_F = TypeVar("_F", bound=_Family)
+
+
 class Registry:
     """The families one ``/metrics`` page shows, in the order they were made."""
 
     def __init__(self) -> None:
         self._families: dict[str, _Family] = {}
 
-    def register(self, family: _Family) -> _Family:
+    def register(self, family: _F) -> _F:
         if family.name in self._families:
             raise ValueError(f"metric {family.name} is already registered")
         self._families[family.name] = family
@@ -326,8 +333,9 @@ class ProxyMetrics:
 
     Where the core bumps them::
 
-        requests.labels(service, status).inc()          one per response sent (status: int)
-        request_duration.labels(service).observe(s)      seconds, request head to response end
+        record_request(service, status, seconds)         once per request, when it ends; or:
+          requests.labels(service, status).inc()         (status: int, 0 when none was sent)
+          request_duration.labels(service).observe(s)    seconds, request head to response end
         active_connections.set_function(lambda: n)       or .inc() on accept / .dec() on close
         handshake_failures.labels(key).inc()             key from describe_handshake_failure
         upstream_connect_errors.labels(service).inc()    refused / timed out connects
@@ -390,6 +398,11 @@ class ProxyMetrics:
         self.reloads.labels("ok" if ok else "error").inc()
         self.last_reload_success.set(1 if ok else 0)
         self.last_reload_timestamp.set(time.time() if now is None else now)
+
+    def record_request(self, service: str, status: int, seconds: float) -> None:
+        """One finished request (what the access log line says, as two metrics)."""
+        self.requests.labels(service, status).inc()
+        self.request_duration.labels(service).observe(seconds)
 
     def add_services(self, names: Iterable[str]) -> None:
         """Make the per-service series exist at 0 (connect errors) before any traffic."""
