@@ -8,6 +8,7 @@ would see rather than string fragments.
 from __future__ import annotations
 
 import math
+import random
 import re
 
 import pytest
@@ -118,6 +119,19 @@ def test_label_values_are_escaped_and_read_back_unchanged():
     page = _render(gauge)
     assert b'path="C:\\\\certs\\\\\\"odd\\"\\nname"' in page
     assert sample(parse_exposition(page), "g", path=tricky, subject='CN=a "quoted",O=b\\c') == 7
+
+
+def test_any_label_value_survives_the_round_trip():
+    rng = random.Random(4514)
+    alphabet = 'ab\\"\n{},= é\tn\\n'
+    values = {"".join(rng.choice(alphabet) for _ in range(rng.randrange(12))) for _ in range(300)}
+    gauge = Gauge("g", "g", ("v",))
+    for index, value in enumerate(sorted(values)):
+        gauge.labels(value).set(index)
+    families = parse_exposition(_render(gauge))
+    assert {labels["v"]: value for _, labels, value in families["g"]["samples"]} == {
+        value: index for index, value in enumerate(sorted(values))
+    }
 
 
 def test_help_text_escapes_backslash_and_newline_only():
