@@ -13,7 +13,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-# shellcheck source=../podman-here.sh
+# shellcheck source=deploy/podman-here.sh
 source "$repo/deploy/podman-here.sh"
 
 image=${IMAGE:-localhost/tlsproxy:local}
