@@ -99,6 +99,8 @@ class TestUpstream:
     def close(self) -> None:
         self._closed = True
         self._release.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         self._listener.close()
         with self._lock:
             for conn in self._conns:
@@ -187,6 +189,7 @@ class TestUpstream:
                                         if status not in (204, 304) else [])))
             send(http.send(h11.EndOfMessage()))
         elif path == "/download":
+            self._read_body(conn, http)
             size = int(query.get("size", "0"))
             framing = [("transfer-encoding", "chunked")] if query.get("chunked") else [("content-length", str(size))]
             send(http.send(h11.Response(status_code=200, headers=framing)))

@@ -41,6 +41,7 @@ class Channel(asyncio.Protocol):
         self._read_waiter: asyncio.Future | None = None
         self._drain_waiter: asyncio.Future | None = None
         self._writing_paused = False
+        self._closed_waiter: asyncio.Future | None = None
 
     # -- protocol callbacks ------------------------------------------------------------
 
@@ -59,13 +60,17 @@ class Channel(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake_reader()
-        return True  # keep our side open: a half-closed client still gets its response
+        # Plain TCP: keep our side open, a half-closed client still gets its response.
+        # (TLS transports close on EOF whatever this returns, and warn if it is True.)
+        return self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self.closed = True
         self._wake_reader()
         self._wake_drainer()
+        if self._closed_waiter is not None and not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -130,6 +135,25 @@ class Channel(asyncio.Protocol):
         """Close after the write buffer is flushed."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    async def close_and_wait(self, timeout: float) -> None:
+        """Close (TLS: send close_notify) and wait up to ``timeout`` for the transport
+        to be gone, then abort: a peer that never answers the TLS shutdown must not
+        keep the connection (or the proxy's shutdown) waiting."""
+        self.close()
+        if self.closed:
+            return
+        waiter = self._closed_waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except TimeoutError:
+            self.abort()
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        finally:
+            self._closed_waiter = None
 
     def abort(self) -> None:
         """Drop the connection now; pending reads see EOF and writes fail at once."""

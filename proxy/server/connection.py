@@ -24,6 +24,9 @@ from proxy.server.state import ServerState
 
 log = logging.getLogger("tlsproxy")
 
+# How long a closing connection waits for the client's side of the TLS shutdown.
+CLOSE_WAIT = 1.0
+
 
 async def serve_connection(down: Downstream, state: ServerState) -> None:
     """Serve requests on ``down`` until either side ends the connection."""
@@ -46,7 +49,7 @@ async def serve_connection(down: Downstream, state: ServerState) -> None:
                     return
                 first_wait = timeouts.idle
         finally:
-            down.channel.close()
+            await down.channel.close_and_wait(CLOSE_WAIT)
 
 
 async def handle_request(down: Downstream, head: RequestHead, state: ServerState) -> bool:

@@ -112,7 +112,7 @@ class Downstream:
         if close:
             all_headers.append((b"connection", b"close"))
         engine = self.engine
-        pieces = [engine.send_head(ResponseHead(status, all_headers, _reason(status)))]
+        pieces = [engine.send_head(ResponseHead(status, all_headers, reason_phrase(status)))]
         if body and self.method != b"HEAD":
             self.bytes_out += len(body)
             pieces.extend(engine.send_body(body))
@@ -120,8 +120,9 @@ class Downstream:
         self.channel.writelines(pieces)
 
 
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
+_PHRASES = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase (b"" for unknown codes)."""
+    return _PHRASES.get(status, b"")

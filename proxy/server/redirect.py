@@ -12,6 +12,7 @@ import socket
 from proxy.errors import BadRequest, HTTPError
 from proxy.http.engine import RequestHead
 from proxy.server.channel import Channel
+from proxy.server.connection import CLOSE_WAIT
 from proxy.server.downstream import ClientInfo, Downstream
 from proxy.server.state import ServerState
 
@@ -59,7 +60,7 @@ async def serve_redirect_socket(sock: socket.socket, peer: tuple, state: ServerS
         if down.engine.can_respond:
             down.send_error(exc.status, str(exc), close=True)
     finally:
-        channel.close()
+        await channel.close_and_wait(CLOSE_WAIT)
 
 
 def _redirect(down: Downstream, head: RequestHead, state: ServerState) -> bool:

@@ -27,7 +27,7 @@ from proxy.errors import BadGateway, GatewayTimeout, PayloadTooLarge
 from proxy.http.engine import Body, Headers, RequestHead, ResponseHead
 from proxy.http.headers import downstream_response_headers
 from proxy.server.channel import ConnectionLost
-from proxy.server.downstream import Downstream
+from proxy.server.downstream import Downstream, reason_phrase
 from proxy.server.upstream_pool import UpstreamConnection, UpstreamPool
 
 SWITCHING_PROTOCOLS = 101
@@ -164,7 +164,7 @@ class Relay:
             self.status = head.status
             if self.closing:
                 headers.append((b"connection", b"close"))
-        self.down.write_head(ResponseHead(head.status, headers, head.reason))
+        self.down.write_head(ResponseHead(head.status, headers, head.reason or reason_phrase(head.status)))
 
     async def _pump_body(self, conn: UpstreamConnection) -> None:
         """Client body -> upstream, one chunk at a time, waiting for the upstream to drain."""

@@ -55,5 +55,5 @@ class ServerState:
         """Stop keep-alive: idle connections close now, busy ones after their response."""
         self.closing = True
         for tracked in list(self.connections):
-            if tracked.idle:
-                tracked.down.channel.close()
+            if tracked.idle:  # no request in flight: nothing to finish
+                tracked.down.channel.abort()

@@ -1,0 +1,252 @@
+"""Forwarding through a real proxy (TLS on 127.0.0.1 port 0) to a real upstream, with
+real clients: requests, httpx, curl and node."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import ssl
+import subprocess
+
+import httpx
+import pytest
+import requests
+from upstream import WAIT, ProxyThread, TestUpstream, pattern, pattern_sha256, proxy_config, service
+
+from proxy.config.model import ListenAddress
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def upstream():
+    with TestUpstream() as up:
+        yield up
+
+
+@pytest.fixture
+def proxy(pki, upstream, tmp_path):
+    with ProxyThread(proxy_config(pki, service("app", upstream), tmp_path)) as px:
+        yield px
+
+
+@pytest.fixture
+def session(pki):
+    with requests.Session() as s:
+        s.trust_env = False  # REQUESTS_CA_BUNDLE in the environment would override verify
+        s.verify = str(pki.ca_pem)
+        yield s
+
+
+def upstream_headers(response) -> dict[str, str]:
+    return {name: value for name, value in response.json()["headers"]}
+
+
+def curl(*args: str, pki, check: bool = True) -> subprocess.CompletedProcess:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", str(WAIT), "--cacert", str(pki.ca_pem), *args],
+        capture_output=True, timeout=WAIT + 5, check=check,
+    )
+
+
+def test_get_is_forwarded_with_forwarding_headers(proxy, session, upstream):
+    response = session.get(
+        proxy.url("/echo?x=1"),
+        headers={"Connection": "keep-alive, X-Hop", "X-Hop": "secret", "Keep-Alive": "timeout=5",
+                 "TE": "trailers", "X-Forwarded-For": "10.0.0.1", "X-Keep": "yes"},
+        timeout=WAIT,
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body["target"] == "/echo?x=1"
+    seen = upstream_headers(response)
+    assert seen["host"] == f"localhost:{proxy.port}"
+    assert seen["x-forwarded-for"] == "10.0.0.1, 127.0.0.1"
+    assert seen["x-forwarded-proto"] == "https"
+    assert seen["x-forwarded-port"] == str(proxy.port)
+    assert seen["x-forwarded-host"] == f"localhost:{proxy.port}"
+    assert "for=" in seen["forwarded"] and "proto=https" in seen["forwarded"]
+    assert len(seen["x-request-id"]) >= 16
+    assert seen["x-keep"] == "yes"
+    for hop in ("x-hop", "keep-alive", "te", "connection"):
+        assert hop not in seen
+
+
+def test_client_request_id_is_kept_and_set_headers_apply(pki, upstream, tmp_path, session):
+    app = service("app", upstream, set_headers=(("X-Env", "dev"), ("User-Agent", "tlsproxy-test")))
+    with ProxyThread(proxy_config(pki, app, tmp_path)) as px:
+        response = session.get(px.url("/echo"), headers={"X-Request-Id": "abc-123"}, timeout=WAIT)
+    seen = upstream_headers(response)
+    assert seen["x-request-id"] == "abc-123"
+    assert seen["x-env"] == "dev" and seen["user-agent"] == "tlsproxy-test"
+
+
+def test_keep_alive_reuses_upstream_connections(proxy, session, upstream):
+    for _ in range(50):
+        assert session.get(proxy.url("/echo"), timeout=WAIT).status_code == 200
+    assert len(upstream.requests) == 50
+    assert upstream.accepts <= 2  # one pooled connection carries them all
+
+
+def test_separate_clients_share_pooled_upstream_connections(proxy, pki, upstream):
+    for _ in range(10):
+        with requests.Session() as s:  # a fresh client connection each time
+            assert s.get(proxy.url("/echo"), verify=str(pki.ca_pem), timeout=WAIT).status_code == 200
+    assert upstream.accepts == 1
+
+
+def test_64mib_download_arrives_byte_exact(proxy, session):
+    size = 64 * MiB
+    with session.get(proxy.url(f"/download?size={size}"), stream=True, timeout=WAIT) as response:
+        assert response.headers["content-length"] == str(size)
+        digest = hashlib.sha256()
+        received = 0
+        for piece in response.iter_content(MiB):
+            digest.update(piece)
+            received += len(piece)
+    assert received == size
+    assert digest.hexdigest() == pattern_sha256(size)
+
+
+def test_chunked_download_is_reframed_and_exact(proxy, pki, tmp_path):
+    size = 8 * MiB + 123
+    out = tmp_path / "download"
+    result = curl("-o", str(out), "-w", "%{http_code}", proxy.url(f"/download?size={size}&chunked=1"), pki=pki)
+    assert result.stdout == b"200"
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == pattern_sha256(size)
+
+
+def test_20mib_chunked_upload_arrives_byte_exact(proxy, session):
+    size = 20 * MiB
+    response = session.post(proxy.url("/echo"), data=pattern(size), timeout=WAIT)  # generator: chunked
+    body = response.json()
+    assert (body["body_bytes"], body["body_sha256"]) == (size, pattern_sha256(size))
+    assert "content-length" not in upstream_headers(response)
+
+
+def test_20mib_upload_with_content_length_via_curl(proxy, pki, tmp_path):
+    size = 20 * MiB
+    source = tmp_path / "upload"
+    with source.open("wb") as file:
+        for piece in pattern(size):
+            file.write(piece)
+    result = curl("--data-binary", f"@{source}", "-H", "Content-Type: application/octet-stream", "-v",
+                  proxy.url("/echo"), pki=pki)
+    body = json.loads(result.stdout)
+    assert (body["body_bytes"], body["body_sha256"]) == (size, pattern_sha256(size))
+    assert dict(body["headers"])["content-length"] == str(size)
+    # curl asks "Expect: 100-continue" for big bodies; the upstream's 100 is relayed.
+    assert b"< HTTP/1.1 100 Continue" in result.stderr
+
+
+def test_expect_continue_lets_the_upstream_refuse_before_the_body(proxy, pki, tmp_path):
+    source = tmp_path / "body"
+    source.write_bytes(b"x" * 4 * MiB)
+    result = curl("-H", "Expect: 100-continue", "--data-binary", f"@{source}", "-w", "\n%{http_code}",
+                  "-v", proxy.url("/early"), pki=pki)
+    assert result.stdout.endswith(b"\n413")
+    assert b"< HTTP/1.1 100" not in result.stderr
+
+
+def test_head_204_304_keep_the_connection_usable(proxy, session, upstream):
+    head = session.head(proxy.url("/download?size=1000"), timeout=WAIT)
+    assert head.status_code == 200 and head.headers["content-length"] == "1000" and head.content == b""
+    assert session.get(proxy.url("/status/204"), timeout=WAIT).status_code == 204
+    not_modified = session.get(proxy.url("/status/304"), timeout=WAIT)
+    assert not_modified.status_code == 304 and not_modified.content == b""
+    assert session.get(proxy.url("/echo"), timeout=WAIT).json()["method"] == "GET"
+    assert upstream.accepts == 1
+
+
+def test_routing_by_host_and_longest_prefix_with_strip_prefix(pki, tmp_path, session):
+    with TestUpstream() as api, TestUpstream() as api_v2, TestUpstream() as web:
+        services = [
+            service("web", web),
+            service("api", api, hosts=("api.localhost",), path_prefix="/api", strip_prefix=True),
+            service("api2", api_v2, hosts=("api.localhost",), path_prefix="/api/v2"),
+        ]
+        with ProxyThread(proxy_config(pki, services, tmp_path)) as px:
+            def get(path, host):
+                return session.get(px.url(path, "127.0.0.1"), headers={"Host": host}, timeout=WAIT)
+
+            assert get("/api/users?id=1", "api.localhost").json()["target"] == "/users?id=1"
+            assert get("/api/v2/users", "api.localhost").json()["target"] == "/api/v2/users"
+            assert get("/api/users", "www.localhost").json()["target"] == "/api/users"  # web: any host
+            assert get("/apix", "api.localhost").json()["target"] == "/apix"  # not a segment of /api
+        assert (api.accepts, api_v2.accepts, web.accepts) == (1, 1, 1)
+
+
+def test_round_robin_skips_an_upstream_that_refuses(pki, tmp_path, session):
+    refused = TestUpstream()
+    refused.close()  # its port now refuses connections
+    with TestUpstream() as first, TestUpstream() as second:
+        app = service("app", first, refused, second)
+        with ProxyThread(proxy_config(pki, app, tmp_path)) as px:
+            ports = [session.get(px.url("/echo"), timeout=WAIT).json()["server_port"] for _ in range(6)]
+    assert set(ports) == {first.port, second.port}
+    assert ports.count(first.port) >= 2 and ports.count(second.port) >= 2
+
+
+def test_ipv4_and_ipv6_listeners(pki, upstream, tmp_path, session):
+    listen = (ListenAddress("127.0.0.1", 0), ListenAddress("::1", 0))
+    try:
+        px = ProxyThread(proxy_config(pki, service("app", upstream), tmp_path, listen=listen))
+    except OSError as exc:  # pragma: no cover - a host without IPv6
+        pytest.skip(f"no IPv6 loopback: {exc}")
+    with px:
+        (_, port4), (_, port6) = px.running.addresses
+        assert session.get(f"https://127.0.0.1:{port4}/echo", timeout=WAIT).status_code == 200
+        assert session.get(f"https://[::1]:{port6}/echo", timeout=WAIT).status_code == 200
+
+
+def test_httpx_client(proxy, pki):
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(pki.ca_pem)), timeout=WAIT) as client:
+        assert client.get(proxy.url("/echo")).json()["method"] == "GET"
+        posted = client.post(proxy.url("/echo"), content=b"hello").json()
+        assert posted["body_bytes"] == 5
+
+
+def test_node_https_client(proxy, pki):
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    script = (
+        "const https = require('https');"
+        f"https.get('{proxy.url('/echo?from=node')}', (res) => {{"
+        "  let body = ''; res.on('data', (d) => body += d);"
+        "  res.on('end', () => { console.log(res.statusCode + ' ' + JSON.parse(body).target); });"
+        "}).on('error', (e) => { console.error(e.message); process.exit(1); });"
+    )
+    env = {**os.environ, "NODE_EXTRA_CA_CERTS": str(pki.ca_pem)}
+    result = subprocess.run(["node", "-e", script], capture_output=True, timeout=WAIT, env=env, check=True)
+    assert result.stdout.decode().strip() == "200 /echo?from=node"
+
+
+def test_node_refuses_the_proxy_without_the_ca(proxy):
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    script = (
+        f"require('https').get('{proxy.url('/echo')}', () => process.exit(0))"
+        ".on('error', (e) => { console.error(e.code); process.exit(3); });"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "NODE_EXTRA_CA_CERTS"}
+    result = subprocess.run(["node", "-e", script], capture_output=True, timeout=WAIT, env=env)
+    assert result.returncode == 3
+
+
+def test_access_log_has_one_record_per_request(pki, upstream, tmp_path, session):
+    with ProxyThread(proxy_config(pki, service("app", upstream), tmp_path)) as px:
+        session.post(px.url("/echo?q"), data=b"12345", timeout=WAIT)
+        session.get(px.url("/status/204"), timeout=WAIT)
+    records = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    assert [(r["method"], r["path"], r["status"]) for r in records] == [
+        ("POST", "/echo?q", 200), ("GET", "/status/204", 204)
+    ]
+    first = records[0]
+    assert first["bytes_in"] == 5 and first["bytes_out"] > 0
+    assert first["service"] == "app" and first["upstream"] == upstream.url
+    assert first["tls_version"] in ("TLSv1.2", "TLSv1.3") and first["client"].startswith("127.0.0.1:")
+    assert first["request_id"] and first["duration_ms"] >= 0
