@@ -1,6 +1,8 @@
 """One client connection after the TLS handshake: the keep-alive request loop.
 
-For each request: route it, apply the limits, rewrite the headers, hand it to the
+For each request: route it, check the client (SNI/Host agreement -> 421, the
+certificate against the listener's and the service's policy -> 403), apply the
+limits, rewrite the headers (identity headers from the handshake only), hand it to the
 ``Relay``, write one access-log record. Every failure arrives here as a
 ``proxy.errors.HTTPError`` and is answered in one place: with its status while no
 response byte has gone out, otherwise by closing the connection. A request whose
@@ -9,18 +11,19 @@ body was not read to its end ends the connection after the answer.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
-from proxy.errors import HTTPError, NotFound, PayloadTooLarge
+from proxy.config.model import Service
+from proxy.errors import Forbidden, HTTPError, MisdirectedRequest, NotFound, PayloadTooLarge
 from proxy.http.engine import RequestHead
 from proxy.http.headers import upstream_request_headers
-from proxy.http.routing import upstream_target
+from proxy.http.routing import normalize_host, upstream_target
 from proxy.server.channel import ConnectionLost
-from proxy.server.downstream import Downstream
+from proxy.server.downstream import ClientInfo, Downstream
 from proxy.server.relay import Relay
 from proxy.server.state import ServerState
+from proxy.tls.authz import authorize_request, misdirected
 
 log = logging.getLogger("tlsproxy")
 
@@ -69,11 +72,13 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
         service = state.router.route(host_text, path)
         if service is None:
             raise NotFound(f"no service for host {host_text or '(none)'!r} and path {path.partition('?')[0]!r}")
+        _check_client(info, service, host_text, path, state)
         limit = state.config.limits.max_body_bytes
         if limit and head.content_length is not None and head.content_length > limit:
             raise PayloadTooLarge(f"request body of {head.content_length} bytes is larger than {limit} bytes")
         headers, request_id = upstream_request_headers(
-            head.headers, client_ip=info.ip, server_port=info.server_port, service=service
+            head.headers, client_ip=info.ip, server_port=info.server_port, service=service,
+            identity_headers=info.identity_headers,
         )
         relay = Relay(
             down, head, service, state.pool, state.config.timeouts,
@@ -109,6 +114,24 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
             }
         )
     return keep_alive
+
+
+def _check_client(info: ClientInfo, service: Service, host: str | None, path: str, state: ServerState) -> None:
+    """421 when SNI and Host reach services with different client-certificate
+    policies; 403 when the verified certificate (or its absence) is not admitted."""
+    listener = state.config.client_auth
+    sni = info.sni
+    if sni is not None and host is not None and normalize_host(host) != normalize_host(sni):
+        sni_service = state.router.route(sni, path)
+        if misdirected(sni_service, service, listener):
+            raise MisdirectedRequest(
+                f"this connection was set up for {sni!r} (service {sni_service.name!r}); Host {host!r} "
+                f"reaches service {service.name!r}, which admits different client certificates: "
+                "connect with the server name in the URL"
+            )
+    decision = authorize_request(info.identity, listener, service.client_auth, service.name)
+    if not decision.allowed:
+        raise Forbidden(decision.reason)
 
 
 def _answer_error(down: Downstream, exc: HTTPError, *, close: bool) -> bool:

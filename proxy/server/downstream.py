@@ -12,6 +12,7 @@ from http import HTTPStatus
 
 from proxy.http.engine import Body, EndOfMessage, RequestHead, ResponseHead, ServerEngine
 from proxy.server.channel import Channel
+from proxy.tls.identity import ClientIdentity
 
 
 @dataclass(slots=True)
@@ -24,6 +25,8 @@ class ClientInfo:
     tls_version: str | None = None
     sni: str | None = None
     ssl_object: object | None = None
+    identity: ClientIdentity | None = None  # verified client certificate, once per connection
+    identity_headers: tuple[tuple[bytes, bytes], ...] = ()  # rendered in the forward mode
 
     @property
     def address(self) -> str:

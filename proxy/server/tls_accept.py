@@ -12,7 +12,9 @@ from proxy.server.connection import serve_connection
 from proxy.server.downstream import ClientInfo, Downstream
 from proxy.server.listeners import TLS_HANDSHAKE_RECORD, peek_first_byte, refuse_plain_http
 from proxy.server.state import ServerState
+from proxy.errors import PKIError
 from proxy.tls.handshake import describe_handshake_failure
+from proxy.tls.identity import client_identity, identity_headers
 
 log = logging.getLogger("tlsproxy")
 
@@ -57,9 +59,17 @@ async def serve_tls_socket(sock: socket.socket, peer: tuple, state: ServerState)
         ip=peer[0],
         port=peer[1],
         server_port=server_port,
-        tls_version=ssl_object.version() if ssl_object is not None else None,
-        sni=state.tls.server_name(ssl_object) if ssl_object is not None else None,
+        tls_version=ssl_object.version(),
+        sni=state.tls.server_name(ssl_object),
         ssl_object=ssl_object,
     )
+    try:
+        info.identity = client_identity(ssl_object, state.tls.client_cas)
+    except PKIError as exc:  # verified by OpenSSL yet unparseable: refuse the connection
+        log.warning("client certificate from %s cannot be used: %s", _address(peer), exc)
+        channel.abort()
+        return
+    if info.identity is not None:
+        info.identity_headers = tuple(identity_headers(info.identity, state.config.client_auth.forward))
     engine = state.engines.server(state.config.limits.max_header_bytes)
     await serve_connection(Downstream(channel, engine, info, write_timeout=timeouts.idle), state)
