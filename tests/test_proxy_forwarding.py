@@ -120,6 +120,22 @@ def test_chunked_download_is_reframed_and_exact(proxy, pki, tmp_path):
     assert hashlib.sha256(out.read_bytes()).hexdigest() == pattern_sha256(size)
 
 
+def test_close_delimited_response_is_reframed_for_keep_alive(proxy, session, upstream):
+    size = 3 * MiB + 7
+    response = session.get(proxy.url(f"/close-delimited?size={size}"), timeout=WAIT)
+    assert response.headers.get("transfer-encoding") == "chunked"
+    assert hashlib.sha256(response.content).hexdigest() == pattern_sha256(size)
+    assert session.get(proxy.url("/echo"), timeout=WAIT).status_code == 200  # client connection kept
+    assert upstream.accepts == 2  # the upstream's close is not reused, a new connection follows
+
+
+def test_http10_client_gets_a_close_delimited_response(proxy, pki):
+    result = curl("--http1.0", "-i", proxy.url("/close-delimited?size=5000"), pki=pki)
+    head, _, body = result.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"chunked" not in head.lower()
+    assert body == b"".join(pattern(5000))
+
+
 def test_20mib_chunked_upload_arrives_byte_exact(proxy, session):
     size = 20 * MiB
     response = session.post(proxy.url("/echo"), data=pattern(size), timeout=WAIT)  # generator: chunked

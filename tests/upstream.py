@@ -8,6 +8,7 @@ and that refused requests never reached it. Routes:
   /download?size=N     N pattern bytes streamed (``&chunked=1``: chunked framing)
   /status/NNN          that status, no body (HEAD-safe; 1xx not allowed)
   /hang                no answer until the test ends (for upstream_response timeouts)
+  /close-delimited?size=N  N pattern bytes without length or chunks, then close
   /die                 promises 1 MiB, sends 1 KiB, closes (upstream dies mid-response)
   /early               413 without reading the body, then close
   /close-reused        on a connection's 2nd request: close without answering
@@ -197,6 +198,12 @@ class TestUpstream:
                 for piece in pattern(size):
                     send(http.send(h11.Data(data=piece)))
             send(http.send(h11.EndOfMessage()))
+        elif path == "/close-delimited":  # HTTP/1.0 style: the body ends when the connection does
+            self._read_body(conn, http)
+            send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n")
+            for piece in pattern(int(query.get("size", "0"))):
+                send(piece)
+            return False
         elif path == "/hang":
             self._release.wait(WAIT)
             return False

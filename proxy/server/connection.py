@@ -82,7 +82,7 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
         )
         relay = Relay(
             down, head, service, state.pool, state.config.timeouts,
-            max_body_bytes=limit, closing=state.closing,
+            max_body_bytes=limit, closing=lambda: state.closing,
         )
         status = await relay.run(headers, upstream_target(service, head.target))
         keep_alive = down.engine.start_next_cycle()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from proxy.config.model import Service, Timeouts
 from proxy.errors import BadGateway, GatewayTimeout, PayloadTooLarge
@@ -49,7 +50,7 @@ class Relay:
         timeouts: Timeouts,
         *,
         max_body_bytes: int = 0,
-        closing: bool = False,
+        closing: Callable[[], bool] = lambda: False,
     ) -> None:
         self.down = down
         self.head = head
@@ -57,7 +58,7 @@ class Relay:
         self.pool = pool
         self.timeouts = timeouts
         self.max_body_bytes = max_body_bytes
-        self.closing = closing  # shutting down: tell the client this is the last response
+        self.closing = closing  # True once shutting down: tell the client this is the last response
         self.upstream_url: str | None = None
         self.status = 0
         self._body_events = 0  # request-body events consumed from the client
@@ -162,7 +163,7 @@ class Relay:
         headers = downstream_response_headers(head.headers)
         if head.status >= 200:
             self.status = head.status
-            if self.closing:
+            if self.closing():
                 headers.append((b"connection", b"close"))
         self.down.write_head(ResponseHead(head.status, headers, head.reason or reason_phrase(head.status)))
 

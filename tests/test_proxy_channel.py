@@ -1,0 +1,140 @@
+"""Channel flow control with a recording transport (no sockets): reading pauses at the
+limit and resumes at half of it; drain() blocks while the transport is above its
+high-water mark; close/abort wake every waiter."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy.server.channel import Channel, ConnectionLost
+
+
+class RecordingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.written: list[bytes] = []
+        self.closing = False
+        self.protocol: Channel | None = None
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        self.calls.append(f"limits {high}")
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume")
+
+    def write(self, data) -> None:
+        self.written.append(bytes(data))
+
+    def writelines(self, pieces) -> None:
+        for piece in pieces:
+            self.write(piece)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def close(self) -> None:
+        self.closing = True
+        asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+    def abort(self) -> None:
+        self.closing = True
+
+
+def make_channel(read_limit: int = 100) -> tuple[Channel, RecordingTransport]:
+    channel = Channel(read_limit=read_limit, write_limit=1000)
+    transport = RecordingTransport()
+    transport.protocol = channel
+    channel.connection_made(transport)
+    return channel, transport
+
+
+def test_reading_pauses_at_the_limit_and_resumes_at_half():
+    async def scenario():
+        channel, transport = make_channel(read_limit=100)
+        assert transport.calls == ["limits 1000"]
+        for _ in range(4):
+            channel.data_received(b"x" * 30)
+        assert transport.calls[-1] == "pause"  # 120 buffered >= 100
+        assert await channel.read() == b"x" * 30  # 90 left: still above half
+        assert transport.calls[-1] == "pause"
+        await channel.read()  # 60 left
+        await channel.read()  # 30 left: below half
+        assert transport.calls[-1] == "resume"
+        assert transport.calls.count("pause") == 1 and transport.calls.count("resume") == 1
+
+    asyncio.run(scenario())
+
+
+def test_read_waits_for_data_and_sees_eof():
+    async def scenario():
+        channel, _ = make_channel()
+        pending = asyncio.ensure_future(channel.read())
+        await asyncio.sleep(0)
+        assert not pending.done()
+        channel.data_received(b"hello")
+        assert await pending == b"hello"
+        channel.eof_received()
+        assert await channel.read() == b"" and channel.at_eof
+
+    asyncio.run(scenario())
+
+
+def test_drain_blocks_above_the_high_water_mark_until_resumed():
+    async def scenario():
+        channel, transport = make_channel()
+        channel.write(b"abc")
+        await channel.drain()  # not paused: returns at once
+        channel.pause_writing()
+        drained = asyncio.ensure_future(channel.drain())
+        await asyncio.sleep(0)
+        assert not drained.done()
+        channel.resume_writing()
+        await drained
+        assert transport.written == [b"abc"]
+
+    asyncio.run(scenario())
+
+
+def test_drain_times_out_for_a_peer_that_stopped_reading():
+    async def scenario():
+        channel, _ = make_channel()
+        channel.pause_writing()
+        with pytest.raises(TimeoutError):
+            await channel.drain(timeout=0.01)
+
+    asyncio.run(scenario())
+
+
+def test_abort_wakes_readers_and_writers_and_refuses_writes():
+    async def scenario():
+        channel, _ = make_channel()
+        channel.pause_writing()
+        reader = asyncio.ensure_future(channel.read())
+        writer = asyncio.ensure_future(channel.drain())
+        await asyncio.sleep(0)
+        channel.abort()
+        assert await reader == b""
+        with pytest.raises(ConnectionLost):
+            await writer
+        with pytest.raises(ConnectionLost):
+            channel.write(b"late")
+
+    asyncio.run(scenario())
+
+
+def test_close_and_wait_returns_when_the_transport_is_gone():
+    async def scenario():
+        channel, transport = make_channel()
+        await channel.close_and_wait(timeout=5)
+        assert transport.closing and channel.closed
+
+    asyncio.run(scenario())
