@@ -11,7 +11,7 @@ and that refused requests never reached it. Routes:
   /close-delimited?size=N  N pattern bytes without length or chunks, then close
   /die                 promises 1 MiB, sends 1 KiB, closes (upstream dies mid-response)
   /early               413 without reading the body, then close
-  /close-reused        on a connection's 2nd request: close without answering
+  /close-reused        on a connection's 2nd request: read it whole, close without answering
 
 ``pattern(n)`` / ``pattern_sha256(n)`` give the download bytes without keeping them.
 ``ProxyThread`` runs ``start_proxy`` on a uvloop loop in a background thread so the
@@ -137,6 +137,7 @@ class TestUpstream:
                 served += 1
                 path = request.target.decode()
                 if path.startswith("/close-reused") and served > 1:
+                    self._read_body(conn, http)  # the whole request arrived: only then close
                     return
                 self.requests.append(
                     {"method": request.method.decode(), "target": path,

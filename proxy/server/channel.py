@@ -90,16 +90,23 @@ class Channel(asyncio.Protocol):
     def has_data(self) -> bool:
         return bool(self._chunks)
 
-    async def read(self) -> bytes:
-        """The next received chunk; ``b""`` once the peer has closed."""
+    async def read(self, timeout: float = 0) -> bytes:
+        """The next received chunk; ``b""`` once the peer has closed.
+
+        ``timeout`` (0 = none) bounds the wait; TimeoutError when it passes. A timer
+        exists only while actually waiting, so reading buffered data costs nothing."""
         while not self._chunks:
             if self._eof:
                 return b""
-            self._read_waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self._read_waiter = loop.create_future()
+            timer = loop.call_later(timeout, _time_out, waiter) if timeout else None
             try:
-                await self._read_waiter
+                await waiter
             finally:
                 self._read_waiter = None
+                if timer is not None:
+                    timer.cancel()
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
         if self._reading_paused and self._buffered <= self._read_limit // 2 and not self.closed:
@@ -173,3 +180,8 @@ class Channel(asyncio.Protocol):
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _time_out(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())

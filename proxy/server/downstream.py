@@ -14,6 +14,8 @@ from proxy.http.engine import Body, EndOfMessage, RequestHead, ResponseHead, Ser
 from proxy.server.channel import Channel
 from proxy.tls.identity import ClientIdentity
 
+COALESCE_BYTES = 16 * 1024  # about one TLS record
+
 
 @dataclass(slots=True)
 class ClientInfo:
@@ -36,7 +38,9 @@ class ClientInfo:
 class Downstream:
     """The client connection as the relay sees it."""
 
-    __slots__ = ("channel", "engine", "info", "bytes_in", "bytes_out", "method", "write_timeout")
+    __slots__ = (
+        "channel", "engine", "info", "bytes_in", "bytes_out", "method", "write_timeout", "_pending", "_pending_bytes"
+    )
 
     def __init__(self, channel: Channel, engine: ServerEngine, info: ClientInfo, write_timeout: float = 0) -> None:
         self.channel = channel
@@ -46,6 +50,8 @@ class Downstream:
         self.bytes_in = 0  # request body bytes of the current request
         self.bytes_out = 0  # response body bytes of the current request
         self.method = b""  # of the current request (a HEAD response has no body)
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
 
     async def read_head(self, first_byte_timeout: float, header_timeout: float) -> RequestHead | None:
         """The next request head, or None when the client closed or went quiet.
@@ -55,52 +61,77 @@ class Downstream:
         Raises BadRequest / HeadersTooLarge from the engine."""
         engine = self.engine
         channel = self.channel
-        loop = asyncio.get_running_loop()
-        started = False
+        deadline = 0.0
         try:
-            async with asyncio.timeout(first_byte_timeout or None) as deadline:
-                while True:
-                    event = engine.next_event()
-                    if event is None:
-                        data = await channel.read()
-                        if data and not started:
-                            started = True
-                            if header_timeout:
-                                deadline.reschedule(loop.time() + header_timeout)
-                        engine.feed(data)
-                        continue
-                    if type(event) is RequestHead:
-                        self.bytes_in = self.bytes_out = 0
-                        self.method = event.method
-                        if not event.has_body:
-                            engine.next_event()  # its EndOfMessage: the request is complete
-                        return event
-                    return None  # Closed (or stray events after a close)
+            while True:
+                event = engine.next_event()
+                if event is None:
+                    if not deadline:
+                        data = await channel.read(first_byte_timeout)
+                        deadline = asyncio.get_running_loop().time() + (header_timeout or 1e9)
+                    else:
+                        remaining = deadline - asyncio.get_running_loop().time()
+                        if remaining <= 0:
+                            return None
+                        data = await channel.read(remaining)
+                    engine.feed(data)
+                    continue
+                if type(event) is RequestHead:
+                    self.bytes_in = self.bytes_out = 0
+                    self.method = event.method
+                    if not event.has_body:
+                        engine.next_event()  # its EndOfMessage: the request is complete
+                    return event
+                return None  # Closed (or stray events after a close)
         except TimeoutError:
             return None
 
     async def next_body_event(self, timeout: float) -> Body | EndOfMessage:
         """The next piece of the request body (raises BadRequest if the client
-        closes before the body is complete)."""
+        closes before the body is complete, TimeoutError if it stalls)."""
         engine = self.engine
         while True:
             event = engine.next_event()
             if event is not None:
                 return event  # type: ignore[return-value]
-            async with asyncio.timeout(timeout or None):
-                data = await self.channel.read()
-            engine.feed(data)
+            engine.feed(await self.channel.read(timeout))
+
+    # Response writes are collected and sent together at flush points (end of the
+    # response, before waiting for the upstream, or past COALESCE_BYTES), so a small
+    # response is one TLS record and one send() instead of three.
 
     def write_head(self, head: ResponseHead) -> None:
-        self.channel.write(self.engine.send_head(head))
+        self._pending.append(self.engine.send_head(head))
+        self._pending_bytes += 1024
+        if head.status < 200:
+            self.flush()  # 100 Continue: the client is waiting for it
 
     async def write_body(self, data: bytes) -> None:
         self.bytes_out += len(data)
-        self.channel.writelines(self.engine.send_body(data))
+        pieces = self.engine.send_body(data)
+        if self._pending_bytes + len(data) <= COALESCE_BYTES:
+            self._pending.extend(pieces)
+            self._pending_bytes += len(data)
+            return
+        self._pending.extend(pieces)
+        self.flush()
         await self.channel.drain(self.write_timeout)
 
     def write_end(self) -> None:
-        self.channel.write(self.engine.send_end())
+        self._pending.append(self.engine.send_end())
+        self.flush()
+
+    def flush(self) -> None:
+        """Send everything collected so far."""
+        pending = self._pending
+        if not pending:
+            return
+        if self._pending_bytes <= COALESCE_BYTES:
+            self.channel.write(b"".join(pending))
+        else:
+            self.channel.writelines(pending)
+        pending.clear()
+        self._pending_bytes = 0
 
     def send_error(self, status: int, message: str, *, close: bool = False) -> None:
         """A complete plain-text response; ``close`` also ends the connection after it."""
@@ -120,7 +151,7 @@ class Downstream:
             self.bytes_out += len(body)
             pieces.extend(engine.send_body(body))
         pieces.append(engine.send_end())
-        self.channel.writelines(pieces)
+        self.channel.write(b"".join(pieces))
 
 
 _PHRASES = {status.value: status.phrase.encode() for status in HTTPStatus}

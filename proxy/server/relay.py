@@ -119,7 +119,7 @@ class Relay:
         engine = conn.engine
         channel = conn.channel
         down = self.down
-        read_timeout = self.timeouts.upstream_response or None
+        read_timeout = self.timeouts.upstream_response
         while True:
             try:
                 event = engine.next_event()
@@ -127,9 +127,9 @@ class Relay:
                 self._raise_pump_failure()
                 raise
             if event is None:
+                down.flush()  # whatever is ready goes out before we wait
                 try:
-                    async with asyncio.timeout(read_timeout):
-                        data = await channel.read()
+                    data = await channel.read(read_timeout)
                 except TimeoutError:
                     raise GatewayTimeout(
                         f"service {self.service.name!r}: upstream {conn.upstream.url} did not respond "
