@@ -15,7 +15,7 @@ import pytest
 import requests
 from upstream import WAIT, ProxyThread, TestUpstream, pattern, pattern_sha256, proxy_config, service
 
-from proxy.config.model import ListenAddress
+from proxy.config.model import ListenAddress, Timeouts
 
 MiB = 1 << 20
 
@@ -97,6 +97,20 @@ def test_separate_clients_share_pooled_upstream_connections(proxy, pki, upstream
         with requests.Session() as s:  # a fresh client connection each time
             assert s.get(proxy.url("/echo"), verify=str(pki.ca_pem), timeout=WAIT).status_code == 200
     assert upstream.accepts == 1
+
+
+def test_idle_upstream_connections_expire(pki, upstream, tmp_path, session):
+    config = proxy_config(pki, service("app", upstream), tmp_path, timeouts=Timeouts(idle=0.2))
+    with ProxyThread(config) as px:
+        assert session.get(px.url("/echo"), timeout=WAIT).status_code == 200
+        assert upstream.wait_closed_by_peer(1)  # the pool's sweeper closed it
+        assert px.call(_idle_count(px)) == 0
+        assert session.get(px.url("/echo"), timeout=WAIT).status_code == 200
+    assert upstream.accepts == 2
+
+
+async def _idle_count(px):
+    return px.running.state.pool.idle_count()
 
 
 def test_64mib_download_arrives_byte_exact(proxy, session):

@@ -73,8 +73,10 @@ class TestUpstream:
         self.host = host
         self.port = self._listener.getsockname()[1]
         self.accepts = 0
+        self.closed_by_peer = 0  # connections the proxy closed (EOF between requests)
         self.requests: list[dict] = []
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._release = threading.Event()
         self._conns: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
@@ -111,6 +113,11 @@ class TestUpstream:
         for thread in self._threads:
             thread.join(WAIT)
 
+    def wait_closed_by_peer(self, count: int, timeout: float = WAIT) -> bool:
+        """Wait until the proxy has closed ``count`` connections to us."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.closed_by_peer >= count, timeout)
+
     def _accept_loop(self) -> None:
         while not self._closed:
             try:
@@ -133,6 +140,10 @@ class TestUpstream:
             while True:
                 request = self._next(conn, http)
                 if not isinstance(request, h11.Request):
+                    if isinstance(request, h11.ConnectionClosed):
+                        with self._changed:
+                            self.closed_by_peer += 1
+                            self._changed.notify_all()
                     return
                 served += 1
                 path = request.target.decode()

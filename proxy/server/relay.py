@@ -91,8 +91,9 @@ class Relay:
             conn.abort()
             await self._stop_pump()
             raise
-        if self._pump is not None and not self._pump.done():
-            await self._stop_pump()  # answered before the body was read: not reusable
+        # A pump still running means the upstream answered before the body was read:
+        # the engine then refuses reuse below. A finished one is just collected.
+        await self._stop_pump()
         if conn.engine.start_next_cycle():
             self.pool.release(conn)
         else:
