@@ -256,9 +256,32 @@ def test_failed_handshake_is_logged_with_client_and_reason(pki, upstream, tmp_pa
     with ProxyThread(config) as px:
         refused = curl(px.url("/echo"), pki=pki)
         assert refused.returncode != 0
+        assert b"alert certificate required" in refused.stderr  # the TLS alert reached the client
         assert waiter.seen.wait(WAIT), waiter.messages
         assert any("TLS handshake with 127.0.0.1:" in m for m in waiter.messages)
         cert, key = pki.leaf("alice", client=True, cn="alice")
         admitted = curl("--cert", str(cert), "--key", str(key), px.url("/echo"), pki=pki)
         assert admitted.returncode == 0 and b'"target": "/echo"' in admitted.stdout
     assert upstream.accepts == 1
+
+
+def test_expired_client_certificate_gets_an_alert_and_a_log_line(pki, upstream, tmp_path, proxy_log):
+    client_auth = ClientAuthSettings(mode="require", ca=pki.ca_pem)
+    waiter = proxy_log("failed: client certificate has expired")
+    expired_cert, expired_key = pki.leaf("old", client=True, cn="old", expired=True)
+    config = proxy_config(pki, service("app", upstream), tmp_path, client_auth=client_auth)
+    with ProxyThread(config) as px:
+        refused = curl("--cert", str(expired_cert), "--key", str(expired_key), px.url("/echo"), pki=pki)
+        assert refused.returncode != 0 and b"alert certificate expired" in refused.stderr
+        assert waiter.seen.wait(WAIT), waiter.messages
+    assert upstream.accepts == 0
+
+
+def test_stalled_handshake_is_closed_and_logged(pki, upstream, tmp_path, proxy_log):
+    waiter = proxy_log("did not finish the handshake in time")
+    config = proxy_config(pki, service("app", upstream), tmp_path, timeouts=Timeouts(handshake=0.3))
+    with ProxyThread(config) as px:
+        with socket.create_connection(("127.0.0.1", px.port), timeout=WAIT) as sock:
+            sock.sendall(b"\x16\x03\x01")  # the start of a ClientHello, and nothing more
+            assert read_until_closed(sock) == b""
+        assert waiter.seen.wait(WAIT), waiter.messages

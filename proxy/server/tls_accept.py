@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 
-from proxy.server.channel import Channel
+from proxy.server.tls_channel import TLSChannel
 from proxy.server.connection import serve_connection
 from proxy.server.downstream import ClientInfo, Downstream
 from proxy.server.listeners import TLS_HANDSHAKE_RECORD, peek_first_byte, refuse_plain_http
@@ -40,21 +39,21 @@ async def serve_tls_socket(sock: socket.socket, peer: tuple, state: ServerState)
         await refuse_plain_http(sock)
         return
 
-    channel = Channel()
-    loop = asyncio.get_running_loop()
+    channel = TLSChannel(state.tls.context)
     try:
-        await loop.connect_accepted_socket(
-            lambda: channel, sock, ssl=state.tls.context, ssl_handshake_timeout=timeouts.handshake or None
-        )
-    except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: channel, sock)
+    except OSError:
+        sock.close()
+        return
+    try:
+        await channel.handshake(timeouts.handshake)
+    except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError; the alert went out
         key, words = describe_handshake_failure(exc)
         state.handshake_failures.increment(key)
         log.warning("TLS handshake with %s failed: %s", _address(peer), words)
-        with contextlib.suppress(OSError):
-            sock.close()
         return
 
-    ssl_object = channel.transport.get_extra_info("ssl_object")
+    ssl_object = channel.ssl_object
     info = ClientInfo(
         ip=peer[0],
         port=peer[1],
