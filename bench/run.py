@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -427,6 +428,24 @@ def check_connection_close(server: Server) -> bool:
     return closed and data.startswith(b"HTTP/1.1 200")
 
 
+def check_large_body(server: Server, digest: bytes) -> bool:
+    """The 1 MiB path arrives whole through the server (wrk does not check bodies)."""
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /1m HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            data = b""
+            with contextlib.suppress(OSError):
+                while chunk := tls.recv(1 << 16):
+                    data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.startswith(b"HTTP/1.1 200") and hashlib.sha256(body).digest() == digest
+
+
 # --- the session -----------------------------------------------------------------------
 
 
@@ -592,7 +611,9 @@ def main(argv: list[str] | None = None) -> int:
         docroot = workdir / "www"
         docroot.mkdir()
         (docroot / "small").write_bytes(SMALL_BODY)
-        (docroot / "1m").write_bytes(os.urandom(LARGE_SIZE))
+        large = os.urandom(LARGE_SIZE)
+        (docroot / "1m").write_bytes(large)
+        large_digest = hashlib.sha256(large).digest()
         upstream_port = free_port()
         upstream = start_nginx("upstream nginx", workdir / "upstream",
                                upstream_nginx_conf(workdir / "upstream", upstream_port, docroot),
@@ -619,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             record["checks"][name] = {
                 "no_session_resumption": check_no_resumption(server, workdir),
                 "closes_on_connection_close": check_connection_close(server),
+                "large_body_intact": check_large_body(server, large_digest),
             }
             print(f"{name}: pid {server.pid}, {server.url}, checks {record['checks'][name]}")
 
