@@ -676,6 +676,10 @@ def main(argv: list[str] | None = None) -> int:
         record["raw"] = raw
         record["summary"] = summarize(raw)
         print_table(record["summary"], args.runs, args.duration)
+        for name, checks in record["checks"].items():
+            for check, value in checks.items():
+                if not (value.get("ok") if isinstance(value, dict) else value):
+                    print(f"warning: {name}: check {check} failed: {value}")
         for name, message in record["failures"].items():
             print(f"not measured: {message.splitlines()[0]}")
     except BenchError as exc:
