@@ -4,15 +4,12 @@ The proxy owns its listening sockets (rather than ``loop.create_server``) becaus
 must look at a connection before any transport takes it over: the first byte is
 peeked (``MSG_PEEK``, so nothing is consumed) and
 
-* ``0x16`` (a TLS handshake record) -> ``loop.connect_accepted_socket`` with the
-  server SSLContext; a failed handshake raises right there, so it is logged with the
-  client's address and the reason in words (``proxy.tls.handshake``);
+* ``0x16`` (a TLS handshake record) -> the socket goes to a ``TLSChannel`` (see there
+  why the proxy runs the TLS state machine itself: so a failed handshake still sends
+  its alert); a failure is logged with the client's address and the reason in words
+  (``proxy.tls.handshake``);
 * anything else is plain HTTP on the TLS port -> a plain ``400`` telling the user to
   use https://, then close.
-
-Measured (uvloop 0.23 and asyncio, OpenSSL 3): when a handshake fails on the server
-side (e.g. no client certificate in ``require`` mode) the transport is aborted, so the
-TLS alert OpenSSL produced is not flushed: the client sees a reset, not an alert.
 
 ``max_connections`` is a semaphore taken before ``accept()``: above the limit the
 proxy stops accepting and new clients wait in the kernel's backlog.
