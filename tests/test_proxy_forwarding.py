@@ -15,7 +15,7 @@ import pytest
 import requests
 from upstream import WAIT, ProxyThread, TestUpstream, pattern, pattern_sha256, proxy_config, service
 
-from proxy.config.model import ListenAddress, Timeouts
+from proxy.config.model import AdminSettings, ListenAddress, Timeouts
 
 MiB = 1 << 20
 
@@ -280,3 +280,21 @@ def test_access_log_has_one_record_per_request(pki, upstream, tmp_path, session)
     assert first["service"] == "app" and first["upstream"] == upstream.url
     assert first["tls_version"] in ("TLSv1.2", "TLSv1.3") and first["client"].startswith("127.0.0.1:")
     assert first["request_id"] and first["duration_ms"] >= 0
+
+
+def test_admin_listener_reports_the_proxy(pki, upstream, tmp_path, session):
+    gone = TestUpstream()
+    gone.close()
+    services = [service("app", upstream), service("broken", gone, path_prefix="/broken")]
+    admin = AdminSettings(listen=ListenAddress("127.0.0.1", 0))
+    with ProxyThread(proxy_config(pki, services, tmp_path, admin=admin)) as px:
+        host, port = px.running.admin_address[:2]
+        assert session.get(px.url("/echo"), timeout=WAIT).status_code == 200
+        assert session.get(px.url("/broken/x"), timeout=WAIT).status_code == 502
+        assert requests.get(f"http://127.0.0.1:{px.port}/", timeout=WAIT).status_code == 400  # plain HTTP
+        assert requests.get(f"http://{host}:{port}/readyz", timeout=WAIT).text.strip() == "ready"
+        metrics = requests.get(f"http://{host}:{port}/metrics", timeout=WAIT).text
+    assert 'tlsproxy_requests_total{service="app",status="200"} 1' in metrics
+    assert 'tlsproxy_requests_total{service="broken",status="502"} 1' in metrics
+    assert 'tlsproxy_upstream_connect_errors_total{service="broken"} 1' in metrics
+    assert 'tlsproxy_handshake_failures_total{reason="plain_http"} 1' in metrics

@@ -96,6 +96,7 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
         log.exception("internal error while relaying a request from %s", info.address)
         down.channel.abort()
     finally:
+        state.metrics.record_request(service.name if service is not None else "", status, time.monotonic() - started)
         state.access_log.write(
             {
                 "time": stamp,

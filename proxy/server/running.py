@@ -2,8 +2,10 @@
 ``run_proxy`` (blocking, for ``tlsproxy serve``).
 
 Start-up order: everything that can fail on bad config or certificates (TLS contexts,
-access log, binding) happens before the first connection is accepted, so a bad start
-leaves nothing running. Shutdown order (as uvicorn does it): stop accepting, close idle
+access log, binding, the admin listener) happens before the first connection is
+accepted, so a bad start leaves nothing running. Alongside the proxy: the admin
+listener (``admin.listen``: /healthz, /readyz, /metrics, /ca.pem) and the daily
+certificate-expiry warning. Shutdown order (as uvicorn does it): stop accepting, close idle
 keep-alive connections, let requests in flight finish for up to ``shutdown_grace``,
 cancel the rest, then close pooled upstream connections and the log.
 """
@@ -21,7 +23,10 @@ from proxy.config.model import ProxyConfig
 from proxy.http.engine import engine_factory
 from proxy.http.routing import Router
 from proxy.server.access_log import AccessLog
+from proxy.server.admin import AdminServer, start_admin
+from proxy.server.expiry import ExpiryWatch, certificates_in_files
 from proxy.server.listeners import accept_loop, bind
+from proxy.server.metrics import ProxyMetrics
 from proxy.server.redirect import serve_redirect_socket
 from proxy.server.state import ServerState
 from proxy.server.tls_accept import serve_tls_socket
@@ -44,6 +49,26 @@ class RunningProxy:
         self.connection_tasks: set[asyncio.Task] = set()
         self._accept_tasks: list[asyncio.Task] = []
         self._closed = False
+        self.admin: AdminServer | None = None
+        self._expiry: ExpiryWatch | None = None
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        return self.admin.address if self.admin is not None else None
+
+    async def _start_companions(self) -> None:
+        """The admin listener and the expiry watch (after the proxy's own sockets bound)."""
+        state = self.state
+        if state.config.admin.listen is not None:
+            self.admin = await start_admin(
+                state.config.admin.listen,
+                metrics=state.metrics,
+                ready=lambda: not state.closing,
+                ca_pem=lambda: _local_ca_pem(state.config),
+            )
+        paths = [loaded.path for loaded in state.tls.certificates]
+        self._expiry = ExpiryWatch(lambda: certificates_in_files(paths, log), log, metrics=state.metrics)
+        self._expiry.start()
 
     def _start_accepting(self) -> None:
         limit = self.state.config.limits.max_connections
@@ -69,6 +94,9 @@ class RunningProxy:
         if self.redirect_address is not None:
             host, port = self.redirect_address
             lines.append(f"tlsproxy: redirecting http://{_url_host(host)}:{port} to https://")
+        if self.admin_address is not None:
+            host, port = self.admin_address[:2]
+            lines.append(f"tlsproxy: admin on http://{_url_host(host)}:{port} (/healthz /readyz /metrics /ca.pem)")
         return lines
 
     async def close(self, grace: float | None = None) -> None:
@@ -84,7 +112,9 @@ class RunningProxy:
                 await task
         for sock in self._sockets:
             sock.close()
-        self.state.begin_shutdown()
+        if self._expiry is not None:
+            self._expiry.stop()
+        self.state.begin_shutdown()  # /readyz now says draining
         grace = self.state.config.timeouts.shutdown_grace if grace is None else grace
         pending = set(self.connection_tasks)
         if pending:
@@ -95,10 +125,23 @@ class RunningProxy:
             await asyncio.wait(pending)
         self.state.pool.close()
         self.state.access_log.close()
+        if self.admin is not None:
+            self.admin.close()
+            await self.admin.wait_closed()
 
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _local_ca_pem(config: ProxyConfig) -> bytes | None:
+    """The local CA for /ca.pem: only when certificates are issued from it."""
+    if config.tls.certificates and not config.tls.auto:
+        return None
+    try:
+        return (config.tls.ca_dir / "ca.pem").read_bytes()
+    except OSError:
+        return None
 
 
 async def start_proxy(config: ProxyConfig) -> RunningProxy:
@@ -108,11 +151,14 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
     tls = ServerTLS.from_config(config)
     engines = engine_factory(config.http_engine)
     timeouts = config.timeouts
+    metrics = ProxyMetrics()
+    metrics.add_services(service.name for service in config.services)
     pool = UpstreamPool(
         engines,
         connect_timeout=timeouts.upstream_connect,
         idle_timeout=timeouts.idle,
         max_header_bytes=max(65536, config.limits.max_header_bytes),
+        on_connect_error=lambda name: metrics.upstream_connect_errors.labels(name).inc(),
     )
     access_log = AccessLog.open(config.access_log)
     sockets: list[socket.socket] = []
@@ -133,8 +179,17 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
         access_log=access_log,
         engines=engines,
         https_port=sockets[0].getsockname()[1] if sockets else 443,
+        metrics=metrics,
     )
+    metrics.active_connections.set_function(lambda: len(state.connections))
     running = RunningProxy(state, sockets, redirect)
+    try:
+        await running._start_companions()
+    except OSError:
+        for sock in running._sockets:
+            sock.close()
+        access_log.close()
+        raise
     running._start_accepting()
     return running
 

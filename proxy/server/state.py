@@ -1,7 +1,7 @@
 """ServerState: what every connection of one running proxy shares.
 
 Built once per start (the config slices, the router, the TLS contexts, the upstream
-pool, the access log), plus the live connections, so shutdown can close the idle ones
+pool, the access log, the metrics), plus the live connections, so shutdown can close the idle ones
 at once and let busy ones finish their current response.
 """
 
@@ -18,7 +18,7 @@ from proxy.server.access_log import AccessLog
 from proxy.server.downstream import Downstream
 from proxy.server.upstream_pool import UpstreamPool
 from proxy.tls.context import ServerTLS
-from proxy.tls.handshake import HandshakeCounters
+from proxy.server.metrics import ProxyMetrics
 
 
 @dataclass(slots=True, eq=False)
@@ -39,7 +39,7 @@ class ServerState:
     engines: EngineFactory
     https_port: int = 443  # the first TLS listener's port, for redirect_http
     closing: bool = False
-    handshake_failures: HandshakeCounters = field(default_factory=HandshakeCounters)
+    metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
     connections: set[TrackedConnection] = field(default_factory=set)
 
     @contextlib.contextmanager
@@ -54,6 +54,7 @@ class ServerState:
     def begin_shutdown(self) -> None:
         """Stop keep-alive: idle connections close now, busy ones after their response."""
         self.closing = True
+        self.metrics.draining.set(1)
         for tracked in list(self.connections):
             if tracked.idle:  # no request in flight: nothing to finish
                 tracked.down.channel.abort()

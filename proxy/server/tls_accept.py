@@ -34,7 +34,7 @@ async def serve_tls_socket(sock: socket.socket, peer: tuple, state: ServerState)
         sock.close()
         return
     if first[0] != TLS_HANDSHAKE_RECORD:
-        state.handshake_failures.increment("plain_http")
+        state.metrics.handshake_failures.labels("plain_http").inc()
         log.info("plain HTTP from %s on the TLS port: answered 400", _address(peer))
         await refuse_plain_http(sock)
         return
@@ -49,7 +49,7 @@ async def serve_tls_socket(sock: socket.socket, peer: tuple, state: ServerState)
         await channel.handshake(timeouts.handshake)
     except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError; the alert went out
         key, words = describe_handshake_failure(exc)
-        state.handshake_failures.increment(key)
+        state.metrics.handshake_failures.labels(key).inc()
         log.warning("TLS handshake with %s failed: %s", _address(peer), words)
         return
 

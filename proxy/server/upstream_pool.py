@@ -20,6 +20,7 @@ import asyncio
 import itertools
 import socket
 from collections import deque
+from collections.abc import Callable
 
 from proxy.config.model import Service, Upstream
 from proxy.errors import BadGateway
@@ -65,12 +66,14 @@ class UpstreamPool:
         idle_timeout: float,
         max_idle: int = MAX_IDLE_PER_UPSTREAM,
         max_header_bytes: int = 65536,
+        on_connect_error: Callable[[str], None] | None = None,
     ) -> None:
         self._engines = engines
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
         self._max_idle = max_idle
         self._max_header_bytes = max_header_bytes
+        self._on_connect_error = on_connect_error  # (service name) for the metrics
         self._idle: dict[Upstream, deque[UpstreamConnection]] = {}
         self._turns: dict[str, itertools.count] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -101,6 +104,8 @@ class UpstreamPool:
                 failures.append(f"{upstream.url} did not accept the connection within {self._connect_timeout:g}s")
             except OSError as exc:
                 failures.append(f"{upstream.url} refused the connection ({exc.strerror or exc})")
+            if self._on_connect_error is not None:
+                self._on_connect_error(service.name)
         raise BadGateway(f"service {service.name!r}: " + "; ".join(failures))
 
     def release(self, conn: UpstreamConnection) -> None:
