@@ -47,7 +47,7 @@ fi
 podman volume create "$project-pki" >/dev/null
 
 step "certs (one-shot): CA + client certificate into the pki volume"
-podman run --name "$project-certs" --network host \
+podman run --name "$project-certs" --network host --no-healthcheck \
   -v "$here/make-certs.sh:/deploy/make-certs.sh:ro" -v "$project-pki:/certs" \
   --entrypoint /bin/sh "$image" /deploy/make-certs.sh
 
