@@ -17,6 +17,7 @@ is bounded by a deadline; nothing sleeps in place of an event.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -45,6 +46,12 @@ START_DEADLINE = 30.0
 HEALTH_DEADLINE = 15.0
 STOP_LIMIT = 5.0  # `podman stop -t 10` must be done well before its SIGKILL fallback
 ADDED_SIZE_LIMIT = 100_000_000  # bytes the image may add to its base (today ~36 MB)
+
+# The suite's per-test timeout (pytest-timeout) counts fixture setup, and the first test here
+# carries podman's setup and the image build: bound this module by those instead. Every
+# podman call has its own timeout besides.
+if importlib.util.find_spec("pytest_timeout") is not None:
+    pytestmark = pytest.mark.timeout(SETUP_TIMEOUT + BUILD_TIMEOUT + 120)
 
 
 # --- podman ------------------------------------------------------------------------------
