@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 
@@ -298,3 +299,40 @@ def test_admin_listener_reports_the_proxy(pki, upstream, tmp_path, session):
     assert 'tlsproxy_requests_total{service="broken",status="502"} 1' in metrics
     assert 'tlsproxy_upstream_connect_errors_total{service="broken"} 1' in metrics
     assert 'tlsproxy_handshake_failures_total{reason="plain_http"} 1' in metrics
+
+
+UPGRADE_REQUEST = (
+    b"GET /upgrade HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: test-echo\r\n\r\n"
+)
+
+
+def test_upgrade_is_tunnelled_both_ways(proxy, pki, upstream):
+    context = ssl.create_default_context(cafile=str(pki.ca_pem))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=WAIT) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(UPGRADE_REQUEST + b"first")  # bytes of the new protocol right behind the request
+            answer = b""
+            while b"echo:first" not in answer:
+                chunk = tls.recv(65536)
+                assert chunk, answer
+                answer += chunk
+            head = answer.split(b"\r\n\r\n")[0].lower()
+            assert head.startswith(b"http/1.1 101 ")
+            assert b"upgrade: test-echo" in head and b"connection: upgrade" in head
+            tls.sendall(b"second")
+            assert tls.recv(65536) == b"echo:second"
+    seen = dict(upstream.requests[0]["headers"])
+    assert seen["upgrade"] == "test-echo" and seen["connection"].lower() == "upgrade"
+
+
+def test_refused_upgrade_is_an_ordinary_response(proxy, session, upstream):
+    response = session.get(proxy.url("/upgrade?refuse=1"),
+                           headers={"Connection": "Upgrade", "Upgrade": "test-echo"}, timeout=WAIT)
+    assert response.status_code == 200
+    assert session.get(proxy.url("/echo"), timeout=WAIT).status_code == 200
+    assert upstream.accepts == 1  # both answered on one pooled connection
+
+
+def test_upgrade_header_without_connection_upgrade_is_not_forwarded(proxy, session):
+    response = session.get(proxy.url("/echo"), headers={"Upgrade": "test-echo"}, timeout=WAIT)
+    assert "upgrade" not in upstream_headers(response)

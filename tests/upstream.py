@@ -8,6 +8,7 @@ and that refused requests never reached it. Routes:
   /download?size=N     N pattern bytes streamed (``&chunked=1``: chunked framing)
   /status/NNN          that status, no body (HEAD-safe; 1xx not allowed)
   /hang                no answer until the test ends (for upstream_response timeouts)
+  /upgrade             101 to whatever Upgrade asked, then echoes "echo:"+bytes (``?refuse``: 200)
   /close-delimited?size=N  N pattern bytes without length or chunks, then close
   /die                 promises 1 MiB, sends 1 KiB, closes (upstream dies mid-response)
   /early               413 without reading the body, then close
@@ -216,6 +217,18 @@ class TestUpstream:
             for piece in pattern(int(query.get("size", "0"))):
                 send(piece)
             return False
+        elif path == "/upgrade" and request.method == b"GET" and "refuse" not in query:
+            self._read_body(conn, http)
+            upgrade = dict(request.headers).get(b"upgrade", b"")
+            send(http.send(h11.InformationalResponse(
+                status_code=101, headers=[("upgrade", upgrade), ("connection", "upgrade")])))
+            data, _closed = http.trailing_data
+            while True:  # echo until the client closes
+                if data:
+                    send(b"echo:" + bytes(data))
+                data = conn.recv(CHUNK)
+                if not data:
+                    return False
         elif path == "/hang":
             self._release.wait(WAIT)
             return False

@@ -44,6 +44,7 @@ class RequestHead:
     content_length: int | None = None
     chunked: bool = False
     expect_continue: bool = False
+    upgrade: bool = False  # Upgrade + Connection: upgrade (e.g. WebSocket): may become a tunnel
 
     @property
     def has_body(self) -> bool:
@@ -138,6 +139,11 @@ class ServerEngine(abc.ABC):
         """After a complete exchange: True if the connection can carry another
         request (keep-alive on both ends), False if it must be closed."""
 
+    @abc.abstractmethod
+    def switched_data(self) -> bytes:
+        """After a ``101`` went out: bytes the client sent beyond the request (the
+        start of the tunnelled protocol)."""
+
 
 class ClientEngine(abc.ABC):
     """The upstream-facing side of one pooled connection."""
@@ -167,6 +173,10 @@ class ClientEngine(abc.ABC):
     @abc.abstractmethod
     def start_next_cycle(self) -> bool:
         """After a complete exchange: True if the connection can go back to the pool."""
+
+    @abc.abstractmethod
+    def switched_data(self) -> bytes:
+        """After a ``101`` arrived: bytes the upstream sent beyond it."""
 
 
 @dataclass(frozen=True)

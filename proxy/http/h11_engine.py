@@ -81,11 +81,16 @@ class H11ServerEngine(ServerEngine):
             raise HeadersTooLarge(f"request header section larger than {self._max_header_bytes} bytes")
         content_length = None
         chunked = False
+        upgrade = connection_upgrade = False
         for name, value in headers:
             if name == b"content-length":
                 content_length = int(value)
             elif name == b"transfer-encoding":
                 chunked = True
+            elif name == b"upgrade":
+                upgrade = True
+            elif name == b"connection":
+                connection_upgrade = connection_upgrade or b"upgrade" in value.lower()
         if chunked and content_length is not None:
             raise BadRequest("malformed request: both Content-Length and Transfer-Encoding")
         if _has_ctl(headers):
@@ -98,6 +103,7 @@ class H11ServerEngine(ServerEngine):
             content_length,
             chunked,
             self._conn.they_are_waiting_for_100_continue,
+            upgrade and connection_upgrade,
         )
 
     def send_head(self, head: ResponseHead) -> bytes:
@@ -138,6 +144,9 @@ class H11ServerEngine(ServerEngine):
             conn.start_next_cycle()
             return True
         return False
+
+    def switched_data(self) -> bytes:
+        return bytes(self._conn.trailing_data[0])
 
 
 class H11ClientEngine(ClientEngine):
@@ -181,3 +190,6 @@ class H11ClientEngine(ClientEngine):
             conn.start_next_cycle()
             return True
         return False
+
+    def switched_data(self) -> bytes:
+        return bytes(self._conn.trailing_data[0])

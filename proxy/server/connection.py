@@ -78,7 +78,7 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
             raise PayloadTooLarge(f"request body of {head.content_length} bytes is larger than {limit} bytes")
         headers, request_id = upstream_request_headers(
             head.headers, client_ip=info.ip, server_port=info.server_port, service=service,
-            identity_headers=info.identity_headers,
+            identity_headers=info.identity_headers, upgrade=head.upgrade,
         )
         relay = Relay(
             down, head, service, state.pool, state.config.timeouts,

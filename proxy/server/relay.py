@@ -11,6 +11,11 @@ no response in time -> ``GatewayTimeout``, broken upstream -> ``BadGateway``. Th
 answers them while no response byte has gone out, and otherwise closes the client
 connection (an upstream dying mid-response must not look like success).
 
+Upgrade (WebSocket...): a request asking for one goes upstream with its Upgrade header;
+if the upstream answers ``101``, the 101 is relayed and from then on both connections
+are a byte tunnel (``_tunnel``) until either side closes; the upstream connection is
+then closed, never pooled.
+
 Retry: a pooled connection may have been closed by the upstream just as the request
 went out. Then — and only when the upstream sent nothing at all and no part of the
 request body has been consumed (so the request can be sent again whole) — the request
@@ -27,7 +32,7 @@ from proxy.config.model import Service, Timeouts
 from proxy.errors import BadGateway, GatewayTimeout, PayloadTooLarge
 from proxy.http.engine import Body, Headers, RequestHead, ResponseHead
 from proxy.http.headers import downstream_response_headers
-from proxy.server.channel import ConnectionLost
+from proxy.server.channel import Channel, ConnectionLost
 from proxy.server.downstream import Downstream, reason_phrase
 from proxy.server.upstream_pool import UpstreamConnection, UpstreamPool
 
@@ -153,20 +158,56 @@ class Relay:
             if kind is Body:
                 await down.write_body(event.data)
             elif kind is ResponseHead:
-                self._relay_head(event)
+                if self._relay_head(event):
+                    await self._tunnel(conn)
+                    return
             else:  # EndOfMessage (Closed cannot come mid-response: the engine raises)
                 down.write_end()
                 return
 
-    def _relay_head(self, head: ResponseHead) -> None:
-        if head.status == SWITCHING_PROTOCOLS:
-            raise BadGateway(f"service {self.service.name!r}: upstream switched protocols (not supported)")
-        headers = downstream_response_headers(head.headers)
-        if head.status >= 200:
+    def _relay_head(self, head: ResponseHead) -> bool:
+        """Pass a response head on; True when it is a 101 that starts a tunnel."""
+        switching = head.status == SWITCHING_PROTOCOLS
+        if switching and not self.head.upgrade:
+            raise BadGateway(f"service {self.service.name!r}: upstream switched protocols unasked")
+        headers = downstream_response_headers(head.headers, upgrade=switching)
+        if head.status >= 200 or switching:
             self.status = head.status
-            if self.closing():
+            if self.closing() and not switching:
                 headers.append((b"connection", b"close"))
         self.down.write_head(ResponseHead(head.status, headers, head.reason or reason_phrase(head.status)))
+        return switching
+
+    async def _tunnel(self, conn: UpstreamConnection) -> None:
+        """After a 101: bytes both ways, unparsed, until either side closes or the
+        connection is idle for ``timeouts.idle`` (WebSocket, or any Upgrade)."""
+        down = self.down
+        client, upstream = down.channel, conn.channel
+        early_upstream = conn.engine.switched_data()
+        early_client = down.engine.switched_data()
+        if early_upstream:
+            client.write(early_upstream)
+        if early_client:
+            upstream.write(early_client)
+        down.bytes_out += len(early_upstream)
+        down.bytes_in += len(early_client)
+        to_upstream = asyncio.create_task(self._pipe(client, upstream, "bytes_in"))
+        to_client = asyncio.create_task(self._pipe(upstream, client, "bytes_out"))
+        try:
+            await asyncio.wait((to_upstream, to_client), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (to_upstream, to_client):
+                task.cancel()
+            await asyncio.gather(to_upstream, to_client, return_exceptions=True)
+            conn.close()  # a tunnel never goes back to the pool
+
+    async def _pipe(self, source: Channel, sink: Channel, counter: str) -> None:
+        timeout = self.timeouts.idle
+        down = self.down
+        while data := await source.read(timeout):
+            setattr(down, counter, getattr(down, counter) + len(data))
+            sink.write(data)
+            await sink.drain(timeout)
 
     async def _pump_body(self, conn: UpstreamConnection) -> None:
         """Client body -> upstream, one chunk at a time, waiting for the upstream to drain."""
