@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import shutil
 import socket
 import ssl
 import subprocess
-import threading
 
 import pytest
 import requests
-from upstream import WAIT, ProxyThread, TestUpstream, proxy_config, service
+from upstream import WAIT, ProxyThread, TestUpstream, proxy_config, proxy_log_waiter, service
 
 from proxy.config.model import ClientAuthSettings, Limits, Timeouts
 
@@ -68,39 +67,10 @@ def curl(*args: str, pki) -> subprocess.CompletedProcess:
     )
 
 
-class LogWaiter(logging.Handler):
-    """Signals when a record containing ``text`` is logged by the proxy (any thread)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-        self.seen = threading.Event()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        self.messages.append(message)
-        if self.text in message:
-            self.seen.set()
-
-
 @pytest.fixture
 def proxy_log():
-    logger = logging.getLogger("tlsproxy")
-    handlers = []
-
-    def wait_for(text: str) -> LogWaiter:
-        handler = LogWaiter(text)
-        logger.addHandler(handler)
-        handlers.append(handler)
-        return handler
-
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    yield wait_for
-    logger.setLevel(old_level)
-    for handler in handlers:
-        logger.removeHandler(handler)
+    with contextlib.ExitStack() as stack:
+        yield lambda text: stack.enter_context(proxy_log_waiter(text))
 
 
 def test_plain_http_on_the_tls_port_gets_a_plain_400(proxy, pki, upstream):

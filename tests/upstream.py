@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -285,7 +286,7 @@ def service(name: str, *upstreams: TestUpstream | Upstream, **fields) -> Service
 class ProxyThread:
     """``start_proxy(config)`` on a uvloop event loop in a background thread."""
 
-    def __init__(self, config: ProxyConfig) -> None:
+    def __init__(self, config: ProxyConfig, **options) -> None:
         try:
             import uvloop
 
@@ -297,7 +298,7 @@ class ProxyThread:
         from proxy.server import start_proxy
 
         try:
-            self.running = self.call(start_proxy(config))
+            self.running = self.call(start_proxy(config, **options))
         except BaseException:
             self._stop_loop()
             raise
@@ -325,3 +326,35 @@ class ProxyThread:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LogWaiter(logging.Handler):
+    """Collects the proxy's log lines (any thread); ``seen`` is set once a line
+    containing ``text`` arrives."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.seen = threading.Event()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.messages.append(message)
+        if self.text in message:
+            self.seen.set()
+
+
+@contextlib.contextmanager
+def proxy_log_waiter(text: str) -> Iterator[LogWaiter]:
+    """A LogWaiter on the "tlsproxy" logger (at INFO) for the duration of the block."""
+    logger = logging.getLogger("tlsproxy")
+    handler = LogWaiter(text)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)

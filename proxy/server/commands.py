@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
 
@@ -41,16 +42,17 @@ def run_serve(args: argparse.Namespace) -> int:
             raise UsageError("serve: use either -c FILE or --listen/--upstream, not both")
         if not (args.listen and args.upstream):
             raise UsageError("serve: --listen and --upstream go together")
-        config = config_from_args(
-            args.listen, args.upstream, cert=args.cert, key=args.key,
+        load = functools.partial(
+            config_from_args, args.listen, args.upstream, cert=args.cert, key=args.key,
             client_ca=args.client_ca, client_auth=args.client_auth,
         )
     else:
         if any(value is not None for value in (args.cert, args.key, args.client_ca, args.client_auth)):
             raise UsageError("serve: --cert/--key/--client-ca/--client-auth need --listen and --upstream")
-        config = load_config(args.config or default_config_path(os.environ))
+        load = functools.partial(load_config, args.config or default_config_path(os.environ))
+    config = load()
     try:
-        return run_proxy(config)
+        return run_proxy(config, config_source=load)  # SIGHUP / changed certificates: load() again
     except OSError as exc:
         listeners = ", ".join(str(address) for address in config.listen)
         raise TlsProxyError(f"cannot listen on {listeners}: {exc.strerror or exc}") from None

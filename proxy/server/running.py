@@ -5,7 +5,11 @@ Start-up order: everything that can fail on bad config or certificates (TLS cont
 access log, binding, the admin listener) happens before the first connection is
 accepted, so a bad start leaves nothing running. Alongside the proxy: the admin
 listener (``admin.listen``: /healthz, /readyz, /metrics, /ca.pem) and the daily
-certificate-expiry warning. Shutdown order (as uvicorn does it): stop accepting, close idle
+certificate-expiry warning.
+
+Reload (``RunningProxy.reload``; SIGHUP, or changed certificate files when a config
+source is given): build everything that depends on the config anew, and only when
+all of it built, swap it in. A failure is logged and the old config keeps serving. Shutdown order (as uvicorn does it): stop accepting, close idle
 keep-alive connections, let requests in flight finish for up to ``shutdown_grace``,
 cancel the rest, then close pooled upstream connections and the log.
 """
@@ -14,12 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 from proxy.config.model import ProxyConfig
+from proxy.errors import TlsProxyError
 from proxy.http.engine import engine_factory
 from proxy.http.routing import Router
 from proxy.server.access_log import AccessLog
@@ -28,6 +35,7 @@ from proxy.server.expiry import ExpiryWatch, certificates_in_files
 from proxy.server.listeners import accept_loop, bind
 from proxy.server.metrics import ProxyMetrics
 from proxy.server.redirect import serve_redirect_socket
+from proxy.server.reload import WATCH_INTERVAL, FileWatch
 from proxy.server.state import ServerState
 from proxy.server.tls_accept import serve_tls_socket
 from proxy.server.upstream_pool import UpstreamPool
@@ -51,6 +59,57 @@ class RunningProxy:
         self._closed = False
         self.admin: AdminServer | None = None
         self._expiry: ExpiryWatch | None = None
+        self._file_watch: FileWatch | None = None
+        self.config_source: Callable[[], ProxyConfig] | None = None
+
+    # Settings bound to sockets and processes: a reload cannot change them.
+    _FIXED = ("listen", "redirect_http", "admin", "workers")
+
+    def reload(self, config: ProxyConfig | None = None) -> bool:
+        """Replace the config (``config``, else a fresh one from ``config_source``).
+
+        Replaced: TLS contexts (certificates, client CAs, CRL), services and routing,
+        timeouts, limits (except max_connections), the access log. Kept: the listening
+        sockets and workers (a change there is logged: it needs a restart), every open
+        connection and tunnel (requests already read finish as they started; the next
+        request on a keep-alive connection is routed with the new services).
+        True if the new config is in use."""
+        state = self.state
+        old = state.config
+        try:
+            if config is None:
+                if self.config_source is None:
+                    raise TlsProxyError("no config source to reload from")
+                config = self.config_source()
+            tls = ServerTLS.from_config(config)
+            router = Router(config.services)
+            access_log = state.access_log
+            if config.access_log != old.access_log:
+                access_log = AccessLog.open(config.access_log)
+        except Exception as exc:  # whatever went wrong, the old config keeps serving
+            reason = str(exc) if isinstance(exc, TlsProxyError) else repr(exc)
+            log.error("reload failed, still serving the previous configuration: %s", reason)
+            state.metrics.record_reload(False)
+            return False
+        fixed = [name for name in self._FIXED if getattr(config, name) != getattr(old, name)]
+        if fixed:
+            log.warning("reload: %s changed; that takes a restart", ", ".join(fixed))
+            config = dataclasses.replace(config, **{name: getattr(old, name) for name in fixed})
+        if access_log is not state.access_log:
+            state.access_log.close()
+        state.config, state.tls, state.router, state.access_log = config, tls, router, access_log
+        state.metrics.add_services(service.name for service in config.services)
+        state.metrics.record_reload(True)
+        log.info("reloaded the configuration (%d services)", len(config.services))
+        return True
+
+    def watch_files(self, interval: float = WATCH_INTERVAL) -> None:
+        """Reload when certificate files change or an auto certificate is due."""
+        state = self.state
+        self._file_watch = FileWatch(
+            lambda: state.tls.files, lambda: self.reload(), due=lambda: state.tls.renewal_due, interval=interval
+        )
+        self._file_watch.start()
 
     @property
     def admin_address(self) -> tuple[str, int] | None:
@@ -114,6 +173,8 @@ class RunningProxy:
             sock.close()
         if self._expiry is not None:
             self._expiry.stop()
+        if self._file_watch is not None:
+            self._file_watch.stop()
         self.state.begin_shutdown()  # /readyz now says draining
         grace = self.state.config.timeouts.shutdown_grace if grace is None else grace
         pending = set(self.connection_tasks)
@@ -144,9 +205,16 @@ def _local_ca_pem(config: ProxyConfig) -> bytes | None:
         return None
 
 
-async def start_proxy(config: ProxyConfig) -> RunningProxy:
+async def start_proxy(
+    config: ProxyConfig,
+    *,
+    config_source: Callable[[], ProxyConfig] | None = None,
+    watch_interval: float = WATCH_INTERVAL,
+) -> RunningProxy:
     """Build everything from ``config``, bind the listeners and start accepting.
 
+    With ``config_source`` (how to load the config again), ``reload()`` without an
+    argument re-reads it, and changed certificate files trigger that by themselves.
     Raises ConfigError (bad TLS files) or OSError (cannot bind) before accepting."""
     tls = ServerTLS.from_config(config)
     engines = engine_factory(config.http_engine)
@@ -191,34 +259,42 @@ async def start_proxy(config: ProxyConfig) -> RunningProxy:
         access_log.close()
         raise
     running._start_accepting()
+    if config_source is not None:
+        running.config_source = config_source
+        running.watch_files(watch_interval)
     return running
 
 
-def run_proxy(config: ProxyConfig) -> int:
-    """Serve until SIGINT / SIGTERM, then shut down gracefully; the exit code."""
+def run_proxy(config: ProxyConfig, config_source: Callable[[], ProxyConfig] | None = None) -> int:
+    """Serve until SIGINT / SIGTERM, then shut down gracefully; the exit code.
+    SIGHUP (and changed certificate files) reload from ``config_source``."""
     if not logging.getLogger().handlers and not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("tlsproxy: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     with _runner() as runner:
-        runner.run(_serve_until_signal(config))
+        runner.run(_serve_until_signal(config, config_source))
     return 0
 
 
-async def _serve_until_signal(config: ProxyConfig) -> None:
-    running = await start_proxy(config)
+async def _serve_until_signal(config: ProxyConfig, config_source: Callable[[], ProxyConfig] | None) -> None:
+    running = await start_proxy(config, config_source=config_source)
     for line in running.describe():
         print(line, file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    signals = [signal.SIGINT, signal.SIGTERM]
+    for signum in signals:
         loop.add_signal_handler(signum, stop.set)
+    if config_source is not None:
+        loop.add_signal_handler(signal.SIGHUP, running.reload)
+        signals.append(signal.SIGHUP)
     try:
         await stop.wait()
         print("tlsproxy: stopping (finishing requests in flight)", file=sys.stderr, flush=True)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in signals:
             loop.remove_signal_handler(signum)
         await running.close()
 
