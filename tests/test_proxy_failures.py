@@ -255,3 +255,9 @@ def test_stalled_handshake_is_closed_and_logged(pki, upstream, tmp_path, proxy_l
             sock.sendall(b"\x16\x03\x01")  # the start of a ClientHello, and nothing more
             assert read_until_closed(sock) == b""
         assert waiter.seen.wait(WAIT), waiter.messages
+
+
+def test_http10_request_without_host_is_forwarded(proxy, pki, upstream):
+    answer = raw_exchange(pki, proxy.port, b"GET /echo HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert dict(upstream.requests[0]["headers"])["host"] == f"127.0.0.1:{upstream.port}"

@@ -158,7 +158,10 @@ class H11ClientEngine(ClientEngine):
     def send_head(self, head: RequestHead, headers: Headers, target: bytes) -> bytes:
         if head.chunked and head.content_length is None:
             headers = [*headers, (b"transfer-encoding", b"chunked")]
-        return self._conn.send(h11.Request(method=head.method, target=target, headers=headers))
+        try:
+            return self._conn.send(h11.Request(method=head.method, target=target, headers=headers))
+        except h11.LocalProtocolError as exc:  # e.g. a set_headers value HTTP cannot carry
+            raise BadGateway(f"request cannot be sent upstream: {exc}") from None
 
     def send_body(self, data: bytes) -> Sequence[bytes]:
         return self._conn.send_with_data_passthrough(h11.Data(data=data)) or ()

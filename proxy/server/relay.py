@@ -81,6 +81,8 @@ class Relay:
     async def _exchange(self, conn: UpstreamConnection, headers: Headers, target: bytes) -> int:
         self.upstream_url = conn.upstream.url
         retry_allowed = conn.reused
+        if self.head.header(b"host") is None:  # HTTP/1.0 without Host: HTTP/1.1 upstream needs one
+            headers = [*headers, (b"host", conn.authority)]
         try:
             head_bytes = conn.engine.send_head(self.head, headers, target)
             if not self.head.has_body:

@@ -282,6 +282,8 @@ async def _serve_until_signal(config: ProxyConfig, config_source: Callable[[], P
     running = await start_proxy(config, config_source=config_source)
     for line in running.describe():
         print(line, file=sys.stderr, flush=True)
+    if config.workers > 1:  # TODO(workers): parent binds + supervises N processes, as hypercorn does
+        log.warning("workers: %d is not supported yet; serving with one process", config.workers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = [signal.SIGINT, signal.SIGTERM]

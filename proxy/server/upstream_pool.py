@@ -33,10 +33,12 @@ MAX_IDLE_PER_UPSTREAM = 64
 class UpstreamConnection:
     """One connection to an upstream with its HTTP engine; lent to one request at a time."""
 
-    __slots__ = ("upstream", "channel", "engine", "reused", "idle_since")
+    __slots__ = ("upstream", "channel", "engine", "reused", "idle_since", "authority")
 
     def __init__(self, upstream: Upstream, channel: Channel, engine: ClientEngine) -> None:
         self.upstream = upstream
+        host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+        self.authority = f"{host}:{upstream.port}".encode()  # Host for requests that lack one
         self.channel = channel
         self.engine = engine
         self.reused = False
