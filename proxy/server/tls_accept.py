@@ -1,4 +1,5 @@
-"""An accepted socket on a TLS listener: sniff, handshake, then serve requests."""
+"""An accepted socket on a TLS listener: sniff the first byte, run the handshake, read
+the client's identity once (the verified certificate), then serve its requests."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import asyncio
 import logging
 import socket
 
-from proxy.server.tls_channel import TLSChannel
+from proxy.errors import PKIError
 from proxy.server.connection import serve_connection
 from proxy.server.downstream import ClientInfo, Downstream
 from proxy.server.listeners import TLS_HANDSHAKE_RECORD, peek_first_byte, refuse_plain_http
 from proxy.server.state import ServerState
-from proxy.errors import PKIError
+from proxy.server.tls_channel import TLSChannel
 from proxy.tls.handshake import describe_handshake_failure
 from proxy.tls.identity import client_identity, identity_headers
 
