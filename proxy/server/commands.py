@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 from pathlib import Path
 
-from proxy.config.model import CLIENT_AUTH_MODES
+from proxy.config.model import CLIENT_AUTH_MODES, HTTP_ENGINES
 from proxy.errors import TlsProxyError, UsageError
 
 
@@ -21,6 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("-c", "--config", type=Path, metavar="FILE", help="YAML config file")
+    parser.add_argument("--http", choices=HTTP_ENGINES, metavar="ENGINE",
+                        help="HTTP/1.1 engine: auto (httptools when importable), httptools or h11; "
+                             "overrides http_engine in the config")
     zero = parser.add_argument_group("zero-config form (no YAML)")
     zero.add_argument("--listen", metavar="HOST:PORT", help="TLS listener, e.g. 127.0.0.1:8443 or [::]:8443")
     zero.add_argument("--upstream", action="append", metavar="URL",
@@ -50,9 +54,16 @@ def run_serve(args: argparse.Namespace) -> int:
         if any(value is not None for value in (args.cert, args.key, args.client_ca, args.client_auth)):
             raise UsageError("serve: --cert/--key/--client-ca/--client-auth need --listen and --upstream")
         load = functools.partial(load_config, args.config or default_config_path(os.environ))
+    if args.http is not None:  # --http wins over the config's http_engine, also on reload
+        load = functools.partial(_with_http_engine, load, args.http)
     config = load()
     try:
         return run_proxy(config, config_source=load)  # SIGHUP / changed certificates: load() again
     except OSError as exc:
         listeners = ", ".join(str(address) for address in config.listen)
         raise TlsProxyError(f"cannot listen on {listeners}: {exc.strerror or exc}") from None
+
+
+def _with_http_engine(load, http_engine: str):
+    """The config ``load()`` returns, with ``http_engine`` from ``--http``."""
+    return dataclasses.replace(load(), http_engine=http_engine)
