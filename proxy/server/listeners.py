@@ -21,7 +21,7 @@ import asyncio
 import errno
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from proxy.config.model import ListenAddress
 
@@ -45,7 +45,8 @@ SocketHandler = Callable[[socket.socket, tuple], Awaitable[None]]
 
 
 def bind(address: ListenAddress, *, reuse_port: bool = False) -> socket.socket:
-    """A non-blocking listening socket; IPv6 listeners are IPv6-only (list both to get both)."""
+    """A non-blocking listening socket; IPv6 listeners are IPv6-only (list both to get
+    both). ``reuse_port``: several sockets (one per worker) share the address."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -63,9 +64,46 @@ def bind(address: ListenAddress, *, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
-def display(sock: socket.socket) -> tuple[str, int]:
-    host, port = sock.getsockname()[:2]
-    return host, port
+class BoundListeners:
+    """The proxy's listening sockets, bound once: by ``start_proxy``, or by the parent of
+    several workers before it forks them (so they share the sockets, port 0 included)."""
+
+    def __init__(self, tls: list[socket.socket], redirect: socket.socket | None) -> None:
+        self.tls = tls
+        self.redirect = redirect
+
+    @classmethod
+    def bind(
+        cls, listen: Sequence[ListenAddress], redirect: ListenAddress | None, *, reuse_port: bool = False
+    ) -> BoundListeners:
+        sockets: list[socket.socket] = []
+        try:
+            for address in (*listen, *([redirect] if redirect is not None else [])):
+                sockets.append(bind(address, reuse_port=reuse_port))
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            raise
+        if redirect is None:
+            return cls(sockets, None)
+        return cls(sockets[:-1], sockets[-1])
+
+    def bind_again(self) -> BoundListeners:
+        """Another set on the same (now known) ports, for one more worker: with
+        SO_REUSEPORT the kernel spreads new connections over the sets."""
+        def same(sock: socket.socket) -> ListenAddress:
+            host, port = sock.getsockname()[:2]
+            return ListenAddress(host, port)
+
+        return BoundListeners.bind(
+            [same(sock) for sock in self.tls],
+            same(self.redirect) if self.redirect is not None else None,
+            reuse_port=True,
+        )
+
+    def close(self) -> None:
+        for sock in (*self.tls, *([self.redirect] if self.redirect else [])):
+            sock.close()
 
 
 async def accept_loop(

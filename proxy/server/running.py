@@ -32,7 +32,7 @@ from proxy.http.routing import Router
 from proxy.server.access_log import AccessLog
 from proxy.server.admin import AdminServer, start_admin
 from proxy.server.expiry import ExpiryWatch, certificates_in_files
-from proxy.server.listeners import accept_loop, bind
+from proxy.server.listeners import BoundListeners, accept_loop
 from proxy.server.metrics import ProxyMetrics
 from proxy.server.redirect import serve_redirect_socket
 from proxy.server.reload import WATCH_INTERVAL, FileWatch
@@ -47,12 +47,13 @@ log = logging.getLogger("tlsproxy")
 class RunningProxy:
     """A started proxy: its bound addresses, and ``close()``."""
 
-    def __init__(self, state: ServerState, tls_sockets: list[socket.socket], redirect_socket: socket.socket | None):
+    def __init__(self, state: ServerState, listeners: BoundListeners):
         self.state = state
-        self._sockets = [*tls_sockets, *([redirect_socket] if redirect_socket else [])]
-        self.addresses: list[tuple[str, int]] = [sock.getsockname()[:2] for sock in tls_sockets]
+        self.listeners = listeners
+        self._sockets = [*listeners.tls, *([listeners.redirect] if listeners.redirect else [])]
+        self.addresses: list[tuple[str, int]] = [sock.getsockname()[:2] for sock in listeners.tls]
         self.redirect_address: tuple[str, int] | None = (
-            redirect_socket.getsockname()[:2] if redirect_socket is not None else None
+            listeners.redirect.getsockname()[:2] if listeners.redirect is not None else None
         )
         self.connection_tasks: set[asyncio.Task] = set()
         self._accept_tasks: list[asyncio.Task] = []
@@ -115,10 +116,10 @@ class RunningProxy:
     def admin_address(self) -> tuple[str, int] | None:
         return self.admin.address if self.admin is not None else None
 
-    async def _start_companions(self) -> None:
+    async def _start_companions(self, admin: bool) -> None:
         """The admin listener and the expiry watch (after the proxy's own sockets bound)."""
         state = self.state
-        if state.config.admin.listen is not None:
+        if admin and state.config.admin.listen is not None:
             self.admin = await start_admin(
                 state.config.admin.listen,
                 metrics=state.metrics,
@@ -169,8 +170,7 @@ class RunningProxy:
         for task in self._accept_tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for sock in self._sockets:
-            sock.close()
+        self.listeners.close()
         if self._expiry is not None:
             self._expiry.stop()
         if self._file_watch is not None:
@@ -210,11 +210,15 @@ async def start_proxy(
     *,
     config_source: Callable[[], ProxyConfig] | None = None,
     watch_interval: float = WATCH_INTERVAL,
+    listeners: BoundListeners | None = None,
+    admin: bool = True,
 ) -> RunningProxy:
     """Build everything from ``config``, bind the listeners and start accepting.
 
     With ``config_source`` (how to load the config again), ``reload()`` without an
     argument re-reads it, and changed certificate files trigger that by themselves.
+    ``listeners``: sockets bound already (a worker's, inherited from its parent);
+    ``admin=False``: no admin listener (workers other than the first).
     Raises ConfigError (bad TLS files) or OSError (cannot bind) before accepting."""
     tls = ServerTLS.from_config(config)
     engines = engine_factory(config.http_engine)
@@ -229,16 +233,12 @@ async def start_proxy(
         on_connect_error=lambda name: metrics.upstream_connect_errors.labels(name).inc(),
     )
     access_log = AccessLog.open(config.access_log)
-    sockets: list[socket.socket] = []
-    try:
-        for address in config.listen:
-            sockets.append(bind(address, reuse_port=config.workers > 1))
-        redirect = bind(config.redirect_http) if config.redirect_http is not None else None
-    except OSError:
-        for sock in sockets:
-            sock.close()
-        access_log.close()
-        raise
+    if listeners is None:
+        try:
+            listeners = BoundListeners.bind(config.listen, config.redirect_http)
+        except OSError:
+            access_log.close()
+            raise
     state = ServerState(
         config=config,
         tls=tls,
@@ -246,16 +246,15 @@ async def start_proxy(
         pool=pool,
         access_log=access_log,
         engines=engines,
-        https_port=sockets[0].getsockname()[1] if sockets else 443,
+        https_port=listeners.tls[0].getsockname()[1] if listeners.tls else 443,
         metrics=metrics,
     )
     metrics.active_connections.set_function(lambda: len(state.connections))
-    running = RunningProxy(state, sockets, redirect)
+    running = RunningProxy(state, listeners)
     try:
-        await running._start_companions()
+        await running._start_companions(admin)
     except OSError:
-        for sock in running._sockets:
-            sock.close()
+        listeners.close()
         access_log.close()
         raise
     running._start_accepting()
@@ -267,23 +266,43 @@ async def start_proxy(
 
 def run_proxy(config: ProxyConfig, config_source: Callable[[], ProxyConfig] | None = None) -> int:
     """Serve until SIGINT / SIGTERM, then shut down gracefully; the exit code.
-    SIGHUP (and changed certificate files) reload from ``config_source``."""
+    SIGHUP (and changed certificate files) reload from ``config_source``.
+    ``workers > 1``: that many processes share the listeners (``proxy.server.workers``)."""
     if not logging.getLogger().handlers and not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("tlsproxy: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    if config.workers > 1:
+        from proxy.server.workers import run_workers
+
+        return run_workers(config, config_source)
+    return serve_blocking(config, config_source)
+
+
+def serve_blocking(
+    config: ProxyConfig,
+    config_source: Callable[[], ProxyConfig] | None = None,
+    *,
+    listeners: BoundListeners | None = None,
+    worker: int = 0,
+) -> int:
+    """One process serving until SIGINT / SIGTERM (a worker: on its parent's sockets)."""
     with _runner() as runner:
-        runner.run(_serve_until_signal(config, config_source))
+        runner.run(_serve_until_signal(config, config_source, listeners, worker))
     return 0
 
 
-async def _serve_until_signal(config: ProxyConfig, config_source: Callable[[], ProxyConfig] | None) -> None:
-    running = await start_proxy(config, config_source=config_source)
-    for line in running.describe():
-        print(line, file=sys.stderr, flush=True)
-    if config.workers > 1:  # TODO(workers): parent binds + supervises N processes, as hypercorn does
-        log.warning("workers: %d is not supported yet; serving with one process", config.workers)
+async def _serve_until_signal(
+    config: ProxyConfig,
+    config_source: Callable[[], ProxyConfig] | None,
+    listeners: BoundListeners | None,
+    worker: int,
+) -> None:
+    running = await start_proxy(config, config_source=config_source, listeners=listeners, admin=worker == 0)
+    if worker == 0:
+        for line in running.describe():
+            print(line, file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = [signal.SIGINT, signal.SIGTERM]
@@ -294,7 +313,8 @@ async def _serve_until_signal(config: ProxyConfig, config_source: Callable[[], P
         signals.append(signal.SIGHUP)
     try:
         await stop.wait()
-        print("tlsproxy: stopping (finishing requests in flight)", file=sys.stderr, flush=True)
+        if worker == 0:
+            print("tlsproxy: stopping (finishing requests in flight)", file=sys.stderr, flush=True)
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
