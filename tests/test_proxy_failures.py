@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import socket
 import ssl
@@ -112,6 +113,13 @@ def test_malformed_chunked_body_gets_400_and_close(proxy, pki, upstream):
     raw = b"POST /echo HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n"
     answer = raw_exchange(pki, proxy.port, raw)
     assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1") == 1
+
+
+def test_refused_requests_are_in_the_access_log(pki, upstream, tmp_path):
+    with ProxyThread(proxy_config(pki, service("app", upstream), tmp_path)) as px:
+        raw_exchange(pki, px.port, SMUGGLING["cl-and-te"])
+    record = json.loads((tmp_path / "access.log").read_text().splitlines()[-1])
+    assert (record["status"], record["method"], record["upstream"]) == (400, None, None)
 
 
 def test_smuggling_after_a_good_request_on_the_same_connection(proxy, pki, upstream):

@@ -41,8 +41,10 @@ async def serve_connection(down: Downstream, state: ServerState) -> None:
                 tracked.idle = True
                 try:
                     head = await down.read_head(first_wait, timeouts.request_header)
-                except HTTPError as exc:  # unframeable request: answer and close
+                except HTTPError as exc:  # unframeable request: answer, log and close
+                    started = time.monotonic()
                     _answer_error(down, exc, close=True)
+                    _record(state, down, started, time.time(), None, exc.status)
                     return
                 finally:
                     tracked.idle = False
@@ -96,25 +98,42 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
         log.exception("internal error while relaying a request from %s", info.address)
         down.channel.abort()
     finally:
-        state.metrics.record_request(service.name if service is not None else "", status, time.monotonic() - started)
-        state.access_log.write(
-            {
-                "time": stamp,
-                "client": info.address,
-                "tls_version": info.tls_version,
-                "sni": info.sni,
-                "method": head.method,
-                "path": head.target,
-                "status": status,
-                "bytes_in": down.bytes_in,
-                "bytes_out": down.bytes_out,
-                "duration_ms": round((time.monotonic() - started) * 1000, 3),
-                "service": service.name if service is not None else None,
-                "upstream": relay.upstream_url if relay is not None else None,
-                "request_id": request_id,
-            }
-        )
+        _record(state, down, started, stamp, head, status, service, relay, request_id)
     return keep_alive
+
+
+def _record(
+    state: ServerState,
+    down: Downstream,
+    started: float,
+    stamp: float,
+    head: RequestHead | None,
+    status: int,
+    service: Service | None = None,
+    relay: Relay | None = None,
+    request_id: bytes | None = None,
+) -> None:
+    """One access-log record and the request metrics (``head`` None: unparseable)."""
+    seconds = time.monotonic() - started
+    info = down.info
+    state.metrics.record_request(service.name if service is not None else "", status, seconds)
+    state.access_log.write(
+        {
+            "time": stamp,
+            "client": info.address,
+            "tls_version": info.tls_version,
+            "sni": info.sni,
+            "method": head.method if head is not None else None,
+            "path": head.target if head is not None else None,
+            "status": status,
+            "bytes_in": down.bytes_in,
+            "bytes_out": down.bytes_out,
+            "duration_ms": round(seconds * 1000, 3),
+            "service": service.name if service is not None else None,
+            "upstream": relay.upstream_url if relay is not None else None,
+            "request_id": request_id,
+        }
+    )
 
 
 def _check_client(info: ClientInfo, service: Service, host: str | None, path: str, state: ServerState) -> None:
