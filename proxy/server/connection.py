@@ -43,6 +43,7 @@ async def serve_connection(down: Downstream, state: ServerState) -> None:
                     head = await down.read_head(first_wait, timeouts.request_header)
                 except HTTPError as exc:  # unframeable request: answer, log and close
                     started = time.monotonic()
+                    down.bytes_in = down.bytes_out = 0
                     _answer_error(down, exc, close=True)
                     _record(state, down, started, time.time(), None, exc.status)
                     return
