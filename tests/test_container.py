@@ -588,11 +588,6 @@ def served_certificate(container: Container) -> bytes:
             return tls.getpeercert(binary_form=True)
 
 
-# Reload (SIGHUP, and certificate files watched) is being built in proxy/server; these say
-# what the container must do once it lands. Remove the marker then (XPASS shows it is time).
-reload_pending = pytest.mark.xfail(reason="waits for reload (SIGHUP / changed certificate files) in tlsproxy serve")
-
-
 def der(cert_path: Path) -> bytes:
     return ssl.PEM_cert_to_DER_cert(cert_path.read_text().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n")
 
@@ -603,7 +598,6 @@ def wait_for_certificate(container: Container, expected: bytes, deadline: float)
         time.sleep(0.2)  # polling interval of a bounded wait
 
 
-@reload_pending
 def test_sighup_reloads_certificates(podman: Podman, mtls: Container, mounted_pki: Path, pki) -> None:
     secret = SecretDir(mounted_pki / "certs" / "server")
     cert, key = pki.leaf("container-server-2", "localhost", "127.0.0.1")
@@ -613,7 +607,6 @@ def test_sighup_reloads_certificates(podman: Podman, mtls: Container, mounted_pk
     assert podman.running(mtls.name)
 
 
-@reload_pending
 def test_failed_reload_keeps_serving_the_old_certificate(
     podman: Podman, mtls: Container, mounted_pki: Path, pki
 ) -> None:
@@ -633,7 +626,6 @@ def test_failed_reload_keeps_serving_the_old_certificate(
     assert status == 200, body
 
 
-@reload_pending
 def test_secret_style_symlink_swap_reloads_without_a_signal(mtls: Container, mounted_pki: Path, pki) -> None:
     """What a Kubernetes Secret update looks like from inside the pod: one ..data rename."""
     secret = SecretDir(mounted_pki / "certs" / "server")
