@@ -18,8 +18,10 @@ import asyncio
 from collections import deque
 from collections.abc import Iterable
 
+# Per connection at most READ_LIMIT (+ one read) received and WRITE_LIMIT (+ one write)
+# unsent bytes are held, each way: a proxied request holds under ~2 MiB in the worst case.
 READ_LIMIT = 256 * 1024
-WRITE_LIMIT = 256 * 1024
+WRITE_LIMIT = 512 * 1024
 
 
 class ConnectionLost(ConnectionError):
