@@ -577,6 +577,58 @@ def test_compose_example_runs_with_podman(podman: Podman, image: str) -> None:
     assert "compose example OK" in result.stdout
 
 
+# --- workers: PID 1 is the supervising parent -----------------------------------------------
+
+
+WORKERS_CONFIG = """\
+listen: ["127.0.0.1:{tls_port}"]
+workers: 2
+tls: {{auto: true, ca_dir: /certs/ca}}
+admin: {{listen: "${{TLSPROXY_ADMIN}}"}}
+services:
+  - name: open
+    upstream: http://127.0.0.1:{echo_port}
+"""
+
+
+def test_workers_serve_and_stop_together(podman: Podman, image: str, echo_upstream: int) -> None:
+    """With `workers: 2` PID 1 is the parent: it must pass SIGTERM on to its workers and
+    reap them, and the container still stops in time with exit code 0."""
+    tls_port, admin_port = free_port(), free_port()
+    root = Path(tempfile.mkdtemp(prefix="tlsproxy-workers-"))
+    name = f"tlsproxy-pytest-workers-{uuid.uuid4().hex[:8]}"
+    try:
+        root.chmod(0o755)
+        (root / "proxy.yaml").write_text(WORKERS_CONFIG.format(tls_port=tls_port, echo_port=echo_upstream))
+        (root / "proxy.yaml").chmod(0o644)
+        start(
+            podman, name, image,
+            "--read-only", "-v", f"{name}-ca:/certs/ca",
+            "-v", f"{root}:/config:ro", "-e", f"TLSPROXY_ADMIN=127.0.0.1:{admin_port}",
+            tls_port=tls_port,
+        )
+        ca_pem = root / "ca.pem"
+        ca_pem.write_text(podman.run("exec", name, "cat", "/certs/ca/ca.pem").stdout)
+        for index in range(6):
+            status, body = curl("--cacert", str(ca_pem), f"https://localhost:{tls_port}/w{index}")
+            assert status == 200, body
+        top = [line.split() for line in podman.run("top", name, "huser", "pid", "args").stdout.splitlines()[1:]]
+        serving = [row for row in top if "tlsproxy" in " ".join(row[2:])]
+        assert len(serving) == 3, top  # the parent and two workers
+        assert {row[0] for row in serving} == {UID}
+
+        started = time.monotonic()
+        podman.run("stop", "--time", "10", name, timeout=30)
+        elapsed = time.monotonic() - started
+        assert elapsed < STOP_LIMIT, f"podman stop took {elapsed:.1f} s"
+        exit_code = podman.run("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+        assert exit_code == "0", podman.logs(name)
+    finally:
+        remove(podman, name)
+        podman.run("volume", "rm", "--force", f"{name}-ca", check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # --- reload: SIGHUP, and certificate files swapped as the kubelet swaps a Secret -----------
 
 
