@@ -134,11 +134,11 @@ class TestUpstream:
             self._threads.append(thread)
 
     def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(WAIT)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         http = h11.Connection(h11.SERVER)
         served = 0
         try:
+            conn.settimeout(WAIT)  # may fail: close() can shut the socket before we run
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             while True:
                 request = self._next(conn, http)
                 if not isinstance(request, h11.Request):
