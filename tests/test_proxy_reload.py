@@ -138,3 +138,19 @@ def test_sighup_reloads_the_yaml_and_a_broken_one_is_refused(pki, upstream, tmp_
         assert "upstream" in failure.string
         assert config_version(pki, port) == "2"
         assert served.stop() == 0
+
+
+def test_tunnel_survives_a_reload(pki, upstream, tmp_path, certs):
+    first, second = certs
+    pair = publish(first, tmp_path / "live")
+    config = proxy_config(pki, service("app", upstream), tmp_path, tls=TLSSettings(certificates=(pair,)))
+    context = ssl.create_default_context(cafile=str(pki.ca_pem))
+    with ProxyThread(config, config_source=lambda: config) as px:
+        with socket.create_connection(("127.0.0.1", px.port), timeout=WAIT) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"GET /upgrade HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n")
+                assert tls.recv(65536).startswith(b"HTTP/1.1 101 ")
+                publish(second, tmp_path / "live")
+                assert px.call(_reload(px)) is True
+                tls.sendall(b"after reload")
+                assert tls.recv(65536) == b"echo:after reload"
