@@ -9,9 +9,11 @@ certificate-expiry warning.
 
 Reload (``RunningProxy.reload``; SIGHUP, or changed certificate files when a config
 source is given): build everything that depends on the config anew, and only when
-all of it built, swap it in. A failure is logged and the old config keeps serving. Shutdown order (as uvicorn does it): stop accepting, close idle
-keep-alive connections, let requests in flight finish for up to ``shutdown_grace``,
-cancel the rest, then close pooled upstream connections and the log.
+all of it built, swap it in. A failure is logged and the old config keeps serving.
+
+Shutdown order (as uvicorn does it): stop accepting, close idle keep-alive
+connections, let requests in flight finish for up to ``shutdown_grace``, cancel the
+rest, then close pooled upstream connections, the log and the admin listener.
 """
 
 from __future__ import annotations
