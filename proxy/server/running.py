@@ -101,6 +101,9 @@ class RunningProxy:
         if access_log is not state.access_log:
             state.access_log.close()
         state.config, state.tls, state.router, state.access_log = config, tls, router, access_log
+        state.pool.configure(
+            connect_timeout=config.timeouts.upstream_connect, idle_timeout=config.timeouts.idle
+        )
         state.metrics.add_services(service.name for service in config.services)
         state.metrics.record_reload(True)
         log.info("reloaded the configuration (%d services)", len(config.services))

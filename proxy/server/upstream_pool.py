@@ -81,6 +81,11 @@ class UpstreamPool:
         self._sweeper: asyncio.TimerHandle | None = None
         self.connects = 0  # fresh connections opened (for tests and metrics)
 
+    def configure(self, *, connect_timeout: float, idle_timeout: float) -> None:
+        """New timeouts (a reload); pooled connections stay."""
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+
     def order(self, service: Service) -> list[Upstream]:
         """The service's upstreams in the order to try them: round-robin start."""
         upstreams = service.upstreams
