@@ -172,6 +172,8 @@ class Relay:
         switching = head.status == SWITCHING_PROTOCOLS
         if switching and not self.head.upgrade:
             raise BadGateway(f"service {self.service.name!r}: upstream switched protocols unasked")
+        if head.status < 200 and not switching and self.head.http_version == b"1.0":
+            return False  # HTTP/1.0 clients get no interim responses (RFC 9110 15.2)
         headers = downstream_response_headers(head.headers, upgrade=switching)
         if head.status >= 200 or switching:
             self.status = head.status
