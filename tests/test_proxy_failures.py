@@ -269,3 +269,18 @@ def test_http10_request_without_host_is_forwarded(proxy, pki, upstream):
     answer = raw_exchange(pki, proxy.port, b"GET /echo HTTP/1.0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert dict(upstream.requests[0]["headers"])["host"] == f"127.0.0.1:{upstream.port}"
+
+
+def test_client_leaving_mid_download_releases_both_connections(proxy, pki, upstream):
+    with requests.get(proxy.url(f"/download?size={64 << 20}"), stream=True,
+                      verify=str(pki.ca_pem), timeout=WAIT) as response:
+        assert len(next(response.iter_content(1 << 20))) > 0
+    # the client hung up after 1 MiB: the proxy ends its side and drops the upstream
+    assert proxy.wait_connections_done()
+    assert proxy.call(_idle_upstreams(proxy)) == 0
+    assert get(pki, proxy.url("/echo")).status_code == 200
+    assert upstream.accepts == 2
+
+
+async def _idle_upstreams(proxy):
+    return proxy.running.state.pool.idle_count()

@@ -307,6 +307,18 @@ class ProxyThread:
     def call(self, coroutine, timeout: float = WAIT):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
+    def wait_connections_done(self, timeout: float = WAIT) -> bool:
+        """Wait until every client connection the proxy has open now has ended."""
+
+        async def wait() -> bool:
+            tasks = set(self.running.connection_tasks)
+            if not tasks:
+                return True
+            _done, pending = await asyncio.wait(tasks, timeout=timeout)
+            return not pending
+
+        return self.call(wait(), timeout + 5)
+
     def url(self, path: str = "/", host: str = "localhost") -> str:
         return f"https://{host}:{self.port}{path}"
 
