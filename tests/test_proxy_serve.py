@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
 import re
@@ -188,3 +189,19 @@ def test_sigterm_lets_the_request_in_flight_finish(pki, upstream, tmp_path):
                 digest.update(piece)
         assert digest.hexdigest() == pattern_sha256(size)
         assert served.proc.wait(WAIT) == 0
+
+
+def test_zero_config_with_client_ca_requires_a_client_certificate(pki, upstream, tmp_path):
+    cert, key = pki.server
+    alice_cert, alice_key = pki.leaf("alice-cli", client=True, cn="alice")
+    args = ["--listen", "127.0.0.1:0", "--upstream", upstream.url, "--cert", str(cert), "--key", str(key),
+            "--client-ca", str(pki.ca_pem), "--client-auth", "require"]
+    with Served(args, tmp_path) as served:
+        port = served.wait_for(LISTENING).group(1)
+        url = f"https://localhost:{port}/echo"
+        refused = curl("--cacert", str(pki.ca_pem), url)
+        assert refused.returncode != 0 and b"alert certificate required" in refused.stderr
+        admitted = curl("--cacert", str(pki.ca_pem), "--cert", str(alice_cert), "--key", str(alice_key), url)
+        assert admitted.returncode == 0
+        assert 'Subject="CN=alice"' in dict(json.loads(admitted.stdout)["headers"])["x-forwarded-client-cert"]
+        assert served.stop() == 0
