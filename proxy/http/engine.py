@@ -188,11 +188,30 @@ class EngineFactory:
     client: type[ClientEngine]
 
 
-def engine_factory(name: str = "auto") -> EngineFactory:
-    """The engine classes for config value ``http_engine``.
+# What ``auto`` resolves to when set (tests run the whole suite once per engine this way).
+FORCED_ENGINE_ENV = "TLSPROXY_HTTP_ENGINE"
+forced_engine: str | None = None
 
-    Only h11 exists so far; ``auto`` and ``httptools`` fall back to it until the
-    httptools engine lands behind this same interface."""
+
+def engine_factory(name: str = "auto") -> EngineFactory:
+    """The engine classes for config value ``http_engine``: ``h11``, ``httptools``, or
+    ``auto`` (httptools when importable, else h11 — the reference and the fallback).
+
+    ``forced_engine`` (module attribute) or the environment variable
+    ``TLSPROXY_HTTP_ENGINE`` forces the engine behind ``auto``: the test suite uses it
+    to run every proxy test on both engines, including ``tlsproxy serve`` subprocesses."""
+    if name == "auto":
+        import os
+
+        name = forced_engine or os.environ.get(FORCED_ENGINE_ENV) or "auto"
+    if name in ("auto", "httptools"):
+        try:
+            from proxy.http.httptools_engine import HttptoolsClientEngine, HttptoolsServerEngine
+        except ImportError:
+            if name == "httptools":
+                raise
+        else:
+            return EngineFactory("httptools", HttptoolsServerEngine, HttptoolsClientEngine)
     from proxy.http.h11_engine import H11ClientEngine, H11ServerEngine
 
     return EngineFactory("h11", H11ServerEngine, H11ClientEngine)

@@ -1,14 +1,8 @@
 """The HTTP engine on h11 (see ``proxy.http.engine`` for the interface).
 
-h11 does the framing; this module adds what a proxy needs on top of it and h11 leaves
-to the application:
-
-* a request with both ``Content-Length`` and ``Transfer-Encoding`` is refused (h11
-  would silently prefer chunked: a request-smuggling vector when the upstream does not);
-* control characters in header values are refused (h11 lets them through);
-* the header-section limit also applies when a too-big head arrives in one read (h11
-  only checks heads that are still incomplete);
-* h11's exceptions become ``BadRequest`` / ``HeadersTooLarge`` / ``BadGateway``.
+h11 does the framing; ``proxy.http.head_rules`` adds what a proxy needs on top of it
+and h11 leaves to the application (the httptools engine applies the same rules), and
+h11's exceptions become ``BadRequest`` / ``HeadersTooLarge`` / ``BadGateway``.
 """
 
 from __future__ import annotations
@@ -29,21 +23,10 @@ from proxy.http.engine import (
     ResponseHead,
     ServerEngine,
 )
+from proxy.http.head_rules import request_head
 
-# Bytes not allowed in a field value (RFC 9110 5.5): CTLs other than HTAB, and DEL.
-_CTL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
 _NEED = (h11.NEED_DATA, h11.PAUSED)
 _END = EndOfMessage()
-
-
-def _head_size(method: bytes, target: bytes, headers: Headers) -> int:
-    """The header section's size on the wire, give or take whitespace."""
-    return len(method) + len(target) + 12 + sum(len(k) + len(v) + 4 for k, v in headers)
-
-
-def _has_ctl(headers: Headers) -> bool:
-    values = b"".join(value for _, value in headers)
-    return len(values.translate(None, _CTL)) != len(values)
 
 
 class H11ServerEngine(ServerEngine):
@@ -76,34 +59,8 @@ class H11ServerEngine(ServerEngine):
         return Closed()
 
     def _request_head(self, event: h11.Request) -> RequestHead:
-        headers = list(event.headers)
-        if _head_size(event.method, event.target, headers) > self._max_header_bytes:
-            raise HeadersTooLarge(f"request header section larger than {self._max_header_bytes} bytes")
-        content_length = None
-        chunked = False
-        upgrade = connection_upgrade = False
-        for name, value in headers:
-            if name == b"content-length":
-                content_length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = True
-            elif name == b"upgrade":
-                upgrade = True
-            elif name == b"connection":
-                connection_upgrade = connection_upgrade or b"upgrade" in value.lower()
-        if chunked and content_length is not None:
-            raise BadRequest("malformed request: both Content-Length and Transfer-Encoding")
-        if _has_ctl(headers):
-            raise BadRequest("malformed request: control character in a header value")
-        return RequestHead(
-            event.method,
-            event.target,
-            headers,
-            event.http_version,
-            content_length,
-            chunked,
-            self._conn.they_are_waiting_for_100_continue,
-            upgrade and connection_upgrade,
+        return request_head(
+            event.method, event.target, event.http_version, list(event.headers), self._max_header_bytes
         )
 
     def send_head(self, head: ResponseHead) -> bytes:

@@ -1,0 +1,586 @@
+"""The HTTP engine on httptools (llhttp), behind the same interface as the h11 one.
+
+Why it is built this way: the proxy must refuse exactly the requests the h11 engine
+refuses, and llhttp's grammar differs from h11's in both directions (llhttp refuses
+bare-LF lines, obs-fold, unknown methods and repeated equal Content-Lengths, which h11
+accepts; it accepts double spaces in the request line and repeated Host headers, which
+h11 refuses). So:
+
+* The fast path covers ordinary messages: the head (found where h11 would find its end)
+  is tokenised by llhttp, and only taken when it is plain — a request line of the form
+  ``METHOD SP target SP HTTP/1.x``, exactly one Host, no Transfer-Encoding — then the
+  rules of ``proxy.http.head_rules`` apply as in the h11 engine. Content-Length and
+  body-less messages are framed here by slicing; responses are serialised by hand.
+* Everything else — a head llhttp refuses or that is not plain, a chunked body — is
+  handed, for that one message, to the h11 engine (the reference): its verdict and its
+  events are the answer, so both engines refuse the same messages by construction,
+  and the rare path costs what h11 costs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import httptools
+
+from proxy.errors import BadGateway, BadRequest
+from proxy.http.engine import (
+    Body,
+    ClientEngine,
+    Closed,
+    EndOfMessage,
+    Event,
+    Headers,
+    RequestHead,
+    ResponseHead,
+    ServerEngine,
+)
+from proxy.http.h11_engine import H11ClientEngine, H11ServerEngine
+from proxy.http.head_rules import comma_values, request_head
+
+# Where h11 ends a header section; using the same boundary keeps the engines in step.
+_HEAD_END = re.compile(rb"\n\r?\n")
+# Plain request / status lines (anything else goes to h11 for its verdict).
+_PLAIN_REQUEST_LINE = re.compile(rb"[A-Z]+ [\x21-\x7e]+ HTTP/1\.[01]\r\n")
+_PLAIN_STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5][0-9][0-9](?: [\t\x20-\x7e\x80-\xff]*)?\r\n")
+_PARSE_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
+_END = EndOfMessage()
+_UNSENDABLE = b"\r\n\x00"
+
+# Body framings, for reading and for writing.
+_NO_BODY = 0  # nothing follows the head
+_LENGTH = 1  # Content-Length bytes
+_CHUNKED = 2
+_UNTIL_CLOSE = 3  # a response ended by the upstream closing (HTTP/1.0 style)
+_DELEGATED = 4  # h11 reads this message
+
+
+class _HeadFields:
+    """llhttp's callback target for one head: collects the target / reason and headers
+    (names lowercased and values stripped as h11 does)."""
+
+    __slots__ = ("target", "reason", "headers")
+
+    def __init__(self) -> None:
+        self.target = b""
+        self.reason = b""
+        self.headers: Headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value.rstrip(b" \t")))
+
+
+def _parse_head(parser_class: type, head: bytes) -> tuple[_HeadFields, object] | None:
+    """Tokenise a complete head with llhttp; None when llhttp refuses it."""
+    fields = _HeadFields()
+    parser = parser_class(fields)
+    try:
+        parser.feed_data(head)
+    except _PARSE_ERRORS as exc:
+        if type(exc) is not httptools.HttpParserUpgrade:
+            return None
+    return fields, parser
+
+
+def _wants_close(headers: Headers, http_version: bytes) -> bool:
+    """h11's keep-alive rule: ``Connection: close`` or an HTTP/1.0 peer ends the connection."""
+    return http_version < b"1.1" or b"close" in comma_values(headers, b"connection")
+
+
+def _serialise_head(start_line: bytes, headers: Headers) -> bytes:
+    lines = [start_line]
+    lines.extend(b"".join((name, b": ", value, b"\r\n")) for name, value in headers)
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def _check_sendable(headers: Headers) -> bool:
+    """No CR, LF or NUL anywhere in names or values (what would split or end a head)."""
+    joined = b"".join(name + value for name, value in headers)
+    return len(joined.translate(None, _UNSENDABLE)) == len(joined)
+
+
+class _BodyWriter:
+    """Frames the body of the message being sent (either direction)."""
+
+    __slots__ = ("framing", "remaining")
+
+    def __init__(self) -> None:
+        self.framing = _NO_BODY
+        self.remaining = 0
+
+    def body(self, data: bytes, error: type) -> Sequence[bytes]:
+        framing = self.framing
+        if framing == _CHUNKED:
+            return (b"%x\r\n" % len(data), data, b"\r\n") if data else ()
+        if framing == _UNTIL_CLOSE:
+            return (data,)
+        if len(data) > self.remaining:  # _LENGTH and _NO_BODY (a length of 0)
+            raise error("too much data for declared Content-Length")
+        self.remaining -= len(data)
+        return (data,)
+
+    def end(self, error: type) -> bytes:
+        if self.framing == _CHUNKED:
+            return b"0\r\n\r\n"
+        if self.framing != _UNTIL_CLOSE and self.remaining:
+            raise error("too little data for declared Content-Length")
+        return b""
+
+
+class _BodyReader:
+    """Reads one message body out of a buffer; ``delegate`` is the h11 engine reading
+    a message this module does not frame itself."""
+
+    __slots__ = ("framing", "remaining", "delegate")
+
+    def __init__(self) -> None:
+        self.framing = _NO_BODY
+        self.remaining = 0
+        self.delegate: H11ServerEngine | H11ClientEngine | None = None
+
+
+class HttptoolsServerEngine(ServerEngine):
+    """Client side of a connection: parses requests, writes responses."""
+
+    def __init__(self, max_header_bytes: int = 65536) -> None:
+        self._max_header_bytes = max_header_bytes or 65536
+        self._buf = b""
+        self._eof = False
+        self._reader = _BodyReader()
+        self._writer = _BodyWriter()
+        self._reading_head = True
+        self._request_done = False  # the current request's body has been read
+        self._closed = False
+        self._method = b""
+        self._version: bytes | None = None  # None until a request parsed (then assume HTTP/1.0)
+        self._keep_alive = True
+        self._awaiting_continue = False
+        self._response_started = False
+        self._response_done = False
+
+    # -- reading requests
+
+    def feed(self, data: bytes) -> None:
+        delegate = self._reader.delegate
+        if delegate is not None:
+            delegate.feed(data)
+        elif data:
+            self._buf = self._buf + data if self._buf else data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event | None:
+        if self._request_done:
+            if self._eof and not self._buf and not self._closed:
+                self._closed = True
+                return Closed()
+            return None  # a pipelined request waits until the response is done
+        reader = self._reader
+        if reader.delegate is not None:
+            return self._delegated_event()
+        if self._reading_head:
+            return self._next_head()
+        if reader.framing == _LENGTH:
+            buf = self._buf
+            if not buf:
+                if self._eof:
+                    raise BadRequest("malformed request: peer closed connection without sending complete message body")
+                return None
+            remaining = reader.remaining
+            if len(buf) > remaining:
+                data, self._buf = buf[:remaining], buf[remaining:]
+            else:
+                data, self._buf = buf, b""
+            reader.remaining = remaining - len(data)
+            if not reader.remaining:
+                reader.framing = _NO_BODY
+            self._awaiting_continue = False
+            return Body(data)
+        self._request_done = True
+        self._awaiting_continue = False
+        return _END
+
+    def _delegated_event(self) -> Event | None:
+        reader = self._reader
+        delegate = reader.delegate
+        event = delegate.next_event()
+        kind = type(event)
+        if event is None or kind is Body:
+            if event is not None:
+                self._awaiting_continue = False
+            return event
+        if kind is RequestHead:
+            self._start_request(event)
+            return event
+        reader.delegate = None
+        if kind is Closed:
+            self._closed = True
+            return event
+        self._buf = delegate.switched_data()  # a pipelined request, if any
+        self._request_done = True
+        self._awaiting_continue = False
+        return _END
+
+    def _next_head(self) -> Event | None:
+        buf = self._buf
+        if not buf:
+            if self._eof and not self._closed:
+                self._closed = True
+                return Closed()
+            return None
+        if buf[0] < 0x21:  # h11 refuses this at once (blank line, whitespace, TLS bytes)
+            return self._delegate_request()
+        match = _HEAD_END.search(buf)
+        if match is None:
+            if len(buf) > self._max_header_bytes or self._eof:
+                return self._delegate_request()  # h11 raises 431 / "peer closed"
+            return None
+        end = match.end()
+        head = self._plain_request(buf[:end])
+        if head is None:
+            return self._delegate_request()
+        self._buf = buf[end:]
+        self._start_request(head)
+        reader = self._reader
+        if head.content_length:
+            reader.framing = _LENGTH
+            reader.remaining = head.content_length
+        else:
+            reader.framing = _NO_BODY
+        return head
+
+    def _plain_request(self, raw: bytes) -> RequestHead | None:
+        """The head via llhttp, or None when it is not plain (h11 decides then)."""
+        if _PLAIN_REQUEST_LINE.match(raw) is None:
+            return None
+        parsed = _parse_head(httptools.HttpRequestParser, raw)
+        if parsed is None:
+            return None
+        fields, parser = parsed
+        headers = fields.headers
+        hosts = 0
+        for name, _ in headers:
+            if name == b"host":
+                hosts += 1
+            elif name == b"transfer-encoding":
+                return None
+        if hosts != 1:
+            return None
+        method = raw[: raw.index(b" ")]
+        version = parser.get_http_version().encode()
+        return request_head(method, fields.target, version, headers, self._max_header_bytes)
+
+    def _delegate_request(self) -> Event | None:
+        """Hand this request to the h11 engine: its head (or its refusal) and its body."""
+        delegate = H11ServerEngine(self._max_header_bytes)
+        delegate.feed(self._buf)
+        if self._eof:
+            delegate.feed(b"")
+        self._buf = b""
+        self._reader.delegate = delegate
+        return self._delegated_event()
+
+    def _start_request(self, head: RequestHead) -> None:
+        self._reading_head = False
+        self._method = head.method
+        self._version = head.http_version
+        self._keep_alive = not _wants_close(head.headers, head.http_version)
+        self._awaiting_continue = head.expect_continue
+
+    # -- writing responses
+
+    def send_head(self, head: ResponseHead) -> bytes:
+        status = head.status
+        start = b"HTTP/1.1 %d %s\r\n" % (status, head.reason)
+        self._awaiting_continue = False
+        if status < 200:
+            return _serialise_head(start, head.headers)
+        headers = self._frame_response(status, list(head.headers))
+        if not _check_sendable(headers):
+            raise BadGateway("upstream response cannot be relayed: illegal header")
+        self._response_started = True
+        return _serialise_head(start, headers)
+
+    def _frame_response(self, status: int, headers: Headers) -> Headers:
+        """Choose the response framing and fix its headers as h11 does."""
+        method = self._method
+        writer = self._writer
+        need_close = False
+        framing = _LENGTH
+        if status in (204, 304) or (method == b"CONNECT" and 200 <= status < 300):
+            framing = _NO_BODY
+            writer.remaining = 0
+        else:
+            chunked = any(name == b"transfer-encoding" for name, _ in headers)
+            lengths = comma_values(headers, b"content-length")
+            if lengths and not chunked:
+                writer.remaining = int(lengths[0])
+            else:
+                headers = [(n, v) for n, v in headers if n != b"content-length" and n != b"transfer-encoding"]
+                if self._version is None or self._version < b"1.1":
+                    framing = _UNTIL_CLOSE
+                    need_close = method != b"HEAD"
+                else:
+                    framing = _CHUNKED
+                    headers.append((b"transfer-encoding", b"chunked"))
+        if method == b"HEAD":
+            framing = _NO_BODY
+            writer.remaining = 0
+        writer.framing = framing
+        if need_close or not self._keep_alive or b"close" in comma_values(headers, b"connection"):
+            self._keep_alive = False
+            tokens = set(comma_values(headers, b"connection"))
+            tokens.discard(b"keep-alive")
+            tokens.add(b"close")
+            headers = [(n, v) for n, v in headers if n != b"connection"]
+            headers.append((b"connection", b", ".join(sorted(tokens))))
+        return headers
+
+    def send_body(self, data: bytes) -> Sequence[bytes]:
+        return self._writer.body(data, _unrelayable)
+
+    def send_end(self) -> bytes:
+        self._response_done = True
+        return self._writer.end(_unrelayable)
+
+    @property
+    def awaiting_continue(self) -> bool:
+        return self._awaiting_continue
+
+    @property
+    def request_complete(self) -> bool:
+        return self._request_done
+
+    @property
+    def can_respond(self) -> bool:
+        return not self._response_started
+
+    def start_next_cycle(self) -> bool:
+        if not (self._request_done and self._response_done and self._keep_alive) or self._closed:
+            return False
+        self._reading_head = True
+        self._request_done = self._response_started = self._response_done = False
+        self._reader.framing = _NO_BODY
+        return True
+
+    def switched_data(self) -> bytes:
+        delegate = self._reader.delegate
+        return delegate.switched_data() if delegate is not None else self._buf
+
+
+def _unrelayable(message: str) -> BadGateway:
+    return BadGateway(f"upstream response cannot be relayed: {message}")
+
+
+def _unsendable(message: str) -> BadGateway:
+    return BadGateway(f"request cannot be sent upstream: {message}")
+
+
+class HttptoolsClientEngine(ClientEngine):
+    """Upstream side of a pooled connection: writes requests, parses responses."""
+
+    def __init__(self, max_header_bytes: int = 65536) -> None:
+        self._max_header_bytes = max_header_bytes or 65536
+        self._buf = b""
+        self._eof = False
+        self._writer = _BodyWriter()
+        self._reader = _BodyReader()
+        self._method = b""
+        self._upgrade_asked = False
+        self._keep_alive = True
+        self._reading_head = True
+        self._response_done = False
+        self._request_done = False
+        self._switched = False
+        self._request_host = b""
+
+    # -- writing requests
+
+    def send_head(self, head: RequestHead, headers: Headers, target: bytes) -> bytes:
+        writer = self._writer
+        if head.content_length is not None:
+            writer.framing = _LENGTH
+            writer.remaining = head.content_length
+        elif head.chunked:
+            writer.framing = _CHUNKED
+            headers = [*headers, (b"transfer-encoding", b"chunked")]
+        else:
+            writer.framing = _NO_BODY
+            writer.remaining = 0
+        host = [(name, value) for name, value in headers if name == b"host"]
+        if len(host) != 1:
+            raise _unsendable("exactly one Host header is needed")
+        if not _check_sendable(headers) or not _check_sendable([(head.method, target)]):
+            raise _unsendable("illegal byte in the request head")
+        self._method = head.method
+        self._request_host = host[0][1]
+        self._upgrade_asked = any(name == b"upgrade" for name, _ in headers)
+        self._keep_alive = b"close" not in comma_values(headers, b"connection")
+        # Host first, like h11 (some servers look for it there).
+        start = b"%s %s HTTP/1.1\r\n" % (head.method, target)
+        return _serialise_head(start, [*host, *(h for h in headers if h[0] != b"host")])
+
+    def send_body(self, data: bytes) -> Sequence[bytes]:
+        return self._writer.body(data, _unsendable)
+
+    def send_end(self) -> bytes:
+        self._request_done = True
+        return self._writer.end(_unsendable)
+
+    # -- reading responses
+
+    def feed(self, data: bytes) -> None:
+        delegate = self._reader.delegate
+        if delegate is not None:
+            delegate.feed(data)
+        elif data:
+            self._buf = self._buf + data if self._buf else data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event | None:
+        if self._switched or self._response_done:
+            return None
+        reader = self._reader
+        if reader.delegate is not None:
+            return self._delegated_event()
+        if self._reading_head:
+            return self._next_head()
+        framing = reader.framing
+        if framing == _LENGTH:
+            buf = self._buf
+            if not buf:
+                if self._eof:
+                    raise BadGateway("upstream broke the protocol: peer closed connection without sending "
+                                     "complete message body")
+                return None
+            remaining = reader.remaining
+            if len(buf) > remaining:
+                data, self._buf = buf[:remaining], buf[remaining:]
+            else:
+                data, self._buf = buf, b""
+            reader.remaining = remaining - len(data)
+            if not reader.remaining:
+                reader.framing = _NO_BODY
+            return Body(data)
+        if framing == _UNTIL_CLOSE:
+            if self._buf:
+                data, self._buf = self._buf, b""
+                return Body(data)
+            if not self._eof:
+                return None
+        self._response_done = True
+        return _END
+
+    def _delegated_event(self) -> Event | None:
+        reader = self._reader
+        delegate = reader.delegate
+        event = delegate.next_event()
+        kind = type(event)
+        if event is None or kind is Body:
+            return event
+        if kind is ResponseHead:
+            if event.status == 101:
+                self._switched = True
+            elif event.status >= 200:
+                self._reading_head = False
+            return event
+        if kind is Closed:
+            return event
+        self._buf = delegate.switched_data()
+        if not delegate.start_next_cycle():
+            self._keep_alive = False
+        reader.delegate = None
+        self._response_done = True
+        return _END
+
+    def _next_head(self) -> Event | None:
+        buf = self._buf
+        if not buf:
+            if self._eof:
+                return self._delegate_response()  # h11 decides what an early close means
+            return None
+        match = _HEAD_END.search(buf)
+        if match is None:
+            if len(buf) > self._max_header_bytes or self._eof or buf[0] < 0x21:
+                return self._delegate_response()
+            return None
+        end = match.end()
+        head = self._plain_response(buf[:end])
+        if head is None:
+            return self._delegate_response()
+        self._buf = buf[end:]
+        return self._start_response(head)
+
+    def _plain_response(self, raw: bytes) -> ResponseHead | None:
+        if _PLAIN_STATUS_LINE.match(raw) is None:
+            return None
+        parsed = _parse_head(httptools.HttpResponseParser, raw)
+        if parsed is None:
+            return None
+        fields, parser = parsed
+        for name, _ in fields.headers:
+            if name == b"transfer-encoding":
+                return None
+        status = parser.get_status_code()
+        if status == 101 and not self._upgrade_asked:
+            return None  # h11 refuses a switch nobody proposed
+        if _wants_close(fields.headers, parser.get_http_version().encode()):
+            self._keep_alive = False
+        return ResponseHead(status, fields.headers, fields.reason)
+
+    def _start_response(self, head: ResponseHead) -> Event:
+        status = head.status
+        if status < 200:
+            if status == 101:
+                self._switched = True
+            return head
+        self._reading_head = False
+        reader = self._reader
+        if status in (204, 304) or self._method == b"HEAD" or (self._method == b"CONNECT" and status < 300):
+            reader.framing = _NO_BODY
+        else:
+            lengths = comma_values(head.headers, b"content-length")
+            if lengths:
+                reader.framing = _LENGTH
+                reader.remaining = int(lengths[0])
+                if not reader.remaining:
+                    reader.framing = _NO_BODY
+            else:
+                reader.framing = _UNTIL_CLOSE
+                self._keep_alive = False
+        return head
+
+    def _delegate_response(self) -> Event | None:
+        """Hand this response to the h11 engine (its verdict, its events), primed with
+        the request it answers so it frames HEAD / Upgrade answers the same way."""
+        delegate = H11ClientEngine(self._max_header_bytes)
+        host = [(b"host", self._request_host)]
+        upgrade = [(b"upgrade", b"x"), (b"connection", b"upgrade")] if self._upgrade_asked else []
+        delegate.send_head(RequestHead(self._method, b"/", host), [*host, *upgrade], b"/")
+        delegate.send_end()
+        delegate.feed(self._buf)
+        if self._eof:
+            delegate.feed(b"")
+        self._buf = b""
+        self._reader.delegate = delegate
+        return self._delegated_event()
+
+    def start_next_cycle(self) -> bool:
+        if not (self._request_done and self._response_done and self._keep_alive) or self._buf:
+            return False
+        self._reading_head = True
+        self._request_done = self._response_done = False
+        return True
+
+    def switched_data(self) -> bytes:
+        delegate = self._reader.delegate
+        return delegate.switched_data() if delegate is not None else self._buf

@@ -1,0 +1,314 @@
+"""Both HTTP engines give the same verdict on the same bytes (in memory, no sockets).
+
+Each request below goes through the h11 and the httptools ``ServerEngine``: either both
+accept it with the same events, or both refuse it with the same status. Likewise for
+responses through each ``ClientEngine``. Smuggling shapes are the point of the table.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.errors import HTTPError
+from proxy.http.engine import Body, Closed, EndOfMessage, RequestHead, ResponseHead, engine_factory
+
+H11 = engine_factory("h11")
+HTTPTOOLS = engine_factory("httptools")
+
+GET = b"GET / HTTP/1.1\r\nHost: a\r\n"
+POST = b"POST / HTTP/1.1\r\nHost: a\r\n"
+CHUNKED = POST + b"Transfer-Encoding: chunked\r\n\r\n"
+
+REQUESTS = {
+    "plain-get": GET + b"\r\n",
+    "get-with-headers": GET + b"User-Agent: x\r\nAccept: */*\r\nX-Tab:\ta\tb \t\r\n\r\n",
+    "absolute-form": b"GET http://a/x?y HTTP/1.1\r\nHost: a\r\n\r\n",
+    "asterisk-form": b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+    "content-length": POST + b"Content-Length: 3\r\n\r\nabc",
+    "content-length-zero": POST + b"Content-Length: 0\r\n\r\n",
+    "chunked": CHUNKED + b"3\r\nabc\r\n0\r\n\r\n",
+    "chunk-extension": CHUNKED + b"3;a=b\r\nabc\r\n0\r\n\r\n",
+    "chunk-extension-odd": CHUNKED + b'3;"\x01\r\nabc\r\n0\r\n\r\n',
+    "chunk-size-space": CHUNKED + b"3 \r\nabc\r\n0\r\n\r\n",
+    "chunk-size-overflow": CHUNKED + b"1ffffffffffffffffffff\r\nabc",
+    "chunk-size-negative": CHUNKED + b"-3\r\nabc\r\n0\r\n\r\n",
+    "chunk-size-0x": CHUNKED + b"0x3\r\nabc\r\n0\r\n\r\n",
+    "chunk-data-too-long": CHUNKED + b"3\r\nabcX\r\n0\r\n\r\n",
+    "chunk-bare-lf": CHUNKED + b"3\nabc\n0\n\n",
+    "trailers": CHUNKED + b"3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n",
+    "bad-trailer": CHUNKED + b"3\r\nabc\r\n0\r\nX T: 1\r\n\r\n",
+    "cl-and-te": POST + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    "te-and-cl": POST + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    "te-identity": POST + b"Transfer-Encoding: identity\r\n\r\n",
+    "te-xchunked": POST + b"Transfer-Encoding: xchunked\r\n\r\n",
+    "te-gzip-chunked": POST + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    "te-chunked-gzip": POST + b"Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+    "te-chunked-twice": POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "te-uppercase": POST + b"Transfer-Encoding: CHUNKED\r\n\r\n0\r\n\r\n",
+    "te-space-before-colon": POST + b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+    "te-on-http10": b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "cl-twice-same": POST + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    "cl-twice-different": POST + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    "cl-list-same": POST + b"Content-Length: 3, 3\r\n\r\nabc",
+    "cl-list-different": POST + b"Content-Length: 3, 4\r\n\r\nabc",
+    "cl-negative": POST + b"Content-Length: -1\r\n\r\n",
+    "cl-plus": POST + b"Content-Length: +3\r\n\r\nabc",
+    "cl-hex": POST + b"Content-Length: 0x3\r\n\r\nabc",
+    "cl-inner-space": POST + b"Content-Length: 1 2\r\n\r\nabc",
+    "cl-trailing-space": POST + b"Content-Length: 3 \r\n\r\nabc",
+    "cl-20-digits": POST + b"Content-Length: 99999999999999999999\r\n\r\nabc",
+    "cl-21-digits": POST + b"Content-Length: 999999999999999999999\r\n\r\nabc",
+    "bare-lf": b"GET / HTTP/1.1\nHost: a\n\n",
+    "bare-lf-mixed": b"GET / HTTP/1.1\r\nHost: a\n\r\n",
+    "bare-cr": b"GET / HTTP/1.1\rHost: a\r\r\n\r\n",
+    "space-before-colon": GET + b"X : a\r\n\r\n",
+    "obs-fold": GET + b"X: a\r\n b\r\n\r\n",
+    "fold-first-line": b"GET / HTTP/1.1\r\n Host: a\r\n\r\n",
+    "nul-in-value": GET + b"X: a\x00b\r\n\r\n",
+    "ctl-in-value": GET + b"X: a\x01b\r\n\r\n",
+    "del-in-value": GET + b"X: a\x7fb\r\n\r\n",
+    "cr-in-value": GET + b"X: a\rb\r\n\r\n",
+    "vt-in-value": GET + b"X: a\x0bb\r\n\r\n",
+    "obs-text-value": GET + b"X: \xc3\xa9\r\n\r\n",
+    "empty-value": GET + b"X:\r\n\r\n",
+    "empty-name": GET + b": x\r\n\r\n",
+    "bad-name": GET + b"X@Y: x\r\n\r\n",
+    "ctl-in-name": GET + b"X\x01: x\r\n\r\n",
+    "no-colon": GET + b"XY\r\n\r\n",
+    "no-host": b"GET / HTTP/1.1\r\n\r\n",
+    "two-hosts": GET + b"Host: b\r\n\r\n",
+    "http10-no-host": b"GET / HTTP/1.0\r\n\r\n",
+    "http10-keep-alive": b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    "unknown-method": b"BREW / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "lowercase-method": b"get / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "http-1.2": b"GET / HTTP/1.2\r\nHost: a\r\n\r\n",
+    "http-0.9-line": b"GET /\r\n\r\n",
+    "http2-preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "lowercase-http": b"GET / http/1.1\r\nHost: a\r\n\r\n",
+    "two-spaces": b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "tab-separator": b"GET\t/ HTTP/1.1\r\nHost: a\r\n\r\n",
+    "trailing-space-line": b"GET / HTTP/1.1 \r\nHost: a\r\n\r\n",
+    "non-ascii-target": b"GET /\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "leading-crlf": b"\r\n" + GET + b"\r\n",
+    "tls-bytes": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    "garbage-line": b"hello world\r\n\r\n",
+    "expect-100": POST + b"Expect: 100-continue\r\nContent-Length: 3\r\n\r\nabc",
+    "expect-100-http10": b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc",
+    "upgrade": GET + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    "connect": b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+    "long-header": GET + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n",
+    "long-incomplete-header": GET + b"X-Big: " + b"a" * 70000,
+    "many-headers": GET + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 100) for i in range(700)) + b"\r\n",
+    "truncated-head": GET,
+    "truncated-body": POST + b"Content-Length: 10\r\n\r\nabc",
+    "truncated-chunked": CHUNKED + b"3\r\nab",
+    "empty": b"",
+}
+
+
+def _normalise(event):
+    """Events compared by value (h11 hands out bytearrays where httptools has bytes)."""
+    if type(event) is Body:
+        return ("body", bytes(event.data))
+    return event
+
+
+def run_server(factory, raw: bytes, *, close: bool = True) -> tuple[list, int | None]:
+    """Feed ``raw`` then EOF; the events up to the first request's end, and the status
+    of the error the engine raised (None when it raised none)."""
+    engine = factory.server(65536)
+    engine.feed(raw)
+    events = []
+    try:
+        while (event := engine.next_event()) is not None:
+            events.append(_normalise(event))
+            if type(event) in (EndOfMessage, Closed):
+                break
+        else:
+            if close:
+                engine.feed(b"")
+                while (event := engine.next_event()) is not None:
+                    events.append(_normalise(event))
+                    if type(event) in (EndOfMessage, Closed):
+                        break
+    except HTTPError as exc:
+        return events, exc.status
+    return events, None
+
+
+@pytest.mark.parametrize("raw", REQUESTS.values(), ids=REQUESTS.keys())
+def test_server_engines_agree(raw):
+    expected = run_server(H11, raw)
+    assert run_server(HTTPTOOLS, raw) == expected
+
+
+@pytest.mark.parametrize("raw", REQUESTS.values(), ids=REQUESTS.keys())
+def test_server_engines_agree_byte_by_byte(raw):
+    """The same verdict when the bytes trickle in one at a time."""
+    if len(raw) > 2000:
+        pytest.skip("long inputs are covered in one piece")
+    results = []
+    for factory in (H11, HTTPTOOLS):
+        engine = factory.server(65536)
+        events = []
+        status = None
+        try:
+            for i in range(len(raw) + 1):
+                engine.feed(raw[i : i + 1])  # the last one is b"": EOF
+                while (event := engine.next_event()) is not None:
+                    events.append(_normalise(event))
+                    if type(event) in (EndOfMessage, Closed):
+                        break
+                if events and type(events[-1]) in (EndOfMessage, Closed):
+                    break
+        except HTTPError as exc:
+            status = exc.status
+        results.append((_merge_bodies(events), status))
+    assert results[1] == results[0]
+
+
+def _merge_bodies(events: list) -> list:
+    merged = []
+    for event in events:
+        if merged and type(event) is tuple and type(merged[-1]) is tuple:
+            merged[-1] = ("body", merged[-1][1] + event[1])
+        else:
+            merged.append(event)
+    return merged
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (REQUESTS["cl-and-te"], 400),
+        (REQUESTS["cl-twice-different"], 400),
+        (REQUESTS["te-identity"], 400),
+        (REQUESTS["te-xchunked"], 400),
+        (REQUESTS["te-gzip-chunked"], 400),
+        (REQUESTS["space-before-colon"], 400),
+        (REQUESTS["nul-in-value"], 400),
+        (REQUESTS["ctl-in-value"], 400),
+        (REQUESTS["no-host"], 400),
+        (REQUESTS["two-hosts"], 400),
+        (REQUESTS["chunk-size-negative"], 400),
+        (REQUESTS["long-header"], 431),
+        (REQUESTS["long-incomplete-header"], 431),
+    ],
+)
+def test_smuggling_shapes_are_refused_by_both(raw, status):
+    for factory in (H11, HTTPTOOLS):
+        assert run_server(factory, raw)[1] == status, factory.name
+
+
+def test_pipelined_requests_come_one_at_a_time_on_both():
+    raw = REQUESTS["content-length"] + REQUESTS["plain-get"] + REQUESTS["chunked"]
+    for factory in (H11, HTTPTOOLS):
+        engine = factory.server(65536)
+        engine.feed(raw)
+        targets = []
+        for _ in range(3):
+            while (event := engine.next_event()) is not None:
+                if type(event) is RequestHead:
+                    targets.append(event.method)
+                if type(event) is EndOfMessage:
+                    break
+            assert engine.next_event() is None  # held back until the response is done
+            engine.send_head(ResponseHead(200, [(b"content-length", b"0")]))
+            engine.send_end()
+            assert engine.start_next_cycle()
+        assert targets == [b"POST", b"GET", b"POST"], factory.name
+
+
+# -- responses through the ClientEngine
+
+
+def run_client(factory, method: bytes, raw: bytes, *, upgrade: bool = False) -> tuple[list, int | None, bool]:
+    """Send a request, feed the response ``raw`` then EOF: (events, error status, reusable)."""
+    engine = factory.client(65536)
+    headers = [(b"host", b"a")]
+    if upgrade:
+        headers += [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+    engine.send_head(RequestHead(method, b"/", headers), headers, b"/")
+    engine.send_end()
+    engine.feed(raw)
+    events = []
+    try:
+        for eof in (False, True):
+            if eof:
+                engine.feed(b"")
+            while (event := engine.next_event()) is not None:
+                events.append(_normalise(event))
+                if type(event) in (EndOfMessage, Closed) or (
+                    type(event) is ResponseHead and event.status == 101
+                ):
+                    return _merge_bodies(events), None, engine.start_next_cycle()
+    except HTTPError as exc:
+        return _merge_bodies(events), exc.status, False
+    return _merge_bodies(events), None, False
+
+
+OK = b"HTTP/1.1 200 OK\r\n"
+RESPONSES = {
+    "content-length": (b"GET", OK + b"Content-Length: 3\r\n\r\nabc"),
+    "chunked": (b"GET", OK + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+    "chunked-and-cl": (b"GET", OK + b"Transfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+    "close-delimited": (b"GET", OK + b"\r\nabc"),
+    "http10-close-delimited": (b"GET", b"HTTP/1.0 200 OK\r\n\r\nabc"),
+    "http10-content-length": (b"GET", b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nabc"),
+    "connection-close": (b"GET", OK + b"Connection: close\r\nContent-Length: 3\r\n\r\nabc"),
+    "head-with-length": (b"HEAD", OK + b"Content-Length: 30\r\n\r\n"),
+    "head-chunked": (b"HEAD", OK + b"Transfer-Encoding: chunked\r\n\r\n"),
+    "204": (b"GET", b"HTTP/1.1 204 No Content\r\n\r\n"),
+    "204-with-length": (b"GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n"),
+    "304": (b"GET", b"HTTP/1.1 304 Not Modified\r\n\r\n"),
+    "304-with-length": (b"GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 30\r\n\r\n"),
+    "100-then-200": (b"POST", b"HTTP/1.1 100 Continue\r\n\r\n" + OK + b"Content-Length: 2\r\n\r\nok"),
+    "103-then-200": (b"GET", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK + b"Content-Length: 0\r\n\r\n"),
+    "no-reason": (b"GET", b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n"),
+    "cl-twice-same": (b"GET", OK + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc"),
+    "cl-twice-different": (b"GET", OK + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"),
+    "te-gzip": (b"GET", OK + b"Transfer-Encoding: gzip\r\n\r\nabc"),
+    "ctl-in-value": (b"GET", OK + b"X: a\x01b\r\nContent-Length: 0\r\n\r\n"),
+    "obs-fold": (b"GET", OK + b"X: a\r\n b\r\nContent-Length: 0\r\n\r\n"),
+    "bare-lf": (b"GET", b"HTTP/1.1 200 OK\nContent-Length: 0\n\n"),
+    "status-600": (b"GET", b"HTTP/1.1 600 Odd\r\nContent-Length: 0\r\n\r\n"),
+    "status-2-digits": (b"GET", b"HTTP/1.1 20 OK\r\nContent-Length: 0\r\n\r\n"),
+    "garbage": (b"GET", b"hello\r\n\r\n"),
+    "garbage-no-newline": (b"GET", b"SSH-2.0-OpenSSH"),
+    "closed-at-once": (b"GET", b""),
+    "truncated-head": (b"GET", OK + b"Content-Length: 3\r\n"),
+    "truncated-body": (b"GET", OK + b"Content-Length: 10\r\n\r\nabc"),
+    "truncated-chunked": (b"GET", OK + b"Transfer-Encoding: chunked\r\n\r\n3\r\nab"),
+    "extra-bytes": (b"GET", OK + b"Content-Length: 3\r\n\r\nabcEXTRA"),
+    "101-unasked": (b"GET", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"),
+    "huge-head": (b"GET", OK + b"X: " + b"a" * 70000 + b"\r\n\r\n"),
+}
+
+
+@pytest.mark.parametrize(("method", "raw"), RESPONSES.values(), ids=RESPONSES.keys())
+def test_client_engines_agree(method, raw):
+    events, status, reusable = run_client(HTTPTOOLS, method, raw)
+    h11_events, h11_status, h11_reusable = run_client(H11, method, raw)
+    assert (events, status) == (h11_events, h11_status)
+    # httptools may be stricter about pooling: h11 would pool a connection that ended a
+    # close-delimited response, or that carried bytes beyond the response.
+    assert reusable <= h11_reusable
+    if b"Content-Length: 0" in raw and not raw.startswith(b"HTTP/1.0") and status is None:
+        assert reusable == h11_reusable
+
+
+def test_upgrade_response_hands_over_the_rest():
+    raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nFRAME"
+    for factory in (H11, HTTPTOOLS):
+        engine = factory.client(65536)
+        headers = [(b"host", b"a"), (b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+        engine.send_head(RequestHead(b"GET", b"/", headers, upgrade=True), headers, b"/")
+        engine.send_end()
+        engine.feed(raw)
+        assert engine.next_event().status == 101
+        assert engine.switched_data() == b"FRAME", factory.name
+
+
+def test_garbage_from_upstream_is_a_bad_gateway_on_both():
+    for factory in (H11, HTTPTOOLS):
+        assert run_client(factory, b"GET", b"hello\r\n\r\n")[1] == 502, factory.name
