@@ -7,6 +7,11 @@
                                  and friends issue ``pki.leaf("api", "api.localhost")``)
 ``pki.leaf(stem, *names, ...)``  issue more certificates on demand (cached by arguments)
 ``pki.crl([cert paths])``        a PEM CRL from the main CA revoking those certificates
+
+Every test in ``tests/test_proxy_*.py`` runs once per HTTP engine (ids ``[h11]`` /
+``[httptools]``): the autouse ``http_engine`` fixture makes ``http_engine: auto`` resolve
+to the engine under test, in process and in ``tlsproxy serve`` subprocesses (through
+``TLSPROXY_HTTP_ENGINE``, which only tests set).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+
+from proxy.http import engine as http_engine_module
 
 from proxy.pki.build import issue_leaf, make_crl, validity_window
 from proxy.pki.store import ensure_ca, load_certificates, write_crl, write_leaf
@@ -90,3 +97,21 @@ class SessionPKI:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> SessionPKI:
     tmp = tmp_path_factory.mktemp("pki")
     return SessionPKI(tmp=tmp, ca_dir=tmp / "ca", other_ca_dir=tmp / "other-ca")
+
+
+HTTP_ENGINES = ("h11", "httptools")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if Path(str(metafunc.definition.fspath)).name.startswith("test_proxy_"):
+        metafunc.parametrize("http_engine", HTTP_ENGINES, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def http_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The engine behind ``auto`` for this test (proxy tests only; None elsewhere)."""
+    name = getattr(request, "param", None)
+    if name is not None:
+        monkeypatch.setattr(http_engine_module, "forced_engine", name)
+        monkeypatch.setenv(http_engine_module.FORCED_ENGINE_ENV, name)
+    return name

@@ -312,3 +312,122 @@ def test_upgrade_response_hands_over_the_rest():
 def test_garbage_from_upstream_is_a_bad_gateway_on_both():
     for factory in (H11, HTTPTOOLS):
         assert run_client(factory, b"GET", b"hello\r\n\r\n")[1] == 502, factory.name
+
+
+# -- responses written by the ServerEngine
+
+import h11  # noqa: E402  (only this part reads the bytes back with h11)
+
+WRITES = {
+    "length": (REQUESTS["plain-get"], 200, [(b"content-length", b"5")], [b"he", b"llo"]),
+    "unknown-length-http11": (REQUESTS["plain-get"], 200, [(b"x", b"y")], [b"he", b"", b"llo"]),
+    "unknown-length-http10": (REQUESTS["http10-no-host"], 200, [(b"x", b"y")], [b"hello"]),
+    "head": (b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", 200, [(b"content-length", b"5")], []),
+    "head-unknown-length": (b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", 200, [], []),
+    "204": (REQUESTS["plain-get"], 204, [], []),
+    "304-with-length": (REQUESTS["plain-get"], 304, [(b"content-length", b"5")], []),
+    "client-asked-close": (GET + b"Connection: close\r\n\r\n", 200, [(b"content-length", b"2")], [b"ok"]),
+    "we-close": (REQUESTS["plain-get"], 200, [(b"content-length", b"2"), (b"connection", b"close")], [b"ok"]),
+    "after-continue": (REQUESTS["expect-100"], 201, [(b"content-length", b"0")], []),
+}
+
+
+def write_response(factory, request: bytes, status: int, headers: list, body: list) -> tuple[bytes, bool]:
+    engine = factory.server(65536)
+    engine.feed(request)
+    while type(engine.next_event()) is not EndOfMessage:
+        pass
+    wire = engine.send_head(ResponseHead(status, list(headers), b"X"))
+    for piece in body:
+        wire += b"".join(engine.send_body(piece))
+    return wire + engine.send_end(), engine.start_next_cycle()
+
+
+def read_back(request: bytes, wire: bytes) -> list:
+    """What an HTTP client makes of the bytes (h11 as the client)."""
+    client = h11.Connection(h11.CLIENT)
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(request)
+    sent = server.next_event()
+    headers = list(sent.headers) or [(b"host", b"a")]  # (h11 only sends HTTP/1.1 requests)
+    client.send(h11.Request(method=sent.method, target=sent.target, headers=headers))
+    client.receive_data(wire)
+    client.receive_data(b"")
+    out = []
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA or type(event) is h11.ConnectionClosed:
+            return out
+        if type(event) is h11.Response:
+            out.append((event.status_code, sorted(event.headers)))
+        elif type(event) is h11.Data:
+            out.append(bytes(event.data))
+        elif type(event) is h11.EndOfMessage:
+            out.append("end")
+            return out
+
+
+@pytest.mark.parametrize(("request_bytes", "status", "headers", "body"), WRITES.values(), ids=WRITES.keys())
+def test_server_engines_write_equivalent_responses(request_bytes, status, headers, body):
+    wire, keep_alive = write_response(HTTPTOOLS, request_bytes, status, headers, body)
+    h11_wire, h11_keep_alive = write_response(H11, request_bytes, status, headers, body)
+    assert keep_alive == h11_keep_alive
+    expected = read_back(request_bytes, h11_wire)
+    got = read_back(request_bytes, wire)
+    # Header names: h11 may title-case the ones it sets itself; compare lowercased.
+    lower = [(e[0], sorted((k.lower(), v) for k, v in e[1])) if type(e) is tuple else e for e in expected]
+    assert [(e[0], sorted((k.lower(), v) for k, v in e[1])) if type(e) is tuple else e for e in got] == lower
+
+
+def test_too_much_or_too_little_body_is_a_bad_gateway_on_both():
+    for factory in (H11, HTTPTOOLS):
+        engine = factory.server(65536)
+        engine.feed(REQUESTS["plain-get"])
+        engine.next_event()
+        engine.send_head(ResponseHead(200, [(b"content-length", b"2")]))
+        with pytest.raises(HTTPError):
+            engine.send_body(b"abc")
+    for factory in (H11, HTTPTOOLS):
+        engine = factory.server(65536)
+        engine.feed(REQUESTS["plain-get"])
+        engine.next_event()
+        engine.send_head(ResponseHead(200, [(b"content-length", b"2")]))
+        engine.send_body(b"a")
+        with pytest.raises(HTTPError):
+            engine.send_end()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        RequestHead(b"GET", b"/", [(b"host", b"a")]),
+        RequestHead(b"POST", b"/", [(b"host", b"a"), (b"content-length", b"5")], content_length=5),
+        RequestHead(b"POST", b"/", [(b"host", b"a")], chunked=True),
+    ],
+    ids=["no-body", "length", "chunked"],
+)
+def test_client_engines_write_equivalent_requests(head):
+    results = []
+    for factory in (H11, HTTPTOOLS):
+        engine = factory.client(65536)
+        wire = engine.send_head(head, list(head.headers), b"/up")
+        if head.has_body:
+            wire += b"".join(engine.send_body(b"he")) + b"".join(engine.send_body(b"llo"))
+        wire += engine.send_end()
+        upstream = h11.Connection(h11.SERVER)
+        upstream.receive_data(wire)
+        events = []
+        while type(event := upstream.next_event()) is not h11.EndOfMessage:
+            events.append(bytes(event.data) if type(event) is h11.Data else (event.method, event.target,
+                          sorted((k.lower(), v) for k, v in event.headers)))
+        results.append(events)
+    assert results[0][0] == results[1][0]
+    assert b"".join(results[0][1:]) == b"".join(results[1][1:])
+
+
+def test_unsendable_request_heads_are_a_bad_gateway_on_both():
+    for factory in (H11, HTTPTOOLS):
+        bad = [(b"host", b"a"), (b"x-env", b"a\r\nInjected: 1")]
+        with pytest.raises(HTTPError) as caught:
+            factory.client(65536).send_head(RequestHead(b"GET", b"/", bad), bad, b"/")
+        assert caught.value.status == 502

@@ -53,7 +53,6 @@ _NO_BODY = 0  # nothing follows the head
 _LENGTH = 1  # Content-Length bytes
 _CHUNKED = 2
 _UNTIL_CLOSE = 3  # a response ended by the upstream closing (HTTP/1.0 style)
-_DELEGATED = 4  # h11 reads this message
 
 
 class _HeadFields:
