@@ -22,6 +22,8 @@ from collections.abc import Iterable
 # unsent bytes are held, each way: a proxied request holds under ~2 MiB in the worst case.
 READ_LIMIT = 256 * 1024
 WRITE_LIMIT = 512 * 1024
+# Loops may run a timer up to their clock resolution early; that early is on time.
+_TIMER_SLACK = 0.001
 
 
 class ConnectionLost(ConnectionError):
@@ -41,6 +43,9 @@ class Channel(asyncio.Protocol):
         self._eof = False
         self.closed = False
         self._read_waiter: asyncio.Future | None = None
+        # One read timer per channel, re-armed lazily (see ``read``).
+        self._read_deadline = 0.0
+        self._read_timer: asyncio.TimerHandle | None = None
         self._drain_waiter: asyncio.Future | None = None
         self._writing_paused = False
         self._closed_waiter: asyncio.Future | None = None
@@ -69,6 +74,9 @@ class Channel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self.closed = True
+        if self._read_timer is not None:
+            self._read_timer.cancel()  # it holds the channel alive until it fires
+            self._read_timer = None
         self._wake_reader()
         self._wake_drainer()
         if self._closed_waiter is not None and not self._closed_waiter.done():
@@ -95,20 +103,28 @@ class Channel(asyncio.Protocol):
     async def read(self, timeout: float = 0) -> bytes:
         """The next received chunk; ``b""`` once the peer has closed.
 
-        ``timeout`` (0 = none) bounds the wait; TimeoutError when it passes. A timer
-        exists only while actually waiting, so reading buffered data costs nothing."""
+        ``timeout`` (0 = none) bounds the wait; TimeoutError when it passes. Reading
+        buffered data costs nothing. Waiting sets a deadline; the channel's one timer is
+        not cancelled when data arrives but, when it fires, times out a read still
+        waiting past its deadline or re-arms for the current one — so a keep-alive
+        connection does not create and cancel a timer per read."""
         while not self._chunks:
             if self._eof:
                 return b""
             loop = asyncio.get_running_loop()
             waiter = self._read_waiter = loop.create_future()
-            timer = loop.call_later(timeout, _time_out, waiter) if timeout else None
+            if timeout:
+                deadline = self._read_deadline = loop.time() + timeout
+                timer = self._read_timer
+                if timer is None or timer.when() > deadline:
+                    if timer is not None:
+                        timer.cancel()
+                    self._read_timer = loop.call_at(deadline, self._read_timer_fired)
             try:
                 await waiter
             finally:
                 self._read_waiter = None
-                if timer is not None:
-                    timer.cancel()
+                self._read_deadline = 0.0
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
         if self._reading_paused and self._buffered <= self._read_limit // 2 and not self.closed:
@@ -173,6 +189,18 @@ class Channel(asyncio.Protocol):
         self._wake_reader()
         self._wake_drainer()
 
+    def _read_timer_fired(self) -> None:
+        self._read_timer = None
+        deadline = self._read_deadline
+        waiter = self._read_waiter
+        if not deadline or waiter is None or waiter.done():
+            return  # nobody is waiting with a deadline: the next wait arms a timer
+        loop = asyncio.get_running_loop()
+        if loop.time() >= deadline - _TIMER_SLACK:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._read_timer = loop.call_at(deadline, self._read_timer_fired)
+
     def _wake_reader(self) -> None:
         waiter = self._read_waiter
         if waiter is not None and not waiter.done():
@@ -183,7 +211,3 @@ class Channel(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-
-def _time_out(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
