@@ -7,6 +7,8 @@ responses through each ``ClientEngine``. Smuggling shapes are the point of the t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from proxy.errors import HTTPError
@@ -431,3 +433,83 @@ def test_unsendable_request_heads_are_a_bad_gateway_on_both():
         with pytest.raises(HTTPError) as caught:
             factory.client(65536).send_head(RequestHead(b"GET", b"/", bad), bad, b"/")
         assert caught.value.status == 502
+
+
+# -- mutations of the tables above (deterministic): the verdicts still agree
+
+MUTATIONS = [b"\r", b"\n", b" ", b"\t", b"\x00", b"\x01", b":", b",", b"\x7f", b"\xff", b"0", b";", b"\r\n ",
+             b"Host: b\r\n", b"Content-Length: 3\r\n", b"Transfer-Encoding: chunked\r\n", b"Connection: close\r\n"]
+
+
+def _mutate(rng, raw: bytes) -> bytes:
+    data = bytearray(raw)
+    for _ in range(rng.randint(1, 3)):
+        pos = rng.randrange(len(data) + 1)
+        choice = rng.random()
+        if choice < 0.4:
+            data[pos:pos] = rng.choice(MUTATIONS)
+        elif choice < 0.7:
+            del data[pos : pos + rng.randint(1, 3)]
+        else:
+            data[pos : pos + 1] = rng.choice(MUTATIONS)
+    return bytes(data)
+
+
+def test_mutated_requests_and_responses_get_the_same_verdict():
+    import random
+
+    rng = random.Random(20261123)
+    requests = [raw for raw in REQUESTS.values() if len(raw) < 3000]
+    for _ in range(1500):
+        raw = _mutate(rng, rng.choice(requests))
+        assert run_server(HTTPTOOLS, raw) == run_server(H11, raw), raw
+    for _ in range(1500):
+        method, raw = rng.choice(list(RESPONSES.values()))
+        raw = _mutate(rng, raw)
+        assert run_client(HTTPTOOLS, method, raw)[:2] == run_client(H11, method, raw)[:2], raw
+
+
+# -- choosing the engine
+
+
+def test_engine_factory_names(monkeypatch):
+    monkeypatch.setattr("proxy.http.engine.forced_engine", None)
+    monkeypatch.delenv("TLSPROXY_HTTP_ENGINE", raising=False)
+    assert engine_factory("h11").name == "h11"
+    assert engine_factory("httptools").name == "httptools"
+    assert engine_factory("auto").name == "httptools"
+    monkeypatch.setenv("TLSPROXY_HTTP_ENGINE", "h11")
+    assert engine_factory("auto").name == "h11"
+    assert engine_factory("httptools").name == "httptools"  # forcing only applies behind auto
+
+
+def test_auto_falls_back_to_h11_without_httptools(monkeypatch):
+    import sys
+
+    monkeypatch.setattr("proxy.http.engine.forced_engine", None)
+    monkeypatch.delenv("TLSPROXY_HTTP_ENGINE", raising=False)
+    monkeypatch.setitem(sys.modules, "httptools", None)  # import httptools -> ImportError
+    monkeypatch.delitem(sys.modules, "proxy.http.httptools_engine", raising=False)
+    assert engine_factory("auto").name == "h11"
+    with pytest.raises(ImportError):
+        engine_factory("httptools")
+
+
+@pytest.mark.parametrize("name", ["auto", "httptools", "h11"])
+def test_serve_http_option_overrides_the_config(name):
+    from proxy.cli import build_parser
+    from proxy.config.model import ProxyConfig
+    from proxy.server.commands import _with_http_engine
+
+    args = build_parser().parse_args(["serve", "--http", name, "--listen", "127.0.0.1:0", "--upstream", "http://x"])
+    assert args.http == name
+    loaded = ProxyConfig(services=(), http_engine="h11")
+    assert _with_http_engine(lambda: loaded, name) == dataclasses.replace(loaded, http_engine=name)
+
+
+def test_serve_http_option_refuses_unknown_engines(capsys):
+    from proxy.cli import build_parser
+
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(["serve", "--http", "uvloop"])
+    assert caught.value.code == 2
