@@ -100,6 +100,11 @@ class Channel(asyncio.Protocol):
     def has_data(self) -> bool:
         return bool(self._chunks)
 
+    @property
+    def quiet(self) -> bool:
+        """Open both ways and nothing received unread (an idle pooled connection)."""
+        return not (self.closed or self._eof or self._chunks or self.transport.is_closing())
+
     async def read(self, timeout: float = 0) -> bytes:
         """The next received chunk; ``b""`` once the peer has closed.
 

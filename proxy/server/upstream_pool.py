@@ -20,7 +20,7 @@ import asyncio
 import itertools
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from proxy.config.model import Service, Upstream
 from proxy.errors import BadGateway
@@ -47,8 +47,7 @@ class UpstreamConnection:
     @property
     def usable(self) -> bool:
         """Still open, and the upstream has sent nothing since the last response."""
-        channel = self.channel
-        return not (channel.closed or channel.at_eof or channel.has_data or channel.transport.is_closing())
+        return self.channel.quiet
 
     def close(self) -> None:
         self.channel.close()
@@ -76,7 +75,8 @@ class UpstreamPool:
         self._max_idle = max_idle
         self._max_header_bytes = max_header_bytes
         self._on_connect_error = on_connect_error  # (service name) for the metrics
-        self._idle: dict[Upstream, deque[UpstreamConnection]] = {}
+        # Keyed by upstream URL: a str caches its hash, a frozen dataclass computes it per call.
+        self._idle: dict[str, deque[UpstreamConnection]] = {}
         self._turns: dict[str, itertools.count] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self.connects = 0  # fresh connections opened (for tests and metrics)
@@ -86,14 +86,14 @@ class UpstreamPool:
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
 
-    def order(self, service: Service) -> list[Upstream]:
+    def order(self, service: Service) -> Sequence[Upstream]:
         """The service's upstreams in the order to try them: round-robin start."""
         upstreams = service.upstreams
         if len(upstreams) == 1:
-            return list(upstreams)
+            return upstreams
         turn = next(self._turns.setdefault(service.name, itertools.count()))
         start = turn % len(upstreams)
-        return list(upstreams[start:] + upstreams[:start])
+        return upstreams[start:] + upstreams[:start]
 
     async def acquire(self, service: Service, *, fresh: bool = False) -> UpstreamConnection:
         """A connection to one of the service's upstreams (idle one first unless ``fresh``).
@@ -117,8 +117,10 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """Take back a connection whose exchange completed cleanly."""
-        idle = self._idle.setdefault(conn.upstream, deque())
-        if len(idle) >= self._max_idle or not conn.usable:
+        idle = self._idle.get(conn.upstream.url)
+        if idle is None:
+            idle = self._idle[conn.upstream.url] = deque()
+        if len(idle) >= self._max_idle or not conn.channel.quiet:
             conn.close()
             return
         conn.reused = True
@@ -128,13 +130,13 @@ class UpstreamPool:
             self._schedule_sweep()
 
     def _take_idle(self, upstream: Upstream) -> UpstreamConnection | None:
-        idle = self._idle.get(upstream)
+        idle = self._idle.get(upstream.url)
         if not idle:
             return None
-        expiry = asyncio.get_running_loop().time() - self._idle_timeout
+        expiry = asyncio.get_running_loop().time() - self._idle_timeout if self._idle_timeout > 0 else -1.0
         while idle:
             conn = idle.pop()  # newest first: the least likely to have been closed
-            if conn.usable and (self._idle_timeout <= 0 or conn.idle_since > expiry):
+            if conn.channel.quiet and conn.idle_since > expiry:
                 return conn
             conn.close()
         return None
@@ -172,7 +174,7 @@ class UpstreamPool:
 
     def idle_count(self, upstream: Upstream | None = None) -> int:
         if upstream is not None:
-            return len(self._idle.get(upstream, ()))
+            return len(self._idle.get(upstream.url, ()))
         return sum(len(idle) for idle in self._idle.values())
 
     def close(self) -> None:
