@@ -105,12 +105,13 @@ def upstream_request_headers(
     kept.append((b"x-forwarded-proto", b"https"))
     if host is not None:
         kept.append((b"x-forwarded-host", host))
-    kept.append((b"x-forwarded-port", str(server_port).encode("ascii")))
+    kept.append((b"x-forwarded-port", _port_bytes(server_port)))
     forwarded.append(forwarded_element(client_ip, host))
     kept.append((b"forwarded", b", ".join(forwarded)))
     used_id = client_request_id or request_id or new_request_id()
     kept.append((b"x-request-id", used_id))
-    kept.extend((name.lower(), value) for name, value in identity_headers)
+    if identity_headers:
+        kept.extend((name.lower(), value) for name, value in identity_headers)
 
     if service.set_headers:
         replace, additions = _encoded_set_headers(service.set_headers)
@@ -143,6 +144,7 @@ def downstream_response_headers(
     return kept
 
 
+@lru_cache(maxsize=4096)  # pure, and a connection's requests repeat the same pair
 def forwarded_element(client_ip: str, host: bytes | None) -> bytes:
     """One RFC 7239 element: ``for=1.2.3.4;proto=https;host=x``; IPv6 becomes
     ``for="[::1]"``, and values that are not tokens (``host:port``) are quoted."""
@@ -160,8 +162,35 @@ def is_sane_request_id(value: bytes) -> bool:
 
 
 def new_request_id() -> bytes:
-    """128 random bits as 32 hex characters (uuid4-sized, without uuid's overhead)."""
-    return os.urandom(16).hex().encode("ascii")
+    """128 random bits as 32 hex characters (uuid4-sized, without uuid's overhead).
+
+    The bits come from os.urandom read ahead in 4 KiB, so 256 ids cost one syscall."""
+    global _random_pool, _random_offset
+    offset = _random_offset
+    if offset >= len(_random_pool):
+        _random_pool, offset = os.urandom(_RANDOM_POOL_BYTES), 0
+    _random_offset = offset + 16
+    return _random_pool[offset : offset + 16].hex().encode("ascii")
+
+
+_RANDOM_POOL_BYTES = 4096
+_random_pool = b""
+_random_offset = 0
+
+
+def _reset_random_pool() -> None:
+    """A forked worker must not hand out its parent's unused random bytes again."""
+    global _random_pool, _random_offset
+    _random_pool, _random_offset = b"", 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_random_pool)
+
+
+@lru_cache(maxsize=64)
+def _port_bytes(port: int) -> bytes:
+    return str(port).encode("ascii")
 
 
 # Header names seen so far -> whether they are a client's claim we never forward.
