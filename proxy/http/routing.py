@@ -26,11 +26,13 @@ lookup and a short scan.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 from proxy.config.model import Service
 
 # Candidate rank at equal prefix length: lower wins.
 _EXACT_HOST, _WILDCARD_HOST, _ANY_HOST = 0, 1, 2
+_RAW_HOSTS_MAX = 4096
 
 
 class _Candidate:
@@ -83,6 +85,9 @@ class Router:
         for host, entries in exact.items():
             parent = host.partition(".")[2]
             self._by_host[host] = _table(entries + wildcards.get(parent, []) + any_host)
+        # Host header values as sent (with a port, in capitals...) -> their table, so a
+        # connection's requests normalise their Host once; bounded, as clients pick them.
+        self._by_raw_host: dict[str, list[_Candidate]] = {}
 
     def route(self, host: str | None, path: str) -> Service | None:
         """The service for this Host header value and request path (query allowed), or
@@ -101,14 +106,21 @@ class Router:
         table = self._by_host.get(host)  # fast path: already lowercase, no port
         if table is not None:
             return table
-        host = normalize_host(host)
-        table = self._by_host.get(host)
+        table = self._by_raw_host.get(host)
         if table is not None:
             return table
-        table = self._by_wildcard.get(host.partition(".")[2])
-        return table if table is not None else self._any_host
+        bare = normalize_host(host)
+        table = self._by_host.get(bare)
+        if table is None:
+            table = self._by_wildcard.get(bare.partition(".")[2])
+            if table is None:
+                table = self._any_host
+        if len(self._by_raw_host) < _RAW_HOSTS_MAX:
+            self._by_raw_host[host] = table
+        return table
 
 
+@lru_cache(maxsize=4096)  # pure; the same few Host and SNI values come with every request
 def normalize_host(value: str) -> str:
     """A Host header value (or SNI) as routing compares it: lowercase, without the port,
     brackets or a trailing dot (``API.Localhost:8443`` -> ``api.localhost``,

@@ -7,7 +7,7 @@ backpressure, and answers errors in the one plain format every failure uses.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from proxy.http.engine import Body, EndOfMessage, RequestHead, ResponseHead, ServerEngine
@@ -29,10 +29,10 @@ class ClientInfo:
     ssl_object: object | None = None
     identity: ClientIdentity | None = None  # verified client certificate, once per connection
     identity_headers: tuple[tuple[bytes, bytes], ...] = ()  # rendered in the forward mode
+    address: str = field(init=False)  # "ip:port", "[v6]:port": once, every access-log line has it
 
-    @property
-    def address(self) -> str:
-        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+    def __post_init__(self) -> None:
+        self.address = f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
 
 
 class Downstream:
