@@ -8,13 +8,14 @@ h11 refuses). So:
 
 * The fast path covers ordinary messages: the head (found where h11 would find its end)
   is tokenised by llhttp, and only taken when it is plain — a request line of the form
-  ``METHOD SP target SP HTTP/1.x``, exactly one Host, no Transfer-Encoding — then the
-  rules of ``proxy.http.head_rules`` apply as in the h11 engine. Content-Length and
-  body-less messages are framed here by slicing; responses are serialised by hand.
-* Everything else — a head llhttp refuses or that is not plain, a chunked body — is
+  ``METHOD SP target SP HTTP/1.x``, exactly one Host, no Transfer-Encoding other than a
+  lone ``chunked`` — then the rules of ``proxy.http.head_rules`` apply as in the h11
+  engine. Bodies are framed here (Content-Length by slicing, chunked with h11's own
+  chunk grammar, close-delimited responses); messages are serialised by hand.
+* Everything else — a head llhttp refuses or that is not plain, a trailer section — is
   handed, for that one message, to the h11 engine (the reference): its verdict and its
   events are the answer, so both engines refuse the same messages by construction,
-  and the rare path costs what h11 costs.
+  and the rare path costs what h11 costs. ``tests/test_engine_parity.py`` holds both to it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 
 import httptools
 
-from proxy.errors import BadGateway, BadRequest
+from proxy.errors import BadGateway, BadRequest, HeadersTooLarge
 from proxy.http.engine import (
     Body,
     ClientEngine,
@@ -45,6 +46,9 @@ _HEAD_END = re.compile(rb"\n\r?\n")
 _PLAIN_REQUEST_LINE = re.compile(rb"[A-Z]+ [\x21-\x7e]+ HTTP/1\.[01]\r\n")
 _PLAIN_STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5][0-9][0-9](?: [\t\x20-\x7e\x80-\xff]*)?\r\n")
 _PARSE_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
+# h11's chunk-size line (its ``chunk_header``), so chunked bodies read the same here.
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*\r\n")
+_TRAILERS = object()  # the last chunk is followed by trailer lines: h11 reads them
 _END = EndOfMessage()
 _UNSENDABLE = b"\r\n\x00"
 
@@ -134,16 +138,96 @@ class _BodyWriter:
         return b""
 
 
+class _Malformed(Exception):
+    """A body the engine cannot frame; ``status`` 431 where h11 would hint it."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class _BodyReader:
     """Reads one message body out of a buffer; ``delegate`` is the h11 engine reading
-    a message this module does not frame itself."""
+    a message (or a trailer section) this module does not frame itself."""
 
-    __slots__ = ("framing", "remaining", "delegate")
+    __slots__ = ("framing", "remaining", "delegate", "discard", "last_chunk")
 
     def __init__(self) -> None:
         self.framing = _NO_BODY
         self.remaining = 0
         self.delegate: H11ServerEngine | H11ClientEngine | None = None
+        self.discard = b""  # the CRLF still expected after a chunk's data
+        self.last_chunk = False
+
+    def start_chunked(self) -> None:
+        self.framing = _CHUNKED
+        self.remaining = 0
+        self.discard = b""
+        self.last_chunk = False
+
+    def chunked(self, buf: bytes, eof: bool, limit: int) -> tuple[object, bytes]:
+        """The next step through a chunked body, read as h11 reads it: (``Body``, the
+        end, None for more data, or ``_TRAILERS``) and the bytes left."""
+        while True:
+            if self.discard:
+                size = min(len(self.discard), len(buf))
+                if buf[:size] != self.discard[:size]:
+                    raise _Malformed("malformed chunk footer")
+                self.discard = self.discard[size:]
+                buf = buf[size:]
+                if self.discard:
+                    return _need_more(buf, eof, limit)
+            if self.last_chunk:
+                if buf[:1] == b"\n":
+                    return _END, buf[1:]
+                if buf[:2] == b"\r\n":
+                    return _END, buf[2:]
+                if not buf or (buf == b"\r" and not eof):
+                    return _need_more(buf, eof, limit)
+                return _TRAILERS, buf
+            if not self.remaining:
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    return _need_more(buf, eof, limit)
+                match = _CHUNK_SIZE_LINE.fullmatch(buf, 0, end + 2)
+                if match is None:
+                    raise _Malformed("illegal chunk header")
+                buf = buf[end + 2 :]
+                self.remaining = int(match.group(1), 16)
+                if not self.remaining:
+                    self.last_chunk = True
+                    continue
+            if not buf:
+                return _need_more(buf, eof, limit)
+            size = self.remaining
+            if len(buf) > size:
+                data, buf = buf[:size], buf[size:]
+            else:
+                data, buf = buf, b""
+            self.remaining = size - len(data)
+            if not self.remaining:
+                self.discard = b"\r\n"
+            return Body(data), buf
+
+
+def _need_more(buf: bytes, eof: bool, limit: int) -> tuple[None, bytes]:
+    """h11's rules while waiting for more of a body: too much unparsed -> 431, EOF -> error."""
+    if len(buf) > limit:
+        raise _Malformed("receive buffer too long", 431)
+    if eof:
+        raise _Malformed("peer closed connection without sending complete message body")
+    return None, buf
+
+
+def _plain_chunked(headers: Headers, http_version: bytes) -> bool | None:
+    """For a fast-path head: True if the body is chunked the way h11 accepts it, False
+    without Transfer-Encoding, None when h11 must decide (any other Transfer-Encoding)."""
+    codings = [value for name, value in headers if name == b"transfer-encoding"]
+    if not codings:
+        return False
+    if len(codings) == 1 and codings[0] == b"chunked" and http_version == b"1.1":
+        return True
+    return None
 
 
 class HttptoolsServerEngine(ServerEngine):
@@ -203,9 +287,34 @@ class HttptoolsServerEngine(ServerEngine):
                 reader.framing = _NO_BODY
             self._awaiting_continue = False
             return Body(data)
+        if reader.framing == _CHUNKED:
+            try:
+                event, self._buf = reader.chunked(self._buf, self._eof, self._max_header_bytes)
+            except _Malformed as exc:
+                if exc.status == 431:
+                    raise HeadersTooLarge(f"request header section larger than {self._max_header_bytes} bytes") from None
+                raise BadRequest(f"malformed request: {exc}") from None
+            if event is None:
+                return None
+            if type(event) is Body:
+                self._awaiting_continue = False
+                return event
+            if event is _TRAILERS:
+                return self._delegate_trailers()
         self._request_done = True
         self._awaiting_continue = False
         return _END
+
+    def _delegate_trailers(self) -> Event | None:
+        """h11 reads the trailer section (after the head and last chunk it would have seen)."""
+        delegate = H11ServerEngine(self._max_header_bytes)
+        delegate.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + self._buf)
+        if self._eof:
+            delegate.feed(b"")
+        delegate.next_event()  # that head
+        self._buf = b""
+        self._reader.delegate = delegate
+        return self._delegated_event()
 
     def _delegated_event(self) -> Event | None:
         reader = self._reader
@@ -249,7 +358,9 @@ class HttptoolsServerEngine(ServerEngine):
         self._buf = buf[end:]
         self._start_request(head)
         reader = self._reader
-        if head.content_length:
+        if head.chunked:
+            reader.start_chunked()
+        elif head.content_length:
             reader.framing = _LENGTH
             reader.remaining = head.content_length
         else:
@@ -269,12 +380,10 @@ class HttptoolsServerEngine(ServerEngine):
         for name, _ in headers:
             if name == b"host":
                 hosts += 1
-            elif name == b"transfer-encoding":
-                return None
-        if hosts != 1:
+        version = parser.get_http_version().encode()
+        if hosts != 1 or _plain_chunked(headers, version) is None:
             return None
         method = raw[: raw.index(b" ")]
-        version = parser.get_http_version().encode()
         return request_head(method, fields.target, version, headers, self._max_header_bytes)
 
     def _delegate_request(self) -> Event | None:
@@ -470,7 +579,16 @@ class HttptoolsClientEngine(ClientEngine):
             if not reader.remaining:
                 reader.framing = _NO_BODY
             return Body(data)
-        if framing == _UNTIL_CLOSE:
+        if framing == _CHUNKED:
+            try:
+                event, self._buf = reader.chunked(self._buf, self._eof, self._max_header_bytes)
+            except _Malformed as exc:
+                raise BadGateway(f"upstream broke the protocol: {exc}") from None
+            if event is None or type(event) is Body:
+                return event
+            if event is _TRAILERS:
+                return self._delegate_trailers()
+        elif framing == _UNTIL_CLOSE:
             if self._buf:
                 data, self._buf = self._buf, b""
                 return Body(data)
@@ -478,6 +596,16 @@ class HttptoolsClientEngine(ClientEngine):
                 return None
         self._response_done = True
         return _END
+
+    def _delegate_trailers(self) -> Event | None:
+        """h11 reads the trailer section (after the head and last chunk it would have seen)."""
+        self._buf = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + self._buf
+        method, self._method = self._method, b"GET"
+        try:
+            self._delegate_response()  # that head
+        finally:
+            self._method = method
+        return self._delegated_event()
 
     def _delegated_event(self) -> Event | None:
         reader = self._reader
@@ -526,9 +654,8 @@ class HttptoolsClientEngine(ClientEngine):
         if parsed is None:
             return None
         fields, parser = parsed
-        for name, _ in fields.headers:
-            if name == b"transfer-encoding":
-                return None
+        if _plain_chunked(fields.headers, parser.get_http_version().encode()) is None:
+            return None
         status = parser.get_status_code()
         if status == 101 and not self._upgrade_asked:
             return None  # h11 refuses a switch nobody proposed
@@ -546,6 +673,8 @@ class HttptoolsClientEngine(ClientEngine):
         reader = self._reader
         if status in (204, 304) or self._method == b"HEAD" or (self._method == b"CONNECT" and status < 300):
             reader.framing = _NO_BODY
+        elif any(name == b"transfer-encoding" for name, _ in head.headers):
+            reader.start_chunked()  # (_plain_chunked let only a lone "chunked" through)
         else:
             lengths = comma_values(head.headers, b"content-length")
             if lengths:
