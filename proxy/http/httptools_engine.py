@@ -477,6 +477,7 @@ class HttptoolsServerEngine(ServerEngine):
         self._reading_head = True
         self._request_done = self._response_started = self._response_done = False
         self._reader.framing = _NO_BODY
+        self._method = b""  # an error answer before the next head is a GET's (as in h11)
         return True
 
     def switched_data(self) -> bytes:
@@ -526,7 +527,7 @@ class HttptoolsClientEngine(ClientEngine):
         host = [(name, value) for name, value in headers if name == b"host"]
         if len(host) != 1:
             raise _unsendable("exactly one Host header is needed")
-        if not _check_sendable(headers) or not _check_sendable([(head.method, target)]):
+        if not _check_sendable(headers) or not _check_sendable([(head.method, target)]) or b" " in target:
             raise _unsendable("illegal byte in the request head")
         self._method = head.method
         self._request_host = host[0][1]
