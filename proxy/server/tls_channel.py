@@ -108,10 +108,14 @@ class TLSChannel(Channel):
 
     def _decrypt(self) -> None:
         ssl_object = self.ssl_object
+        incoming = self._incoming
         pieces = []
         eof = False
         try:
-            while True:
+            # Stop when no received byte is left undecrypted rather than reading on
+            # into SSLWantReadError: an exception per received chunk is measurable.
+            # A partial record still ends in SSLWantReadError.
+            while incoming.pending or ssl_object.pending():
                 piece = ssl_object.read(_RECORD)
                 if not piece:
                     break
