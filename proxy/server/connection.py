@@ -129,7 +129,7 @@ def _record(
             "status": status,
             "bytes_in": down.bytes_in,
             "bytes_out": down.bytes_out,
-            "duration_ms": round(seconds * 1000, 3),
+            "duration_ms": seconds * 1000,  # rounded when the log formats it
             "service": service.name if service is not None else None,
             "upstream": relay.upstream_url if relay is not None else None,
             "request_id": request_id,
