@@ -93,6 +93,7 @@ def upstream_request_headers(
 
     if listed:
         listed -= _PROTECTED
+        listed -= drop  # already gone (``Connection: keep-alive``): no second pass for them
         if upgrade:
             listed.discard(b"upgrade")
         if listed:
@@ -136,9 +137,11 @@ def downstream_response_headers(
         kept.append((name, value))
     if listed:
         listed -= _PROTECTED
+        listed -= drop  # already gone (``Connection: keep-alive``): no second pass for them
         if upgrade:
             listed.discard(b"upgrade")
-        kept = [(name, value) for name, value in kept if name not in listed]
+        if listed:
+            kept = [(name, value) for name, value in kept if name not in listed]
     if upgrade:
         kept.append((b"connection", b"upgrade"))
     return kept
