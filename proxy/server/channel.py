@@ -35,6 +35,9 @@ class Channel(asyncio.Protocol):
 
     def __init__(self, read_limit: int = READ_LIMIT, write_limit: int = WRITE_LIMIT) -> None:
         self.transport: asyncio.Transport | None = None
+        # The loop, kept: on Python 3.11 every asyncio.get_running_loop() is a getpid()
+        # syscall (its fork check), and the request path would make several per request.
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._read_limit = read_limit
         self._write_limit = write_limit
         self._chunks: deque[bytes] = deque()
@@ -54,6 +57,7 @@ class Channel(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()
         transport.set_write_buffer_limits(high=self._write_limit)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
@@ -116,7 +120,7 @@ class Channel(asyncio.Protocol):
         while not self._chunks:
             if self._eof:
                 return b""
-            loop = asyncio.get_running_loop()
+            loop = self.loop
             waiter = self._read_waiter = loop.create_future()
             if timeout:
                 deadline = self._read_deadline = loop.time() + timeout
@@ -200,7 +204,7 @@ class Channel(asyncio.Protocol):
         waiter = self._read_waiter
         if not deadline or waiter is None or waiter.done():
             return  # nobody is waiting with a deadline: the next wait arms a timer
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if loop.time() >= deadline - _TIMER_SLACK:
             waiter.set_exception(TimeoutError())
         else:

@@ -6,7 +6,6 @@ backpressure, and answers errors in the one plain format every failure uses.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -68,9 +67,9 @@ class Downstream:
                 if event is None:
                     if not deadline:
                         data = await channel.read(first_byte_timeout)
-                        deadline = asyncio.get_running_loop().time() + (header_timeout or 1e9)
+                        deadline = channel.loop.time() + (header_timeout or 1e9)
                     else:
-                        remaining = deadline - asyncio.get_running_loop().time()
+                        remaining = deadline - channel.loop.time()
                         if remaining <= 0:
                             return None
                         data = await channel.read(remaining)

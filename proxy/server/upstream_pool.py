@@ -124,7 +124,7 @@ class UpstreamPool:
             conn.close()
             return
         conn.reused = True
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = conn.channel.loop.time()
         idle.append(conn)
         if self._sweeper is None and self._idle_timeout > 0:
             self._schedule_sweep()
@@ -133,7 +133,7 @@ class UpstreamPool:
         idle = self._idle.get(upstream.url)
         if not idle:
             return None
-        expiry = asyncio.get_running_loop().time() - self._idle_timeout if self._idle_timeout > 0 else -1.0
+        expiry = idle[-1].channel.loop.time() - self._idle_timeout if self._idle_timeout > 0 else -1.0
         while idle:
             conn = idle.pop()  # newest first: the least likely to have been closed
             if conn.channel.quiet and conn.idle_since > expiry:
