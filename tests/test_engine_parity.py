@@ -308,6 +308,34 @@ def test_client_engines_agree(method, raw):
         assert reusable == h11_reusable
 
 
+@pytest.mark.parametrize(("method", "raw"), RESPONSES.values(), ids=RESPONSES.keys())
+def test_client_engines_agree_byte_by_byte(method, raw):
+    """The same verdict when the response trickles in one byte at a time."""
+    if len(raw) > 2000:
+        pytest.skip("long inputs are covered in one piece")
+    results = []
+    for factory in (H11, HTTPTOOLS):
+        engine = factory.client(65536)
+        headers = [(b"host", b"a")]
+        engine.send_head(RequestHead(method, b"/", headers), headers, b"/")
+        engine.send_end()
+        events = []
+        status = None
+        try:
+            for i in range(len(raw) + 1):
+                engine.feed(raw[i : i + 1])  # the last one is b"": EOF
+                while (event := engine.next_event()) is not None:
+                    events.append(_normalise(event))
+                    if type(event) in (EndOfMessage, Closed):
+                        break
+                if events and type(events[-1]) in (EndOfMessage, Closed):
+                    break
+        except HTTPError as exc:
+            status = exc.status
+        results.append((_merge_bodies(events), status))
+    assert results[1] == results[0]
+
+
 def test_upgrade_response_hands_over_the_rest():
     raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nFRAME"
     for factory in (H11, HTTPTOOLS):
