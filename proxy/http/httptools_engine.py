@@ -165,6 +165,22 @@ class _BodyReader:
         self.discard = b""
         self.last_chunk = False
 
+    def sized(self, buf: bytes, eof: bool) -> tuple[Body | None, bytes]:
+        """The next piece of a Content-Length body and the bytes left."""
+        if not buf:
+            if eof:
+                raise _Malformed("peer closed connection without sending complete message body")
+            return None, buf
+        remaining = self.remaining
+        if len(buf) > remaining:
+            data, buf = buf[:remaining], buf[remaining:]
+        else:
+            data, buf = buf, b""
+        self.remaining = remaining - len(data)
+        if not self.remaining:
+            self.framing = _NO_BODY
+        return Body(data), buf
+
     def chunked(self, buf: bytes, eof: bool, limit: int) -> tuple[object, bytes]:
         """The next step through a chunked body, read as h11 reads it: (``Body``, the
         end, None for more data, or ``_TRAILERS``) and the bytes left."""
@@ -271,25 +287,13 @@ class HttptoolsServerEngine(ServerEngine):
             return self._delegated_event()
         if self._reading_head:
             return self._next_head()
-        if reader.framing == _LENGTH:
-            buf = self._buf
-            if not buf:
-                if self._eof:
-                    raise BadRequest("malformed request: peer closed connection without sending complete message body")
-                return None
-            remaining = reader.remaining
-            if len(buf) > remaining:
-                data, self._buf = buf[:remaining], buf[remaining:]
-            else:
-                data, self._buf = buf, b""
-            reader.remaining = remaining - len(data)
-            if not reader.remaining:
-                reader.framing = _NO_BODY
-            self._awaiting_continue = False
-            return Body(data)
-        if reader.framing == _CHUNKED:
+        framing = reader.framing
+        if framing != _NO_BODY:
             try:
-                event, self._buf = reader.chunked(self._buf, self._eof, self._max_header_bytes)
+                if framing == _LENGTH:
+                    event, self._buf = reader.sized(self._buf, self._eof)
+                else:
+                    event, self._buf = reader.chunked(self._buf, self._eof, self._max_header_bytes)
             except _Malformed as exc:
                 if exc.status == 431:
                     raise HeadersTooLarge(f"request header section larger than {self._max_header_bytes} bytes") from None
@@ -564,25 +568,12 @@ class HttptoolsClientEngine(ClientEngine):
         if self._reading_head:
             return self._next_head()
         framing = reader.framing
-        if framing == _LENGTH:
-            buf = self._buf
-            if not buf:
-                if self._eof:
-                    raise BadGateway("upstream broke the protocol: peer closed connection without sending "
-                                     "complete message body")
-                return None
-            remaining = reader.remaining
-            if len(buf) > remaining:
-                data, self._buf = buf[:remaining], buf[remaining:]
-            else:
-                data, self._buf = buf, b""
-            reader.remaining = remaining - len(data)
-            if not reader.remaining:
-                reader.framing = _NO_BODY
-            return Body(data)
-        if framing == _CHUNKED:
+        if framing == _LENGTH or framing == _CHUNKED:
             try:
-                event, self._buf = reader.chunked(self._buf, self._eof, self._max_header_bytes)
+                if framing == _LENGTH:
+                    event, self._buf = reader.sized(self._buf, self._eof)
+                else:
+                    event, self._buf = reader.chunked(self._buf, self._eof, self._max_header_bytes)
             except _Malformed as exc:
                 raise BadGateway(f"upstream broke the protocol: {exc}") from None
             if event is None or type(event) is Body:
