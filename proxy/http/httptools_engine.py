@@ -295,8 +295,9 @@ class HttptoolsServerEngine(ServerEngine):
                 else:
                     event, self._buf = reader.chunked(self._buf, self._eof, self._max_header_bytes)
             except _Malformed as exc:
-                if exc.status == 431:
-                    raise HeadersTooLarge(f"request header section larger than {self._max_header_bytes} bytes") from None
+                if exc.status == 431:  # (h11's hint for an over-long line, whatever the state)
+                    limit = self._max_header_bytes
+                    raise HeadersTooLarge(f"request header section larger than {limit} bytes") from None
                 raise BadRequest(f"malformed request: {exc}") from None
             if event is None:
                 return None
