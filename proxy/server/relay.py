@@ -100,7 +100,8 @@ class Relay:
             raise
         # A pump still running means the upstream answered before the body was read:
         # the engine then refuses reuse below. A finished one is just collected.
-        await self._stop_pump()
+        if self._pump is not None:
+            await self._stop_pump()
         if conn.engine.start_next_cycle():
             self.pool.release(conn)
         else:
