@@ -91,16 +91,8 @@ def upstream_request_headers(
             host = value
         kept.append((name, value))
 
-    if listed:
-        listed -= _PROTECTED
-        listed -= drop  # already gone (``Connection: keep-alive``): no second pass for them
-        if upgrade:
-            listed.discard(b"upgrade")
-        if listed:
-            kept = [(name, value) for name, value in kept if name not in listed]
-
-    if upgrade:
-        kept.append((b"connection", b"upgrade"))
+    if listed or upgrade:
+        kept = _finish_hop_by_hop(kept, listed, drop, upgrade)
     forwarded_for.append(client_ip.encode("ascii"))
     kept.append((b"x-forwarded-for", b", ".join(forwarded_for)))
     kept.append((b"x-forwarded-proto", b"https"))
@@ -135,6 +127,14 @@ def downstream_response_headers(
                 listed = _connection_tokens(value, listed)
             continue
         kept.append((name, value))
+    if listed or upgrade:
+        kept = _finish_hop_by_hop(kept, listed, drop, upgrade)
+    return kept
+
+
+def _finish_hop_by_hop(kept: Headers, listed: set[bytes] | None, drop: frozenset[bytes], upgrade: bool) -> Headers:
+    """Remove the headers the Connection header named (never Host or Content-Length),
+    and with ``upgrade`` send ``Connection: upgrade`` for the tunnel."""
     if listed:
         listed -= _PROTECTED
         listed -= drop  # already gone (``Connection: keep-alive``): no second pass for them
