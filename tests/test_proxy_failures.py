@@ -130,6 +130,16 @@ def test_smuggling_after_a_good_request_on_the_same_connection(proxy, pki, upstr
     assert [r["target"] for r in upstream.requests] == ["/echo"]
 
 
+def test_refused_request_after_a_head_request_still_gets_its_400_body(proxy, pki, upstream):
+    """The refusal is a response of its own: it does not inherit HEAD's "no body"."""
+    head = b"HEAD /echo HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    answer = raw_exchange(pki, proxy.port, head + SMUGGLING["cl-and-te"])
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    refusal = answer[answer.index(b"HTTP/1.1 400 "):]
+    assert refusal.endswith(b"Content-Length and Transfer-Encoding\n")
+    assert [r["target"] for r in upstream.requests] == ["/echo"]
+
+
 def test_header_section_too_big_gets_431(proxy, pki, upstream):
     response = get(pki, proxy.url("/echo"), headers={"X-Big": "a" * 70000})
     assert response.status_code == 431

@@ -61,6 +61,7 @@ class Downstream:
         engine = self.engine
         channel = self.channel
         deadline = 0.0
+        self.method = b""  # a request refused before its head parses has no method (not the last one's HEAD)
         try:
             while True:
                 event = engine.next_event()
