@@ -119,6 +119,10 @@ async def accept_loop(
         tasks.discard(task)
         if limiter is not None:
             limiter.release()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # A bug in a connection's handling: say so once, with the traceback; the
+            # connection is gone but the proxy goes on serving the others.
+            log.error("internal error in a connection handler", exc_info=exc)
 
     while True:
         if limiter is not None:
