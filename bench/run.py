@@ -1,21 +1,25 @@
 #!/usr/bin/env python3
-"""tlsproxy against nginx as a TLS terminator, same upstream, same certificate, same load.
+"""tlsproxy against nginx and Caddy as TLS terminators: same upstream, certificate and load.
 
 One run of this script:
 
 1. issues an ECDSA P-256 CA + server certificate with our own toolkit (``proxy.pki``);
 2. starts the upstream: an nginx serving a small file and a 1 MiB file on a plain port;
-3. starts nginx as a TLS 1.3 terminator (``proxy_pass`` with upstream keep-alive, no session
-   tickets, no session cache) and ``tlsproxy serve`` (``workers: 1``, no session tickets);
+3. starts every selected target (``--targets``; default all): nginx with 1 worker (the
+   reference) and with 2, ``tlsproxy serve`` with each HTTP engine and 1 worker and with
+   httptools and 2 workers, and Caddy (``reverse_proxy``) with GOMAXPROCS 1 and 2 -- all TLS 1.3
+   only, without session resumption;
 4. loads each with wrk -- keep-alive small requests, a new TLS connection per request, and
-   1 MiB responses -- alternating the two servers, ``--runs`` times;
-5. reads each server's CPU time from /proc over every test window (-> cores used), prints a
-   table of medians with tlsproxy/nginx ratios (absolute and per server core) and writes the
-   whole record to bench/results/latest.json.
+   1 MiB responses -- one target at a time, alternating the order, ``--runs`` times;
+5. reads each target's CPU time from /proc over every test window (the whole process tree:
+   nginx master + workers, the tlsproxy parent + workers, all Caddy threads -> cores used),
+   prints a table of medians with ratios to nginx with 1 worker (absolute and per server core)
+   and the performance targets with PASS/MISS, and writes the whole record to
+   bench/results/latest.json.
 
-The load generator and the upstream run on one core, the server under test on another
-(``taskset``), so "cores used" is the server's own cost. Both servers run for the whole
-session; only one is loaded at a time.
+The load generator and the upstream run on one core, 1-worker targets on another
+(``taskset``), so "cores used" is the server's own cost; 2-worker targets may use every core.
+All targets run for the whole session; only one is loaded at a time.
 """
 
 from __future__ import annotations
@@ -45,11 +49,37 @@ sys.path.insert(0, str(REPO))
 RESULTS_DIR = REPO / "bench" / "results"
 SMALL_BODY = b'{"ok":true,"bench":"tlsproxy","note":"a small response body of about one hundred bytes"}\n'
 LARGE_SIZE = 1 << 20
-SERVERS = ("nginx", "tlsproxy")
 TESTS = ("keepalive", "handshake", "large")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 20.0
 PROFILE_FORMATS = {".svg": "flamegraph", ".txt": "raw", ".json": "speedscope"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server configuration under test."""
+
+    name: str
+    kind: str  # nginx | tlsproxy | caddy
+    workers: int  # nginx worker_processes, tlsproxy workers, Caddy GOMAXPROCS
+    engine: str | None = None  # tlsproxy http_engine
+
+
+TARGETS = {
+    t.name: t
+    for t in (
+        Target("nginx", "nginx", 1),
+        Target("nginx2", "nginx", 2),
+        Target("tlsproxy-h11", "tlsproxy", 1, "h11"),
+        Target("tlsproxy-httptools", "tlsproxy", 1, "httptools"),
+        Target("tlsproxy-httptools-w2", "tlsproxy", 2, "httptools"),
+        Target("caddy", "caddy", 1),
+        Target("caddy2", "caddy", 2),
+    )
+}
+REFERENCE = "nginx"  # every ratio is to nginx with one worker
+# Performance targets, per server core, ratio to the reference.
+GOALS = {"keepalive": 0.5, "handshake": 0.7, "large": 0.8}
 
 # A new TLS connection for every request: ask the server to close after each response, and
 # count responses that did not announce the close (then the figure would not be handshakes).
@@ -93,6 +123,15 @@ def _children(pid: int) -> list[int]:
             fields = _stat_fields(int(entry.name))
             if fields and int(fields[1]) == pid:
                 found.append(int(entry.name))
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    found, stack = [], [pid]
+    while stack:
+        children = _children(stack.pop())
+        found += children
+        stack += children
     return found
 
 
@@ -164,6 +203,8 @@ class Server:
         return f"https://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
+        # (pid, start time): a pid is signalled below only if it is still the same process.
+        descendants = [(pid, (_stat_fields(pid) or [None] * 20)[19]) for pid in _descendants(self.pid)]
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -171,6 +212,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
+        for pid, started in descendants:  # workers that outlived their parent
+            fields = _stat_fields(pid)
+            if started is not None and fields is not None and fields[19] == started:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 # --- certificates and configs ----------------------------------------------------------
@@ -188,8 +234,8 @@ def make_certificates(workdir: Path) -> tuple[Path, Path, Path]:
 
 NGINX_COMMON = """\
 daemon off;
-master_process off;
-worker_processes 1;
+master_process {master};
+worker_processes {workers};
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 4096; multi_accept on; }}
@@ -204,9 +250,14 @@ NGINX_TEMP = """\
 """
 
 
+def nginx_common(prefix: Path, workers: int = 1) -> str:
+    """Single process (``master_process off``) for one worker; master + N workers otherwise."""
+    return NGINX_COMMON.format(prefix=prefix, master="off" if workers == 1 else "on", workers=workers)
+
+
 def upstream_nginx_conf(prefix: Path, port: int, docroot: Path) -> str:
     return (
-        NGINX_COMMON.format(prefix=prefix)
+        nginx_common(prefix)
         + "http {\n"
         + NGINX_TEMP.format(prefix=prefix)
         + f"""\
@@ -226,9 +277,12 @@ def upstream_nginx_conf(prefix: Path, port: int, docroot: Path) -> str:
     )
 
 
-def terminator_nginx_conf(prefix: Path, port: int, upstream_port: int, cert: Path, key: Path) -> str:
+def terminator_nginx_conf(prefix: Path, port: int, upstream_port: int, cert: Path, key: Path,
+                          workers: int = 1) -> str:
+    # Several workers: one listening socket each (reuseport), as tlsproxy's workers do.
+    reuseport = " reuseport" if workers > 1 else ""
     return (
-        NGINX_COMMON.format(prefix=prefix)
+        nginx_common(prefix, workers)
         + "http {\n"
         + NGINX_TEMP.format(prefix=prefix)
         + f"""\
@@ -241,7 +295,7 @@ def terminator_nginx_conf(prefix: Path, port: int, upstream_port: int, cert: Pat
         keepalive_requests 10000000;
     }}
     server {{
-        listen 127.0.0.1:{port} ssl backlog=4096;
+        listen 127.0.0.1:{port} ssl backlog=4096{reuseport};
         ssl_certificate {cert};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.3;
@@ -262,11 +316,11 @@ def terminator_nginx_conf(prefix: Path, port: int, upstream_port: int, cert: Pat
 
 
 def tlsproxy_yaml(port: int, upstream_port: int, cert: Path, key: Path, access_log: str,
-                  http_engine: str = "auto") -> str:
+                  http_engine: str = "auto", workers: int = 1) -> str:
     return f"""\
 # generated by bench/run.py
 listen: ["127.0.0.1:{port}"]
-workers: 1
+workers: {workers}
 http_engine: {http_engine}
 tls:
   certificates:
@@ -293,17 +347,68 @@ def start_nginx(name: str, prefix: Path, conf_text: str, port: int, cpu: str | N
     return server
 
 
-def start_tlsproxy(workdir: Path, port: int, upstream_port: int, cert: Path, key: Path, cpu: str | None,
-                   access_log: str, http_engine: str) -> Server:
+def start_tlsproxy(name: str, workdir: Path, port: int, upstream_port: int, cert: Path, key: Path,
+                   cpu: str | None, access_log: str, http_engine: str, workers: int = 1) -> Server:
+    workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "tlsproxy.yaml"
-    config.write_text(tlsproxy_yaml(port, upstream_port, cert, key, access_log, http_engine))
+    config.write_text(tlsproxy_yaml(port, upstream_port, cert, key, access_log, http_engine, workers))
     log = workdir / "tlsproxy.log"
     argv = pinned(cpu, [sys.executable, "-m", "proxy", "serve", "-c", str(config)])
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
-    server = Server("tlsproxy", port, proc, log)
+    server = Server(name, port, proc, log)
     try:
-        wait_connectable(port, proc, "tlsproxy serve", log)
+        wait_connectable(port, proc, f"{name} (tlsproxy serve)", log)
+    except BenchError:
+        server.stop()
+        raise
+    return server
+
+
+# Caddy: a Caddyfile as a user would write it. Its session tickets cannot be turned off from
+# a Caddyfile (Caddy 2.6 has no such option), so the Caddyfile is adapted to JSON with
+# `caddy adapt` and `apps.tls.session_tickets.disabled` is set there -- the check before
+# measuring confirms that no ticket is sent.
+CADDYFILE = """\
+{{
+	admin off
+	auto_https off
+	servers {{
+		protocols h1 h2
+	}}
+}}
+https://:{port} {{
+	bind 127.0.0.1
+	tls {cert} {key} {{
+		protocols tls1.3
+	}}
+	reverse_proxy 127.0.0.1:{upstream_port}
+}}
+"""
+
+
+def start_caddy(name: str, workdir: Path, port: int, upstream_port: int, cert: Path, key: Path,
+                cpu: str | None, procs: int) -> Server:
+    workdir.mkdir(parents=True, exist_ok=True)
+    caddyfile = workdir / "Caddyfile"
+    caddyfile.write_text(CADDYFILE.format(port=port, upstream_port=upstream_port, cert=cert, key=key))
+    # Caddy keeps state under $HOME / XDG folders: keep it in the temporary folder.
+    env = {**os.environ, "HOME": str(workdir), "XDG_DATA_HOME": str(workdir / "data"),
+           "XDG_CONFIG_HOME": str(workdir / "config"), "GOMAXPROCS": str(procs)}
+    adapted = subprocess.run(["caddy", "adapt", "--config", str(caddyfile), "--adapter", "caddyfile"],
+                             capture_output=True, text=True, env=env, timeout=30)
+    if adapted.returncode != 0:
+        raise BenchError(f"caddy adapt failed: {(adapted.stderr or adapted.stdout).strip()[-500:]}")
+    config = json.loads(adapted.stdout)
+    config.setdefault("apps", {}).setdefault("tls", {})["session_tickets"] = {"disabled": True}
+    (workdir / "caddy.json").write_text(json.dumps(config, indent=2) + "\n")
+    log = workdir / "caddy.log"
+    argv = pinned(cpu, ["caddy", "run", "--config", str(workdir / "caddy.json")])
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=env)
+    server = Server(name, port, proc, log)
+    try:
+        wait_connectable(port, proc, f"{name} (caddy run)", log)
     except BenchError:
         server.stop()
         raise
@@ -449,89 +554,142 @@ def check_large_body(server: Server, digest: bytes) -> bool:
 # --- the session -----------------------------------------------------------------------
 
 
+def negotiated_cipher(server: Server) -> str | None:
+    """The TLS 1.3 cipher suite the server picks for an OpenSSL client (Python's, as wrk's)."""
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with contextlib.suppress(OSError):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                return tls.cipher()[0]
+    return None
+
+
 def median_or_none(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
 
 
+METRICS = {"keepalive": ("requests_per_s", "p99_ms"), "handshake": ("requests_per_s",), "large": ("mib_per_s",)}
+
+
 def summarize(raw: dict[str, dict[str, list[dict]]]) -> dict:
-    """Medians per server and test, and tlsproxy/nginx ratios."""
-    metrics = {"keepalive": ("requests_per_s", "p99_ms"), "handshake": ("requests_per_s",), "large": ("mib_per_s",)}
+    """Medians per target and test, and ratios to nginx with one worker (absolute and per core)."""
     summary: dict = {}
-    for test, keys in metrics.items():
+    for test, keys in METRICS.items():
         row: dict = {}
-        for server in SERVERS:
-            runs = raw.get(server, {}).get(test, [])
+        for target, tests in raw.items():
+            runs = tests.get(test, [])
             if not runs:
                 continue
-            row[server] = {key: median_or_none([r[key] for r in runs]) for key in keys}
-            row[server]["server_cores"] = median_or_none([r["server_cores"] for r in runs])
-            row[server]["upstream_cores"] = median_or_none([r["upstream_cores"] for r in runs])
-            row[server]["client_cores"] = median_or_none([r["client_cores"] for r in runs])
+            row[target] = {key: median_or_none([r[key] for r in runs]) for key in keys}
+            row[target]["server_cores"] = median_or_none([r["server_cores"] for r in runs])
+            row[target]["upstream_cores"] = median_or_none([r["upstream_cores"] for r in runs])
+            row[target]["client_cores"] = median_or_none([r["client_cores"] for r in runs])
             per_core = [r[keys[0]] / r["server_cores"] for r in runs if r[keys[0]] and r["server_cores"] > 0.01]
-            row[server]["per_core"] = median_or_none(per_core)
-            row[server]["errors"] = sum(sum(r["errors"].values()) + r["non_2xx"] for r in runs)
-        if "nginx" in row and "tlsproxy" in row:
-            ratios = {}
-            for key in (*keys, "per_core"):
-                a, b = row["tlsproxy"].get(key), row["nginx"].get(key)
-                ratios[key] = a / b if a is not None and b else None
-            row["ratio"] = ratios
-        summary[test] = row
+            row[target]["per_core"] = median_or_none(per_core)
+            row[target]["errors"] = sum(sum(r["errors"].values()) + r["non_2xx"] for r in runs)
+        reference = row.get(REFERENCE)
+        if reference:
+            for target, figures in row.items():
+                ratios = {}
+                for key in (*keys, "per_core"):
+                    a, b = figures.get(key), reference.get(key)
+                    ratios[key] = a / b if a is not None and b else None
+                figures["ratio"] = ratios
+        if row:
+            summary[test] = row
     return summary
+
+
+def verdicts(summary: dict) -> list[dict]:
+    """The performance targets, for every tlsproxy target measured."""
+    found = []
+    for test, goal in GOALS.items():
+        row = summary.get(test, {})
+        for name, figures in row.items():
+            if TARGETS[name].kind != "tlsproxy":
+                continue
+            value = figures.get("ratio", {}).get("per_core")
+            found.append({"test": test, "target": name, "goal": f"per core >= {goal}x nginx",
+                          "value": value, "pass": None if value is None else value >= goal})
+            if test == "keepalive":
+                caddy = "caddy" if TARGETS[name].workers == 1 else "caddy2"
+                mine, theirs = figures.get("requests_per_s"), row.get(caddy, {}).get("requests_per_s")
+                found.append({"test": test, "target": name, "goal": f"req/s above {caddy}",
+                              "value": mine / theirs if mine and theirs else None,
+                              "pass": None if not (mine and theirs) else mine > theirs})
+    return found
 
 
 def fmt(value: float | None, spec: str = ".0f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_table(summary: dict, runs: int, duration: float) -> None:
-    labels = {
-        ("keepalive", "requests_per_s"): "keep-alive req/s (c32)",
-        ("keepalive", "p99_ms"): "keep-alive p99 ms",
-        ("handshake", "requests_per_s"): "new TLS conn/s (c32)",
-        ("large", "mib_per_s"): "1 MiB responses MiB/s (c8)",
-    }
-    print(f"\nmedians of {runs} run(s), {duration:.0f}s each; cores = server CPU time / wall time")
-    header = f"{'test':<28}{'nginx':>10}{'cores':>7}{'tlsproxy':>10}{'cores':>7}{'ratio':>8}{'/core':>8}"
-    print(header)
-    print("-" * len(header))
-    for (test, key), label in labels.items():
-        row = summary.get(test, {})
-        n, t, r = row.get("nginx", {}), row.get("tlsproxy", {}), row.get("ratio", {})
-        digits = ".2f" if key == "p99_ms" or key == "mib_per_s" else ".0f"
-        per_core = fmt(r.get("per_core"), ".3f") if key != "p99_ms" else ""
-        print(
-            f"{label:<28}{fmt(n.get(key), digits):>10}{fmt(n.get('server_cores'), '.2f'):>7}"
-            f"{fmt(t.get(key), digits):>10}{fmt(t.get('server_cores'), '.2f'):>7}"
-            f"{fmt(r.get(key), '.3f'):>8}{per_core:>8}"
-        )
-    print("ratio = tlsproxy / nginx (p99: higher is worse); /core = ratio of figure per server core")
+TEST_LABELS = {
+    "keepalive": "keep-alive req/s (c{c})",
+    "handshake": "new TLS conn/s (c{c})",
+    "large": "1 MiB responses MiB/s (c{lc})",
+}
+
+
+def print_table(summary: dict, runs: int, duration: float, connections: int, large_connections: int,
+                placement: str) -> None:
+    print(f"\nmedians of {runs} run(s), {duration:.0f}s each; cores = server CPU time / wall time "
+          f"(whole process tree); {placement}")
+    columns = f"{'figure':>10}{'p99 ms':>8}{'cores':>7}{'per core':>10}{'x nginx':>9}{'per core':>10}"
+    for test in TESTS:
+        row = summary.get(test)
+        if not row:
+            continue
+        key = METRICS[test][0]
+        digits = ".1f" if key == "mib_per_s" else ".0f"
+        header = f"{TEST_LABELS[test].format(c=connections, lc=large_connections):<30}{columns}"
+        print()
+        print(header)
+        print("-" * len(header))
+        for name, figures in row.items():
+            ratio = figures.get("ratio", {})
+            p99 = fmt(figures.get("p99_ms"), ".2f") if test == "keepalive" else ""
+            print(f"  {name:<28}{fmt(figures.get(key), digits):>10}{p99:>8}"
+                  f"{fmt(figures.get('server_cores'), '.2f'):>7}{fmt(figures.get('per_core'), digits):>10}"
+                  f"{fmt(ratio.get(key), '.3f'):>9}{fmt(ratio.get('per_core'), '.3f'):>10}")
+    print("\nx nginx = ratio to nginx with 1 worker: of the figure, then of the figure per server core")
     loads = []
     for test, row in summary.items():
-        parts = [
-            f"{server} {fmt(row[server].get('client_cores'), '.2f')}/{fmt(row[server].get('upstream_cores'), '.2f')}"
-            for server in SERVERS
-            if server in row
-        ]
-        if parts:
-            loads.append(f"{test}: " + ", ".join(parts))
-    print("wrk/upstream cores while loading each server -- " + "; ".join(loads))
+        parts = [f"{name} {fmt(f.get('client_cores'), '.2f')}/{fmt(f.get('upstream_cores'), '.2f')}"
+                 for name, f in row.items()]
+        loads.append(f"{test}: " + ", ".join(parts))
+    print("wrk/upstream cores while loading each target -- " + "; ".join(loads))
     for test, row in summary.items():
-        for server in SERVERS:
-            if row.get(server, {}).get("errors"):
-                print(f"warning: {server} {test}: {row[server]['errors']} socket errors or non-2xx responses")
+        for name, figures in row.items():
+            if figures.get("errors"):
+                print(f"warning: {name} {test}: {figures['errors']} socket errors or non-2xx responses")
+
+
+def print_verdicts(found: list[dict]) -> None:
+    if not found:
+        return
+    print("\ntargets (tlsproxy, ratios to nginx with 1 worker)")
+    for v in found:
+        mark = "-" if v["pass"] is None else ("PASS" if v["pass"] else "MISS")
+        shown = "-" if v["value"] is None else f"{v['value']:.3f}x"
+        print(f"  {v['test']:<10} {v['target']:<22} {v['goal']:<28} {shown:>8}  {mark}")
 
 
 def tool_versions() -> dict:
     def first_line(argv: list[str]) -> str:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
+        with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)
             return (proc.stdout + proc.stderr).strip().splitlines()[0]
         return "unavailable"
 
     return {
         "nginx": first_line(["nginx", "-v"]),
+        "caddy": first_line(["caddy", "version"]),
         "wrk": first_line(["wrk", "-v"]),
         "openssl": first_line(["openssl", "version"]),
         "python": sys.version.split()[0],
@@ -543,32 +701,59 @@ def tool_versions() -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3, help="runs per test and server (median taken; default 3)")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk test (default 10)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per test and target (median taken; default 3)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk test (default 5)")
+    parser.add_argument("--quick", action="store_true", help="--runs 1 --duration 3: a smoke run, not figures")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections, keep-alive and handshake tests")
     parser.add_argument("--large-connections", type=int, default=8, help="wrk connections, 1 MiB test (default 8)")
-    parser.add_argument("--only", choices=SERVERS, help="benchmark one server only")
+    parser.add_argument("--targets", default=",".join(TARGETS),
+                        help=f"comma list of targets (default all: {','.join(TARGETS)})")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # older spelling of --targets
     parser.add_argument("--tests", default=",".join(TESTS), help=f"comma list of tests (default {','.join(TESTS)})")
     parser.add_argument("--client-cpu", default="0", help="core for wrk and the upstream ('' = no pinning)")
-    parser.add_argument("--server-cpu", default="1", help="core for the server under test ('' = no pinning)")
+    parser.add_argument("--server-cpu", default="1", help="core for 1-worker targets ('' = no pinning)")
+    parser.add_argument("--server-cpus-wide", default=None,
+                        help="cores for 2-worker targets (default: all cores; '' = no pinning)")
     parser.add_argument("--access-log", default="/dev/null", help="tlsproxy access_log path (default /dev/null)")
-    parser.add_argument("--http-engine", default="auto", choices=("auto", "httptools", "h11"),
-                        help="tlsproxy http_engine (default auto)")
     parser.add_argument("--profile", action="store_true",
-                        help="py-spy record tlsproxy during the first keep-alive test -> bench/results/profile.svg")
+                        help="py-spy record the first tlsproxy target during the first keep-alive test "
+                             "-> bench/results/profile.svg")
     parser.add_argument("--profile-format", choices=("svg", "txt", "json"), default="svg",
                         help="profile.svg (flamegraph), profile.txt (collapsed stacks) or profile.json (speedscope)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.json")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (configs, logs)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.runs, args.duration = 1, 3.0
     args.tests = [t for t in args.tests.split(",") if t]
     if unknown := set(args.tests) - set(TESTS):
         parser.error(f"unknown tests: {', '.join(sorted(unknown))}")
-    if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
-        args.client_cpu = args.server_cpu = ""
+    if args.only:
+        args.targets = {"tlsproxy": "tlsproxy-httptools"}.get(args.only, args.only)
+    args.targets = [t for t in args.targets.split(",") if t]
+    if unknown := set(args.targets) - set(TARGETS):
+        parser.error(f"unknown targets: {', '.join(sorted(unknown))} (known: {', '.join(TARGETS)})")
+    cpus = os.cpu_count() or 1
+    if args.server_cpus_wide is None:
+        args.server_cpus_wide = f"0-{cpus - 1}"
+    if cpus < 2 or not shutil.which("taskset"):
+        args.client_cpu = args.server_cpu = args.server_cpus_wide = ""
     args.client_cpu = args.client_cpu or None
     args.server_cpu = args.server_cpu or None
+    args.server_cpus_wide = args.server_cpus_wide or None
     return args
+
+
+def placement(args: argparse.Namespace) -> str:
+    def where(cpu: str | None) -> str:
+        return f"core(s) {cpu}" if cpu is not None else "unpinned"
+
+    text = f"wrk + upstream: {where(args.client_cpu)}; 1-worker targets: {where(args.server_cpu)}"
+    if any(TARGETS[t].workers > 1 for t in args.targets):
+        text += f"; 2-worker targets: {where(args.server_cpus_wide)}"
+        if args.server_cpus_wide is not None and args.client_cpu is not None:
+            text += " (shared with wrk + upstream)"
+    return text
 
 
 def check_tools(args: argparse.Namespace) -> None:
@@ -584,6 +769,22 @@ def py_spy() -> str | None:
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
+def start_target(target: Target, args: argparse.Namespace, workdir: Path, upstream_port: int,
+                 cert: Path, key: Path) -> Server:
+    cpu = args.server_cpu if target.workers == 1 else args.server_cpus_wide
+    port = free_port()
+    prefix = workdir / target.name
+    if target.kind == "nginx":
+        conf = terminator_nginx_conf(prefix, port, upstream_port, cert, key, target.workers)
+        return start_nginx(target.name, prefix, conf, port, cpu)
+    if target.kind == "tlsproxy":
+        return start_tlsproxy(target.name, prefix, port, upstream_port, cert, key, cpu, args.access_log,
+                              target.engine or "auto", target.workers)
+    if not shutil.which("caddy"):
+        raise BenchError("caddy is not installed (apt-get install -y caddy)")
+    return start_caddy(target.name, prefix, port, upstream_port, cert, key, cpu, target.workers)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -593,16 +794,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     started = time.time()
     workdir = Path(tempfile.mkdtemp(prefix="tlsproxy-bench-"))
+    workdir.chmod(0o755)  # nginx workers under master_process run as another user (nobody)
     servers: dict[str, Server] = {}
     upstream: Server | None = None
     record: dict = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "command": " ".join(["bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": {
             "runs": args.runs, "duration_s": args.duration, "connections": args.connections,
             "large_connections": args.large_connections, "client_cpu": args.client_cpu,
-            "server_cpu": args.server_cpu, "tests": args.tests, "profile": args.profile,
-            "http_engine": args.http_engine, "access_log": args.access_log,
+            "server_cpu": args.server_cpu, "server_cpus_wide": args.server_cpus_wide,
+            "placement": placement(args), "tests": args.tests, "targets": args.targets,
+            "profile": args.profile, "access_log": args.access_log, "reference": REFERENCE, "goals": GOALS,
         },
+        "targets": {name: {"kind": TARGETS[name].kind, "workers": TARGETS[name].workers,
+                           "http_engine": TARGETS[name].engine} for name in args.targets},
         "versions": tool_versions(),
         "failures": {},
     }
@@ -618,23 +824,16 @@ def main(argv: list[str] | None = None) -> int:
         upstream = start_nginx("upstream nginx", workdir / "upstream",
                                upstream_nginx_conf(workdir / "upstream", upstream_port, docroot),
                                upstream_port, args.client_cpu)
-        wanted = [args.only] if args.only else list(SERVERS)
-        if "nginx" in wanted:
-            port = free_port()
-            servers["nginx"] = start_nginx(
-                "nginx", workdir / "nginx",
-                terminator_nginx_conf(workdir / "nginx", port, upstream_port, cert, key), port, args.server_cpu,
-            )
-        if "tlsproxy" in wanted:
+        for name in args.targets:
             try:
-                servers["tlsproxy"] = start_tlsproxy(workdir, free_port(), upstream_port, cert, key,
-                                                     args.server_cpu, args.access_log, args.http_engine)
+                servers[name] = start_target(TARGETS[name], args, workdir, upstream_port, cert, key)
             except BenchError as exc:
-                message = f"tlsproxy serve failed to start: {exc}"
-                print(f"bench: {message}\nbench: continuing with nginx only", file=sys.stderr)
-                record["failures"]["tlsproxy"] = message
+                message = f"{name} failed to start: {exc}"
+                print(f"bench: {message}\nbench: continuing without {name}", file=sys.stderr)
+                record["failures"][name] = message
         if not servers:
-            raise BenchError("no server to benchmark")
+            raise BenchError("no target to benchmark")
+        print(placement(args))
         record["checks"] = {}
         for name, server in servers.items():
             record["checks"][name] = {
@@ -642,7 +841,9 @@ def main(argv: list[str] | None = None) -> int:
                 "closes_on_connection_close": check_connection_close(server),
                 "large_body_intact": check_large_body(server, large_digest),
             }
-            print(f"{name}: pid {server.pid}, {server.url}, checks {record['checks'][name]}")
+            cipher = negotiated_cipher(server)
+            record["targets"][name].update(pid=server.pid, cipher=cipher)
+            print(f"{name}: pid {server.pid}, {server.url}, {cipher}, checks {record['checks'][name]}")
 
         script = workdir / "handshake.lua"
         script.write_text(HANDSHAKE_LUA)
@@ -657,17 +858,18 @@ def main(argv: list[str] | None = None) -> int:
 
         raw: dict[str, dict[str, list[dict]]] = {name: {test: [] for test in args.tests} for name in servers}
         profile_to = RESULTS_DIR / f"profile.{args.profile_format}" if args.profile else None
+        profiled = next((name for name in servers if TARGETS[name].kind == "tlsproxy"), None)
         for run in range(args.runs):
             order = list(servers) if run % 2 == 0 else list(reversed(servers))
             for test in args.tests:
                 for name in order:
-                    profile = profile_to if (name == "tlsproxy" and test == "keepalive" and run == 0) else None
+                    profile = profile_to if (name == profiled and test == "keepalive" and run == 0) else None
                     if profile is not None:
                         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
                     result = run_wrk(specs[test], servers[name], args.duration, args.client_cpu, upstream, profile)
                     raw[name][test].append(result)
                     main_figure = result["mib_per_s"] if test == "large" else result["requests_per_s"]
-                    print(f"run {run + 1}/{args.runs} {test:<9} {name:<8} {fmt(main_figure, '.1f'):>10}"
+                    print(f"run {run + 1}/{args.runs} {test:<9} {name:<22} {fmt(main_figure, '.1f'):>10}"
                           f"  cores {result['server_cores']:.2f}  upstream {result['upstream_cores']:.2f}"
                           f"  wrk {result['client_cores']:.2f}",
                           flush=True)
@@ -675,7 +877,17 @@ def main(argv: list[str] | None = None) -> int:
                         raise BenchError(f"{name} died during the {test} test\n{_tail(servers[name].log)}")
         record["raw"] = raw
         record["summary"] = summarize(raw)
-        print_table(record["summary"], args.runs, args.duration)
+        record["verdicts"] = verdicts(record["summary"])
+        print_table(record["summary"], args.runs, args.duration, args.connections, args.large_connections,
+                    placement(args))
+        print_verdicts(record["verdicts"])
+        if "caddy" in servers or "caddy2" in servers:
+            print("caddy: session tickets off via JSON (apps.tls.session_tickets.disabled; no Caddyfile "
+                  "option in Caddy 2.6) -- see the no_session_resumption check")
+        ciphers = {record["targets"][name].get("cipher") for name in servers}
+        if len(ciphers) > 1:
+            print("note: cipher suites differ -- " + ", ".join(
+                f"{name} {record['targets'][name].get('cipher')}" for name in servers))
         for name, checks in record["checks"].items():
             for check, value in checks.items():
                 if not (value.get("ok") if isinstance(value, dict) else value):
