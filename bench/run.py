@@ -591,6 +591,10 @@ def summarize(raw: dict[str, dict[str, list[dict]]]) -> dict:
             row[target]["client_cores"] = median_or_none([r["client_cores"] for r in runs])
             per_core = [r[keys[0]] / r["server_cores"] for r in runs if r[keys[0]] and r["server_cores"] > 0.01]
             row[target]["per_core"] = median_or_none(per_core)
+            # (max - min) / median of the main figure over the runs: how noisy this row is
+            figures = [r[keys[0]] for r in runs if r[keys[0]] is not None]
+            middle = median_or_none(figures)
+            row[target]["spread"] = (max(figures) - min(figures)) / middle if len(figures) > 1 and middle else None
             row[target]["errors"] = sum(sum(r["errors"].values()) + r["non_2xx"] for r in runs)
         reference = row.get(REFERENCE)
         if reference:
@@ -640,7 +644,8 @@ def print_table(summary: dict, runs: int, duration: float, connections: int, lar
                 placement: str) -> None:
     print(f"\nmedians of {runs} run(s), {duration:.0f}s each; cores = server CPU time / wall time "
           f"(whole process tree); {placement}")
-    columns = f"{'figure':>10}{'p99 ms':>8}{'cores':>7}{'per core':>10}{'x nginx':>9}{'per core':>10}"
+    columns = (f"{'figure':>10}{'spread':>8}{'p99 ms':>8}{'cores':>7}{'per core':>10}"
+               f"{'x nginx':>9}{'per core':>10}")
     for test in TESTS:
         row = summary.get(test)
         if not row:
@@ -654,10 +659,12 @@ def print_table(summary: dict, runs: int, duration: float, connections: int, lar
         for name, figures in row.items():
             ratio = figures.get("ratio", {})
             p99 = fmt(figures.get("p99_ms"), ".2f") if test == "keepalive" else ""
-            print(f"  {name:<28}{fmt(figures.get(key), digits):>10}{p99:>8}"
+            spread = "-" if figures.get("spread") is None else f"{100 * figures['spread']:.0f}%"
+            print(f"  {name:<28}{fmt(figures.get(key), digits):>10}{spread:>8}{p99:>8}"
                   f"{fmt(figures.get('server_cores'), '.2f'):>7}{fmt(figures.get('per_core'), digits):>10}"
                   f"{fmt(ratio.get(key), '.3f'):>9}{fmt(ratio.get('per_core'), '.3f'):>10}")
-    print("\nx nginx = ratio to nginx with 1 worker: of the figure, then of the figure per server core")
+    print("\nspread = (max - min) / median over the runs; per core = median over the runs of figure / cores")
+    print("x nginx = ratio to nginx with 1 worker: of the figure, then of the figure per server core")
     loads = []
     for test, row in summary.items():
         parts = [f"{name} {fmt(f.get('client_cores'), '.2f')}/{fmt(f.get('upstream_cores'), '.2f')}"
