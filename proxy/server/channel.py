@@ -177,10 +177,12 @@ class Channel(asyncio.Protocol):
         self.close()
         if self.closed:
             return
-        waiter = self._closed_waiter = asyncio.get_running_loop().create_future()
+        # A plain timer rather than ``asyncio.timeout``: one per connection, it is cheaper.
+        loop = self.loop or asyncio.get_running_loop()
+        waiter = self._closed_waiter = loop.create_future()
+        timer = loop.call_later(timeout, _time_out, waiter)
         try:
-            async with asyncio.timeout(timeout):
-                await waiter
+            await waiter
         except TimeoutError:
             self.abort()
         except asyncio.CancelledError:
@@ -188,6 +190,7 @@ class Channel(asyncio.Protocol):
             raise
         finally:
             self._closed_waiter = None
+            timer.cancel()
 
     def abort(self) -> None:
         """Drop the connection now; pending reads see EOF and writes fail at once."""
@@ -220,3 +223,7 @@ class Channel(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+
+def _time_out(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())

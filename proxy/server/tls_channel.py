@@ -39,16 +39,20 @@ class TLSChannel(Channel):
         """Complete the handshake or raise what failed it (ssl.SSLError, TimeoutError,
         ConnectionResetError). On failure the alert has been sent and TCP closed."""
         if not self._handshaken and self._handshake_error is None:
-            loop = asyncio.get_running_loop()
-            self._handshake_waiter = loop.create_future()
+            # One plain timer rather than ``asyncio.timeout`` (a Timeout object, a
+            # reschedule and a task cancel/uncancel per connection: measurable per handshake).
+            loop = self.loop or asyncio.get_running_loop()
+            waiter = self._handshake_waiter = loop.create_future()
+            timer = loop.call_later(timeout, _time_out, waiter) if timeout else None
             try:
-                async with asyncio.timeout(timeout or None):
-                    await self._handshake_waiter
+                await waiter
             except TimeoutError:
                 self.abort()
                 raise
             finally:
                 self._handshake_waiter = None
+                if timer is not None:
+                    timer.cancel()
         if self._handshake_error is not None:
             raise self._handshake_error
 
@@ -169,3 +173,8 @@ class TLSChannel(Channel):
                 pass  # SSLWantReadError: the peer's close_notify is not awaited
             self._flush()
         transport.close()
+
+
+def _time_out(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
