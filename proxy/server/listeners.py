@@ -1,15 +1,13 @@
 """Listening sockets, and what happens between accept() and the first request.
 
 The proxy owns its listening sockets (rather than ``loop.create_server``) because it
-must look at a connection before any transport takes it over: the first byte is
-peeked (``MSG_PEEK``, so nothing is consumed) and
+runs the TLS state machine itself (``TLSChannel``: so a failed handshake still sends
+its alert). The first chunk the client sends decides (``tls_accept``):
 
-* ``0x16`` (a TLS handshake record) -> the socket goes to a ``TLSChannel`` (see there
-  why the proxy runs the TLS state machine itself: so a failed handshake still sends
-  its alert); a failure is logged with the client's address and the reason in words
-  (``proxy.tls.handshake``);
-* anything else is plain HTTP on the TLS port -> a plain ``400`` telling the user to
-  use https://, then close.
+* ``0x16`` (a TLS handshake record) -> the handshake; a failure is logged with the
+  client's address and the reason in words (``proxy.tls.handshake``);
+* anything else is plain HTTP on the TLS port -> a plain ``400`` (PLAIN_HTTP_RESPONSE)
+  telling the user to use https://, then close.
 
 ``max_connections`` is a semaphore taken before ``accept()``: above the limit the
 proxy stops accepting and new clients wait in the kernel's backlog.
@@ -27,7 +25,6 @@ from proxy.config.model import ListenAddress
 
 log = logging.getLogger("tlsproxy")
 
-TLS_HANDSHAKE_RECORD = 0x16
 BACKLOG = 1024
 PLAIN_HTTP_BODY = b"This is an HTTPS port: use https:// instead of http://\n"
 PLAIN_HTTP_RESPONSE = (
@@ -144,45 +141,3 @@ async def accept_loop(
         task = loop.create_task(handler(conn, peer))
         tasks.add(task)
         task.add_done_callback(finished)
-
-
-async def peek_first_byte(sock: socket.socket, timeout: float) -> bytes:
-    """The first byte the client sent, left in the socket; b"" if it closed.
-    Raises TimeoutError when nothing arrives in ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    fd = sock.fileno()
-    async with asyncio.timeout(timeout or None):
-        while True:
-            readable = loop.create_future()
-            loop.add_reader(fd, _resolve, readable)
-            try:
-                await readable
-            finally:
-                loop.remove_reader(fd)
-            try:
-                return sock.recv(1, socket.MSG_PEEK)
-            except BlockingIOError:
-                continue
-            except OSError:
-                return b""
-
-
-def _resolve(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-async def refuse_plain_http(sock: socket.socket) -> None:
-    """Answer plain HTTP on the TLS port with a plain 400, then close politely."""
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(LINGER_SECONDS):
-            await loop.sock_recv(sock, 65536)
-            await loop.sock_sendall(sock, PLAIN_HTTP_RESPONSE)
-            sock.shutdown(socket.SHUT_WR)
-            while await loop.sock_recv(sock, 65536):
-                pass
-    except (OSError, TimeoutError):
-        pass
-    finally:
-        sock.close()

@@ -10,9 +10,9 @@ import socket
 from proxy.errors import PKIError
 from proxy.server.connection import serve_connection
 from proxy.server.downstream import ClientInfo, Downstream
-from proxy.server.listeners import TLS_HANDSHAKE_RECORD, peek_first_byte, refuse_plain_http
+from proxy.server.listeners import LINGER_SECONDS, PLAIN_HTTP_RESPONSE
 from proxy.server.state import ServerState
-from proxy.server.tls_channel import TLSChannel
+from proxy.server.tls_channel import NothingReceived, PlainHTTP, TLSChannel
 from proxy.tls.handshake import describe_handshake_failure
 from proxy.tls.identity import client_identity, identity_headers
 
@@ -27,19 +27,8 @@ def _address(peer: tuple) -> str:
 async def serve_tls_socket(sock: socket.socket, peer: tuple, state: ServerState) -> None:
     timeouts = state.config.timeouts
     server_port = sock.getsockname()[1]
-    try:
-        first = await peek_first_byte(sock, timeouts.handshake)
-    except TimeoutError:
-        first = b""
-    if not first:
-        sock.close()
-        return
-    if first[0] != TLS_HANDSHAKE_RECORD:
-        state.metrics.handshake_failures.labels("plain_http").inc()
-        log.info("plain HTTP from %s on the TLS port: answered 400", _address(peer))
-        await refuse_plain_http(sock)
-        return
-
+    # No separate MSG_PEEK wait: the channel's first received chunk decides TLS or
+    # plain HTTP (PlainHTTP below); a client that sends nothing is closed silently.
     channel = TLSChannel(state.tls.context)
     try:
         await asyncio.get_running_loop().connect_accepted_socket(lambda: channel, sock)
@@ -48,6 +37,14 @@ async def serve_tls_socket(sock: socket.socket, peer: tuple, state: ServerState)
         return
     try:
         await channel.handshake(timeouts.handshake)
+    except NothingReceived:
+        channel.abort()
+        return
+    except PlainHTTP:
+        state.metrics.handshake_failures.labels("plain_http").inc()
+        log.info("plain HTTP from %s on the TLS port: answered 400", _address(peer))
+        await channel.refuse_plain_http(PLAIN_HTTP_RESPONSE, LINGER_SECONDS)
+        return
     except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError; the alert went out
         key, words = describe_handshake_failure(exc)
         state.metrics.handshake_failures.labels(key).inc()

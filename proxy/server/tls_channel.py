@@ -21,6 +21,16 @@ import ssl
 from proxy.server.channel import READ_LIMIT, WRITE_LIMIT, Channel, ConnectionLost
 
 _RECORD = 16 * 1024 + 256  # room for one TLS record's plaintext
+TLS_HANDSHAKE_RECORD = 0x16
+
+
+class PlainHTTP(ConnectionError):
+    """The client's first byte is not a TLS handshake record: plain HTTP on the TLS port
+    (``TLSChannel.refuse_plain_http`` answers it)."""
+
+
+class NothingReceived(ConnectionError):
+    """The client closed, or the handshake timed out, before it sent a single byte."""
 
 
 class TLSChannel(Channel):
@@ -34,33 +44,97 @@ class TLSChannel(Channel):
         self._handshaken = False
         self._handshake_error: BaseException | None = None
         self._handshake_waiter: asyncio.Future | None = None
+        # Loop time of the client's first byte (0: none yet). The first chunk decides
+        # TLS or plain HTTP, instead of a separate MSG_PEEK wait before the transport.
+        self._first_byte_at = 0.0
+        self.plain_http = False
+        self._handshake_timeout = 0.0
+        self._handshake_timer: asyncio.TimerHandle | None = None
 
     async def handshake(self, timeout: float) -> None:
         """Complete the handshake or raise what failed it (ssl.SSLError, TimeoutError,
-        ConnectionResetError). On failure the alert has been sent and TCP closed."""
+        ConnectionResetError). On failure the alert has been sent and TCP closed.
+
+        ``timeout`` bounds the wait for the first byte, then (again) the handshake from
+        it. Raises NothingReceived when the client closed or timed out before sending
+        anything (TCP closed), PlainHTTP when its first byte is not a TLS handshake
+        record (TCP open: ``refuse_plain_http``)."""
         if not self._handshaken and self._handshake_error is None:
             # One plain timer rather than ``asyncio.timeout`` (a Timeout object, a
             # reschedule and a task cancel/uncancel per connection: measurable per handshake).
             loop = self.loop or asyncio.get_running_loop()
             waiter = self._handshake_waiter = loop.create_future()
-            timer = loop.call_later(timeout, _time_out, waiter) if timeout else None
+            self._handshake_timeout = timeout
+            timer = loop.call_later(timeout, self._handshake_timer_fired) if timeout else None
+            self._handshake_timer = timer
             try:
                 await waiter
             except TimeoutError:
                 self.abort()
+                if not self._first_byte_at:
+                    raise NothingReceived("no byte before the handshake timeout") from None
                 raise
             finally:
                 self._handshake_waiter = None
-                if timer is not None:
-                    timer.cancel()
+                if self._handshake_timer is not None:
+                    self._handshake_timer.cancel()
+                    self._handshake_timer = None
         if self._handshake_error is not None:
+            if not self._first_byte_at and not isinstance(self._handshake_error, NothingReceived):
+                raise NothingReceived(str(self._handshake_error))
             raise self._handshake_error
+
+    def _handshake_timer_fired(self) -> None:
+        self._handshake_timer = None
+        waiter = self._handshake_waiter
+        if waiter is None or waiter.done():
+            return
+        first = self._first_byte_at
+        if first:
+            # The first byte restarts the handshake timeout (as the separate peek did).
+            deadline = first + self._handshake_timeout
+            if self.loop.time() < deadline - 0.001:
+                self._handshake_timer = self.loop.call_at(deadline, self._handshake_timer_fired)
+                return
+        waiter.set_exception(TimeoutError())
+
+    async def refuse_plain_http(self, response: bytes, linger: float) -> None:
+        """Plain HTTP on the TLS port: send ``response``, shut our side, wait up to
+        ``linger`` seconds for the client to close first (closing with unread bytes
+        would make the kernel send a reset that can destroy the answer), then close."""
+        transport = self.transport
+        try:
+            if transport is None or transport.is_closing():
+                return
+            transport.write(response)
+            if transport.can_write_eof():
+                transport.write_eof()
+            if not (self._eof or self.closed):
+                waiter = self._read_waiter = self.loop.create_future()
+                timer = self.loop.call_later(linger, _time_out, waiter)
+                try:
+                    await waiter
+                except TimeoutError:
+                    pass
+                finally:
+                    self._read_waiter = None
+                    timer.cancel()
+        finally:
+            if transport is not None:
+                transport.close()
 
     # -- protocol callbacks from the TCP transport -------------------------------------
 
     def data_received(self, data: bytes) -> None:
         if self._handshake_error is not None:
-            return  # failed: the alert is on its way out, the rest is ignored
+            return  # failed: the alert is on its way out (or plain HTTP), the rest is ignored
+        if not self._first_byte_at:
+            self._first_byte_at = self.loop.time()
+            if data[0] != TLS_HANDSHAKE_RECORD:
+                self.plain_http = True
+                self._handshake_error = PlainHTTP("plain HTTP on the TLS port")
+                self._wake_handshake()
+                return
         self._incoming.write(data)
         if not self._handshaken:
             self._continue_handshake()
@@ -69,6 +143,10 @@ class TLSChannel(Channel):
         self._decrypt()
 
     def eof_received(self) -> bool:
+        if self.plain_http:
+            self._eof = True
+            self._wake_reader()
+            return True  # the 400 can still go out
         if not self._handshaken:
             self._fail_handshake(ConnectionResetError("client closed the connection during the handshake"))
             return False
