@@ -121,11 +121,27 @@ async def accept_loop(
             # connection is gone but the proxy goes on serving the others.
             log.error("internal error in a connection handler", exc_info=exc)
 
+    # socket.accept() builds the new socket from the listener's family/type properties,
+    # which convert to enums on every call (a few % of a handshake's CPU in py-spy): take
+    # them once and wrap the accepted descriptor ourselves.
+    family, sock_type, proto = int(sock.family), int(sock.type), sock.proto
+    listen_fd = sock.fileno()
     while True:
         if limiter is not None:
             await limiter.acquire()
         try:
-            conn, peer = await loop.sock_accept(sock)
+            while True:
+                try:
+                    fd, peer = sock._accept()
+                    break
+                except (BlockingIOError, InterruptedError):
+                    readable = loop.create_future()
+                    loop.add_reader(listen_fd, _resolve, readable)
+                    try:
+                        await readable
+                    finally:
+                        loop.remove_reader(listen_fd)
+            conn = socket.socket(family, sock_type, proto, fileno=fd)
         except BaseException as exc:
             if limiter is not None:
                 limiter.release()
@@ -141,3 +157,8 @@ async def accept_loop(
         task = loop.create_task(handler(conn, peer))
         tasks.add(task)
         task.add_done_callback(finished)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
