@@ -246,7 +246,34 @@ def _plain_chunked(headers: Headers, http_version: bytes) -> bool | None:
     return None
 
 
-class HttptoolsServerEngine(ServerEngine):
+class _BufferedInput:
+    """The reading side both engines share: unread bytes, EOF, and the body reader
+    (or the h11 engine a message was handed to)."""
+
+    _buf: bytes
+    _eof: bool
+    _reader: _BodyReader
+    _max_header_bytes: int
+
+    def feed(self, data: bytes) -> None:
+        delegate = self._reader.delegate
+        if delegate is not None:
+            delegate.feed(data)
+        elif data:
+            self._buf = self._buf + data if self._buf else data
+        else:
+            self._eof = True
+
+    def _read_framed_body(self, framing: object) -> object:
+        """The next event of a Content-Length or chunked body (raises _Malformed)."""
+        if framing == _LENGTH:
+            event, self._buf = self._reader.sized(self._buf, self._eof)
+        else:
+            event, self._buf = self._reader.chunked(self._buf, self._eof, self._max_header_bytes)
+        return event
+
+
+class HttptoolsServerEngine(_BufferedInput, ServerEngine):
     """Client side of a connection: parses requests, writes responses."""
 
     def __init__(self, max_header_bytes: int = 65536) -> None:
@@ -265,16 +292,7 @@ class HttptoolsServerEngine(ServerEngine):
         self._response_started = False
         self._response_done = False
 
-    # -- reading requests
-
-    def feed(self, data: bytes) -> None:
-        delegate = self._reader.delegate
-        if delegate is not None:
-            delegate.feed(data)
-        elif data:
-            self._buf = self._buf + data if self._buf else data
-        else:
-            self._eof = True
+    # -- reading requests (feed: _BufferedInput)
 
     def next_event(self) -> Event | None:
         if self._request_done:
@@ -290,10 +308,7 @@ class HttptoolsServerEngine(ServerEngine):
         framing = reader.framing
         if framing != _NO_BODY:
             try:
-                if framing == _LENGTH:
-                    event, self._buf = reader.sized(self._buf, self._eof)
-                else:
-                    event, self._buf = reader.chunked(self._buf, self._eof, self._max_header_bytes)
+                event = self._read_framed_body(framing)
             except _Malformed as exc:
                 if exc.status == 431:  # (h11's hint for an over-long line, whatever the state)
                     limit = self._max_header_bytes
@@ -498,7 +513,7 @@ def _unsendable(message: str) -> BadGateway:
     return BadGateway(f"request cannot be sent upstream: {message}")
 
 
-class HttptoolsClientEngine(ClientEngine):
+class HttptoolsClientEngine(_BufferedInput, ClientEngine):
     """Upstream side of a pooled connection: writes requests, parses responses."""
 
     def __init__(self, max_header_bytes: int = 65536) -> None:
@@ -549,16 +564,7 @@ class HttptoolsClientEngine(ClientEngine):
         self._request_done = True
         return self._writer.end(_unsendable)
 
-    # -- reading responses
-
-    def feed(self, data: bytes) -> None:
-        delegate = self._reader.delegate
-        if delegate is not None:
-            delegate.feed(data)
-        elif data:
-            self._buf = self._buf + data if self._buf else data
-        else:
-            self._eof = True
+    # -- reading responses (feed: _BufferedInput)
 
     def next_event(self) -> Event | None:
         if self._switched or self._response_done:
@@ -571,10 +577,7 @@ class HttptoolsClientEngine(ClientEngine):
         framing = reader.framing
         if framing == _LENGTH or framing == _CHUNKED:
             try:
-                if framing == _LENGTH:
-                    event, self._buf = reader.sized(self._buf, self._eof)
-                else:
-                    event, self._buf = reader.chunked(self._buf, self._eof, self._max_header_bytes)
+                event = self._read_framed_body(framing)
             except _Malformed as exc:
                 raise BadGateway(f"upstream broke the protocol: {exc}") from None
             if event is None or type(event) is Body:
