@@ -172,54 +172,14 @@ services:
 """
 
 
-def nginx_terminator_conf(prefix: Path, port: int, upstream_port: int, cert: Path, key: Path,
-                          connections: int, nofile: int) -> str:
-    """As bench/run.py's terminator (TLS 1.3, no tickets, no session cache, upstream
-    keep-alive), with room for the connections and timeouts longer than the test."""
-    return f"""\
-daemon off;
-master_process off;
-worker_processes 1;
-worker_rlimit_nofile {nofile};
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections {connections + 1000}; multi_accept on; }}
-http {{
-{bench.NGINX_TEMP.format(prefix=prefix)}\
-    access_log /dev/null;
-    client_header_timeout 300s;
-    keepalive_timeout 300s;
-    keepalive_requests 10000000;
-    upstream backend {{
-        server 127.0.0.1:{upstream_port};
-        keepalive 64;
-    }}
-    server {{
-        listen 127.0.0.1:{port} ssl backlog=4096;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        ssl_protocols TLSv1.3;
-        ssl_session_tickets off;
-        ssl_session_cache off;
-        location / {{
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $http_host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto https;
-        }}
-    }}
-}}
-"""
-
-
 def start_server(name: str, workdir: Path, upstream_port: int, cert: Path, key: Path,
                  args: argparse.Namespace, nofile: int) -> bench.Server:
     port = bench.free_port()
     if name == "nginx":
         prefix = workdir / "nginx"
-        conf = nginx_terminator_conf(prefix, port, upstream_port, cert, key, args.connections, nofile)
+        conf = bench.terminator_nginx_conf(prefix, port, upstream_port, cert, key,
+                                            connections=args.connections + 1000, nofile=nofile,
+                                            idle_timeout="300s")
         return bench.start_nginx("nginx", prefix, conf, port, args.server_cpu)
     config = workdir / "tlsproxy.yaml"
     config.write_text(tlsproxy_yaml(port, upstream_port, cert, key, args.connections, args.http_engine))

@@ -236,9 +236,9 @@ NGINX_COMMON = """\
 daemon off;
 master_process {master};
 worker_processes {workers};
-pid {prefix}/nginx.pid;
+{rlimit}pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
-events {{ worker_connections 4096; multi_accept on; }}
+events {{ worker_connections {connections}; multi_accept on; }}
 """
 
 NGINX_TEMP = """\
@@ -250,9 +250,11 @@ NGINX_TEMP = """\
 """
 
 
-def nginx_common(prefix: Path, workers: int = 1) -> str:
+def nginx_common(prefix: Path, workers: int = 1, connections: int = 4096, nofile: int | None = None) -> str:
     """Single process (``master_process off``) for one worker; master + N workers otherwise."""
-    return NGINX_COMMON.format(prefix=prefix, master="off" if workers == 1 else "on", workers=workers)
+    rlimit = f"worker_rlimit_nofile {nofile};\n" if nofile else ""
+    return NGINX_COMMON.format(prefix=prefix, master="off" if workers == 1 else "on", workers=workers,
+                               rlimit=rlimit, connections=connections)
 
 
 def upstream_nginx_conf(prefix: Path, port: int, docroot: Path) -> str:
@@ -278,17 +280,21 @@ def upstream_nginx_conf(prefix: Path, port: int, docroot: Path) -> str:
 
 
 def terminator_nginx_conf(prefix: Path, port: int, upstream_port: int, cert: Path, key: Path,
-                          workers: int = 1) -> str:
+                          workers: int = 1, *, connections: int = 4096, nofile: int | None = None,
+                          idle_timeout: str = "120s") -> str:
+    """nginx as the TLS terminator (TLS 1.3, no tickets, no session cache, upstream
+    keep-alive); ``connections``/``nofile``/``idle_timeout`` make room for bench/idle.py."""
     # Several workers: one listening socket each (reuseport), as tlsproxy's workers do.
     reuseport = " reuseport" if workers > 1 else ""
     return (
-        nginx_common(prefix, workers)
+        nginx_common(prefix, workers, connections, nofile)
         + "http {\n"
         + NGINX_TEMP.format(prefix=prefix)
         + f"""\
     access_log /dev/null;
+    client_header_timeout {idle_timeout};
     keepalive_requests 10000000;
-    keepalive_timeout 120s;
+    keepalive_timeout {idle_timeout};
     upstream backend {{
         server 127.0.0.1:{upstream_port};
         keepalive 64;
