@@ -162,3 +162,23 @@ def test_websocket_client_exchanges_messages_across_a_reload(pki, tmp_path):
                 for n in range(3):  # the tunnel opened before the reload goes on
                     client.send(f"after {n}")
                     assert client.recv(WAIT) == f"echo:after {n}"
+
+
+def test_sigusr1_reopens_the_access_log_after_rotation(pki, upstream, tmp_path):
+    path = write_config(tmp_path / "proxy.yaml", pki, upstream, with_new_route=False)
+    log_file, rotated = tmp_path / "access.log", tmp_path / "access.log.1"
+    with Served(["-c", str(path)], tmp_path) as served:
+        port = served.wait_for(LISTENING).group(1)
+        url = f"https://localhost:{port}/echo"
+        assert requests.get(url + "?before", verify=str(pki.ca_pem), timeout=WAIT).status_code == 200
+        assert served.stop() == 0  # flushes: the first line is in the file before the rotation
+    assert "?before" in log_file.read_text()
+    with Served(["-c", str(path)], tmp_path) as served:
+        port = served.wait_for(LISTENING).group(1)
+        url = f"https://localhost:{port}/echo"
+        os.replace(log_file, rotated)
+        served.proc.send_signal(signal.SIGUSR1)
+        # the handler runs on the loop before the next accepted connection is served
+        assert requests.get(url + "?after", verify=str(pki.ca_pem), timeout=WAIT).status_code == 200
+        assert served.stop() == 0
+    assert "?after" in log_file.read_text() and "?after" not in rotated.read_text()

@@ -316,6 +316,14 @@ async def _serve_until_signal(
     if config_source is not None:
         loop.add_signal_handler(signal.SIGHUP, running.reload)
         signals.append(signal.SIGHUP)
+    def reopen_access_log() -> None:  # SIGUSR1, after a rotator moved the file away (as nginx)
+        try:
+            running.state.access_log.reopen()
+        except TlsProxyError as exc:
+            log.error("cannot reopen the access log, still writing the old file: %s", exc)
+
+    loop.add_signal_handler(signal.SIGUSR1, reopen_access_log)
+    signals.append(signal.SIGUSR1)
     try:
         await stop.wait()
         if worker == 0:

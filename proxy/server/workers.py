@@ -30,6 +30,9 @@ from proxy.server.listeners import BoundListeners
 
 log = logging.getLogger("tlsproxy")
 
+# What the parent passes on to every worker (SIGINT becomes SIGTERM: drain).
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
 YOUNG_WORKER = 1.0  # a worker dying sooner than this after start is restarted after a pause
 
 
@@ -57,7 +60,7 @@ class _Supervisor:
         self.stopping = False
 
     def run(self) -> int:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in FORWARDED_SIGNALS:
             signal.signal(signum, self._forward)
         for index in range(len(self.sets)):
             self._spawn(index)
@@ -80,7 +83,7 @@ class _Supervisor:
         return 0
 
     def _forward(self, signum: int, _frame: object) -> None:
-        if signum != signal.SIGHUP:
+        if signum not in (signal.SIGHUP, signal.SIGUSR1):  # reload / reopen the log: pass on as is
             self.stopping = True
             signum = signal.SIGTERM
         for pid in list(self.children):
@@ -96,7 +99,7 @@ class _Supervisor:
             return
         code = 1
         try:  # the worker: its own sockets, its own event loop
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for signum in FORWARDED_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
             for other, bound in enumerate(self.sets):
                 if other != index:
