@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from operator import itemgetter
 
 import httptools
 
@@ -51,6 +52,7 @@ _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*\r\n")
 _TRAILERS = object()  # the last chunk is followed by trailer lines: h11 reads them
 _END = EndOfMessage()
 _UNSENDABLE = b"\r\n\x00"
+_name_of = itemgetter(0)
 
 # Body framings, for reading and for writing.
 _NO_BODY = 0  # nothing follows the head
@@ -92,22 +94,31 @@ def _parse_head(parser_class: type, head: bytes) -> tuple[_HeadFields, object] |
     return fields, parser
 
 
-def _wants_close(headers: Headers, http_version: bytes) -> bool:
+def _names(headers: Headers) -> list[bytes]:
+    return [*map(_name_of, headers)]
+
+
+def _wants_close(headers: Headers, names: list[bytes], http_version: bytes) -> bool:
     """h11's keep-alive rule: ``Connection: close`` or an HTTP/1.0 peer ends the connection."""
-    return http_version < b"1.1" or b"close" in comma_values(headers, b"connection")
+    return http_version < b"1.1" or (b"connection" in names and b"close" in comma_values(headers, b"connection"))
+
+
+def _header_lines(headers: Headers) -> bytes:
+    """``name: value`` CRLF for each header, then the blank line."""
+    if not headers:
+        return b"\r\n"
+    return b"\r\n".join(map(b": ".join, headers)) + b"\r\n\r\n"
 
 
 def _serialise_head(start_line: bytes, headers: Headers) -> bytes:
-    lines = [start_line]
-    lines.extend(b"".join((name, b": ", value, b"\r\n")) for name, value in headers)
-    lines.append(b"\r\n")
-    return b"".join(lines)
+    return start_line + _header_lines(headers)
 
 
-def _check_sendable(headers: Headers) -> bool:
-    """No CR, LF or NUL anywhere in names or values (what would split or end a head)."""
-    joined = b"".join(name + value for name, value in headers)
-    return len(joined.translate(None, _UNSENDABLE)) == len(joined)
+def _sendable(wire: bytes, line_count: int) -> bool:
+    """A serialised head holds no CR, LF or NUL beyond the CRLFs ending its
+    ``line_count`` lines (blank line included): nothing in a name, value, method or
+    target could split or end it. One pass over the bytes instead of one per header."""
+    return len(wire) - len(wire.translate(None, _UNSENDABLE)) == 2 * line_count
 
 
 class _BodyWriter:
@@ -235,9 +246,11 @@ def _need_more(buf: bytes, eof: bool, limit: int) -> tuple[None, bytes]:
     return None, buf
 
 
-def _plain_chunked(headers: Headers, http_version: bytes) -> bool | None:
+def _plain_chunked(headers: Headers, names: list[bytes], http_version: bytes) -> bool | None:
     """For a fast-path head: True if the body is chunked the way h11 accepts it, False
     without Transfer-Encoding, None when h11 must decide (any other Transfer-Encoding)."""
+    if b"transfer-encoding" not in names:
+        return False
     codings = [value for name, value in headers if name == b"transfer-encoding"]
     if not codings:
         return False
@@ -376,7 +389,6 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         if head is None:
             return self._delegate_request()
         self._buf = buf[end:]
-        self._start_request(head)
         reader = self._reader
         if head.chunked:
             reader.start_chunked()
@@ -396,15 +408,14 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
             return None
         fields, parser = parsed
         headers = fields.headers
-        hosts = 0
-        for name, _ in headers:
-            if name == b"host":
-                hosts += 1
+        names = _names(headers)
         version = parser.get_http_version().encode()
-        if hosts != 1 or _plain_chunked(headers, version) is None:
+        if names.count(b"host") != 1 or _plain_chunked(headers, names, version) is None:
             return None
         method = raw[: raw.index(b" ")]
-        return request_head(method, fields.target, version, headers, self._max_header_bytes)
+        head = request_head(method, fields.target, version, headers, self._max_header_bytes)
+        self._start_request(head, names)
+        return head
 
     def _delegate_request(self) -> Event | None:
         """Hand this request to the h11 engine: its head (or its refusal) and its body."""
@@ -416,11 +427,13 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         self._reader.delegate = delegate
         return self._delegated_event()
 
-    def _start_request(self, head: RequestHead) -> None:
+    def _start_request(self, head: RequestHead, names: list[bytes] | None = None) -> None:
         self._reading_head = False
         self._method = head.method
         self._version = head.http_version
-        self._keep_alive = not _wants_close(head.headers, head.http_version)
+        if names is None:
+            names = _names(head.headers)
+        self._keep_alive = not _wants_close(head.headers, names, head.http_version)
         self._awaiting_continue = head.expect_continue
 
     # -- writing responses
@@ -432,10 +445,11 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         if status < 200:
             return _serialise_head(start, head.headers)
         headers = self._frame_response(status, list(head.headers))
-        if not _check_sendable(headers):
+        lines = _header_lines(headers)
+        if not _sendable(lines, len(headers) + 1):
             raise BadGateway("upstream response cannot be relayed: illegal header")
         self._response_started = True
-        return _serialise_head(start, headers)
+        return start + lines
 
     def _frame_response(self, status: int, headers: Headers) -> Headers:
         """Choose the response framing and fix its headers as h11 does."""
@@ -447,8 +461,9 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
             framing = _NO_BODY
             writer.remaining = 0
         else:
-            chunked = any(name == b"transfer-encoding" for name, _ in headers)
-            lengths = comma_values(headers, b"content-length")
+            names = _names(headers)
+            chunked = b"transfer-encoding" in names
+            lengths = comma_values(headers, b"content-length") if b"content-length" in names else None
             if lengths and not chunked:
                 writer.remaining = int(lengths[0])
             else:
@@ -463,7 +478,7 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
             framing = _NO_BODY
             writer.remaining = 0
         writer.framing = framing
-        if need_close or not self._keep_alive or b"close" in comma_values(headers, b"connection"):
+        if need_close or not self._keep_alive or _has_connection_close(headers):
             self._keep_alive = False
             tokens = set(comma_values(headers, b"connection"))
             tokens.discard(b"keep-alive")
@@ -505,6 +520,13 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         return delegate.switched_data() if delegate is not None else self._buf
 
 
+def _has_connection_close(headers: Headers) -> bool:
+    for name, value in headers:
+        if name == b"connection" and b"close" in value.lower():
+            return b"close" in comma_values(headers, b"connection")
+    return False
+
+
 def _unrelayable(message: str) -> BadGateway:
     return BadGateway(f"upstream response cannot be relayed: {message}")
 
@@ -530,6 +552,7 @@ class HttptoolsClientEngine(_BufferedInput, ClientEngine):
         self._request_done = False
         self._switched = False
         self._request_host = b""
+        self._names: list[bytes] = []  # of the response head being started
 
     # -- writing requests
 
@@ -544,18 +567,20 @@ class HttptoolsClientEngine(_BufferedInput, ClientEngine):
         else:
             writer.framing = _NO_BODY
             writer.remaining = 0
-        host = [(name, value) for name, value in headers if name == b"host"]
-        if len(host) != 1:
+        names = _names(headers)
+        if names.count(b"host") != 1:
             raise _unsendable("exactly one Host header is needed")
-        if not _check_sendable(headers) or not _check_sendable([(head.method, target)]) or b" " in target:
+        at = names.index(b"host")
+        if at:  # Host first, like h11 (some servers look for it there).
+            headers = [headers[at], *headers[:at], *headers[at + 1 :]]
+        wire = b"%s %s HTTP/1.1\r\n" % (head.method, target) + _header_lines(headers)
+        if not _sendable(wire, len(headers) + 2) or b" " in target:
             raise _unsendable("illegal byte in the request head")
         self._method = head.method
-        self._request_host = host[0][1]
-        self._upgrade_asked = any(name == b"upgrade" for name, _ in headers)
-        self._keep_alive = b"close" not in comma_values(headers, b"connection")
-        # Host first, like h11 (some servers look for it there).
-        start = b"%s %s HTTP/1.1\r\n" % (head.method, target)
-        return _serialise_head(start, [*host, *(h for h in headers if h[0] != b"host")])
+        self._request_host = headers[0][1]
+        self._upgrade_asked = b"upgrade" in names
+        self._keep_alive = not (b"connection" in names and b"close" in comma_values(headers, b"connection"))
+        return wire
 
     def send_body(self, data: bytes) -> Sequence[bytes]:
         return self._writer.body(data, _unsendable)
@@ -650,14 +675,18 @@ class HttptoolsClientEngine(_BufferedInput, ClientEngine):
         if parsed is None:
             return None
         fields, parser = parsed
-        if _plain_chunked(fields.headers, parser.get_http_version().encode()) is None:
+        headers = fields.headers
+        names = _names(headers)
+        version = parser.get_http_version().encode()
+        if _plain_chunked(headers, names, version) is None:
             return None
         status = parser.get_status_code()
         if status == 101 and not self._upgrade_asked:
             return None  # h11 refuses a switch nobody proposed
-        if _wants_close(fields.headers, parser.get_http_version().encode()):
+        if _wants_close(headers, names, version):
             self._keep_alive = False
-        return ResponseHead(status, fields.headers, fields.reason)
+        self._names = names
+        return ResponseHead(status, headers, fields.reason)
 
     def _start_response(self, head: ResponseHead) -> Event:
         status = head.status
@@ -669,10 +698,10 @@ class HttptoolsClientEngine(_BufferedInput, ClientEngine):
         reader = self._reader
         if status in (204, 304) or self._method == b"HEAD" or (self._method == b"CONNECT" and status < 300):
             reader.framing = _NO_BODY
-        elif any(name == b"transfer-encoding" for name, _ in head.headers):
+        elif b"transfer-encoding" in self._names:
             reader.start_chunked()  # (_plain_chunked let only a lone "chunked" through)
         else:
-            lengths = comma_values(head.headers, b"content-length")
+            lengths = comma_values(head.headers, b"content-length") if b"content-length" in self._names else None
             if lengths:
                 reader.framing = _LENGTH
                 reader.remaining = int(lengths[0])
