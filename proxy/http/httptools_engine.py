@@ -100,7 +100,18 @@ def _names(headers: Headers) -> list[bytes]:
 
 def _wants_close(headers: Headers, names: list[bytes], http_version: bytes) -> bool:
     """h11's keep-alive rule: ``Connection: close`` or an HTTP/1.0 peer ends the connection."""
-    return http_version < b"1.1" or (b"connection" in names and b"close" in comma_values(headers, b"connection"))
+    return http_version < b"1.1" or (b"connection" in names and _has_connection_close(headers))
+
+
+def _content_lengths(headers: Headers, names: list[bytes]) -> list[bytes]:
+    """``comma_values(headers, b"content-length")``, without its loop for the usual one plain value."""
+    count = names.count(b"content-length")
+    if count == 1:
+        value = headers[names.index(b"content-length")][1]
+        if b"," not in value:
+            item = value.lower().strip()
+            return [item] if item else []
+    return comma_values(headers, b"content-length") if count else []
 
 
 def _header_lines(headers: Headers) -> bytes:
@@ -401,15 +412,17 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
 
     def _plain_request(self, raw: bytes) -> RequestHead | None:
         """The head via llhttp, or None when it is not plain (h11 decides then)."""
-        if _PLAIN_REQUEST_LINE.match(raw) is None:
+        line = _PLAIN_REQUEST_LINE.match(raw)
+        if line is None:
             return None
         parsed = _parse_head(httptools.HttpRequestParser, raw)
         if parsed is None:
             return None
-        fields, parser = parsed
+        fields = parsed[0]
         headers = fields.headers
         names = _names(headers)
-        version = parser.get_http_version().encode()
+        end = line.end()
+        version = raw[end - 5 : end - 2]  # "HTTP/1.x\r\n", as llhttp read it
         if names.count(b"host") != 1 or _plain_chunked(headers, names, version) is None:
             return None
         method = raw[: raw.index(b" ")]
@@ -463,7 +476,7 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         else:
             names = _names(headers)
             chunked = b"transfer-encoding" in names
-            lengths = comma_values(headers, b"content-length") if b"content-length" in names else None
+            lengths = _content_lengths(headers, names)
             if lengths and not chunked:
                 writer.remaining = int(lengths[0])
             else:
@@ -677,7 +690,7 @@ class HttptoolsClientEngine(_BufferedInput, ClientEngine):
         fields, parser = parsed
         headers = fields.headers
         names = _names(headers)
-        version = parser.get_http_version().encode()
+        version = raw[5:8]  # "HTTP/1.x ", as llhttp read it
         if _plain_chunked(headers, names, version) is None:
             return None
         status = parser.get_status_code()
@@ -701,7 +714,7 @@ class HttptoolsClientEngine(_BufferedInput, ClientEngine):
         elif b"transfer-encoding" in self._names:
             reader.start_chunked()  # (_plain_chunked let only a lone "chunked" through)
         else:
-            lengths = comma_values(head.headers, b"content-length") if b"content-length" in self._names else None
+            lengths = _content_lengths(head.headers, self._names)
             if lengths:
                 reader.framing = _LENGTH
                 reader.remaining = int(lengths[0])
