@@ -457,7 +457,7 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         self._awaiting_continue = False
         if status < 200:
             return _serialise_head(start, head.headers)
-        headers = self._frame_response(status, list(head.headers))
+        headers = self._frame_response(status, head.headers)  # (never changed in place)
         lines = _header_lines(headers)
         if not _sendable(lines, len(headers) + 1):
             raise BadGateway("upstream response cannot be relayed: illegal header")
@@ -470,11 +470,11 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         writer = self._writer
         need_close = False
         framing = _LENGTH
+        names = _names(headers)  # (still right for Connection after CL/TE are dropped below)
         if status in (204, 304) or (method == b"CONNECT" and 200 <= status < 300):
             framing = _NO_BODY
             writer.remaining = 0
         else:
-            names = _names(headers)
             chunked = b"transfer-encoding" in names
             lengths = _content_lengths(headers, names)
             if lengths and not chunked:
@@ -491,7 +491,7 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
             framing = _NO_BODY
             writer.remaining = 0
         writer.framing = framing
-        if need_close or not self._keep_alive or _has_connection_close(headers):
+        if need_close or not self._keep_alive or (b"connection" in names and _has_connection_close(headers)):
             self._keep_alive = False
             tokens = set(comma_values(headers, b"connection"))
             tokens.discard(b"keep-alive")
