@@ -29,7 +29,23 @@ _NEED = (h11.NEED_DATA, h11.PAUSED)
 _END = EndOfMessage()
 
 
-class H11ServerEngine(ServerEngine):
+class _H11Cycle:
+    """Both sides: keep-alive is possible only when h11 says both directions are DONE."""
+
+    _conn: h11.Connection
+
+    def start_next_cycle(self) -> bool:
+        conn = self._conn
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            return True
+        return False
+
+    def switched_data(self) -> bytes:
+        return bytes(self._conn.trailing_data[0])
+
+
+class H11ServerEngine(_H11Cycle, ServerEngine):
     """Client side of a connection: parses requests, writes responses."""
 
     def __init__(self, max_header_bytes: int = 65536) -> None:
@@ -95,18 +111,9 @@ class H11ServerEngine(ServerEngine):
         """No part of a response has been sent yet for the current request."""
         return self._conn.our_state in (h11.IDLE, h11.SEND_RESPONSE)
 
-    def start_next_cycle(self) -> bool:
-        conn = self._conn
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-            return True
-        return False
-
-    def switched_data(self) -> bytes:
-        return bytes(self._conn.trailing_data[0])
 
 
-class H11ClientEngine(ClientEngine):
+class H11ClientEngine(_H11Cycle, ClientEngine):
     """Upstream side of a pooled connection: writes requests, parses responses."""
 
     def __init__(self, max_header_bytes: int = 65536) -> None:
@@ -144,12 +151,3 @@ class H11ClientEngine(ClientEngine):
             return _END
         return Closed()
 
-    def start_next_cycle(self) -> bool:
-        conn = self._conn
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-            return True
-        return False
-
-    def switched_data(self) -> bytes:
-        return bytes(self._conn.trailing_data[0])

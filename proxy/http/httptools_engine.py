@@ -271,13 +271,15 @@ def _plain_chunked(headers: Headers, names: list[bytes], http_version: bytes) ->
 
 
 class _BufferedInput:
-    """The reading side both engines share: unread bytes, EOF, and the body reader
-    (or the h11 engine a message was handed to)."""
+    """What both engines share: unread bytes, EOF, the body reader (or the h11 engine a
+    message was handed to), and the body writer."""
 
-    _buf: bytes
-    _eof: bool
-    _reader: _BodyReader
-    _max_header_bytes: int
+    def __init__(self, max_header_bytes: int) -> None:
+        self._max_header_bytes = max_header_bytes or 65536
+        self._buf = b""
+        self._eof = False
+        self._reader = _BodyReader()
+        self._writer = _BodyWriter()
 
     def feed(self, data: bytes) -> None:
         delegate = self._reader.delegate
@@ -301,11 +303,7 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
     """Client side of a connection: parses requests, writes responses."""
 
     def __init__(self, max_header_bytes: int = 65536) -> None:
-        self._max_header_bytes = max_header_bytes or 65536
-        self._buf = b""
-        self._eof = False
-        self._reader = _BodyReader()
-        self._writer = _BodyWriter()
+        super().__init__(max_header_bytes)
         self._reading_head = True
         self._request_done = False  # the current request's body has been read
         self._closed = False
@@ -552,11 +550,7 @@ class HttptoolsClientEngine(_BufferedInput, ClientEngine):
     """Upstream side of a pooled connection: writes requests, parses responses."""
 
     def __init__(self, max_header_bytes: int = 65536) -> None:
-        self._max_header_bytes = max_header_bytes or 65536
-        self._buf = b""
-        self._eof = False
-        self._writer = _BodyWriter()
-        self._reader = _BodyReader()
+        super().__init__(max_header_bytes)
         self._method = b""
         self._upgrade_asked = False
         self._keep_alive = True
