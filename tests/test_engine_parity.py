@@ -153,6 +153,25 @@ def test_server_engines_agree(raw):
     assert run_server(HTTPTOOLS, raw) == expected
 
 
+def _trickle(engine, raw: bytes) -> tuple[list, int | None]:
+    """Feed ``raw`` one byte at a time (then EOF) up to the end of the first message:
+    the events seen (bodies merged) and the refusal status, if any."""
+    events = []
+    status = None
+    try:
+        for i in range(len(raw) + 1):
+            engine.feed(raw[i : i + 1])  # the last one is b"": EOF
+            while (event := engine.next_event()) is not None:
+                events.append(_normalise(event))
+                if type(event) in (EndOfMessage, Closed):
+                    break
+            if events and type(events[-1]) in (EndOfMessage, Closed):
+                break
+    except HTTPError as exc:
+        status = exc.status
+    return _merge_bodies(events), status
+
+
 # Long inputs are covered in one piece above; byte by byte they would only cost time.
 SHORT_REQUESTS = {name: raw for name, raw in REQUESTS.items() if len(raw) <= 2000}
 
@@ -163,20 +182,7 @@ def test_server_engines_agree_byte_by_byte(raw):
     results = []
     for factory in (H11, HTTPTOOLS):
         engine = factory.server(65536)
-        events = []
-        status = None
-        try:
-            for i in range(len(raw) + 1):
-                engine.feed(raw[i : i + 1])  # the last one is b"": EOF
-                while (event := engine.next_event()) is not None:
-                    events.append(_normalise(event))
-                    if type(event) in (EndOfMessage, Closed):
-                        break
-                if events and type(events[-1]) in (EndOfMessage, Closed):
-                    break
-        except HTTPError as exc:
-            status = exc.status
-        results.append((_merge_bodies(events), status))
+        results.append(_trickle(engine, raw))
     assert results[1] == results[0]
 
 
@@ -322,20 +328,7 @@ def test_client_engines_agree_byte_by_byte(method, raw):
         headers = [(b"host", b"a")]
         engine.send_head(RequestHead(method, b"/", headers), headers, b"/")
         engine.send_end()
-        events = []
-        status = None
-        try:
-            for i in range(len(raw) + 1):
-                engine.feed(raw[i : i + 1])  # the last one is b"": EOF
-                while (event := engine.next_event()) is not None:
-                    events.append(_normalise(event))
-                    if type(event) in (EndOfMessage, Closed):
-                        break
-                if events and type(events[-1]) in (EndOfMessage, Closed):
-                    break
-        except HTTPError as exc:
-            status = exc.status
-        results.append((_merge_bodies(events), status))
+        results.append(_trickle(engine, raw))
     assert results[1] == results[0]
 
 
