@@ -475,14 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if upstream is not None:
             upstream.stop()
-        record["elapsed_s"] = round(time.time() - started, 1)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"results: {args.output} ({record['elapsed_s']}s)")
-        if args.keep:
-            print(f"kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        bench.finish_run(record, started, args.output, workdir, keep=args.keep)
     return 1 if failed else 0
 
 

@@ -798,6 +798,18 @@ def start_target(target: Target, args: argparse.Namespace, workdir: Path, upstre
     return start_caddy(target.name, prefix, port, upstream_port, cert, key, cpu, target.workers)
 
 
+def finish_run(record: dict, started: float, output: Path, workdir: Path, *, keep: bool) -> None:
+    """Write the run's JSON record and remove (or keep) its temporary folder."""
+    record["elapsed_s"] = round(time.time() - started, 1)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"results: {output} ({record['elapsed_s']}s)")
+    if keep:
+        print(f"kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -914,14 +926,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in [*servers.values(), *([upstream] if upstream else [])]:
             server.stop()
-        record["elapsed_s"] = round(time.time() - started, 1)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"results: {args.output} ({record['elapsed_s']}s)")
-        if args.keep:
-            print(f"kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        finish_run(record, started, args.output, workdir, keep=args.keep)
     return 0 if not record["failures"] else 1
 
 
