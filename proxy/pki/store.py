@@ -106,7 +106,7 @@ def ensure_ca(ca_dir: Path, name: str = DEFAULT_CA_NAME) -> tuple[x509.Certifica
     """
     ca_dir = Path(ca_dir)
     _make_dir(ca_dir, 0o700)
-    with _locked(ca_dir / ".ca.lock"):
+    with locked(ca_dir / ".ca.lock"):
         pem_path, key_path = ca_dir / CA_CERT_FILE, ca_dir / CA_KEY_FILE
         if not pem_path.exists() and not key_path.exists():
             cert, key = create_ca(name)
@@ -321,7 +321,7 @@ def _make_dir(path: Path, mode: int) -> None:
 
 
 @contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def locked(lock_path: Path) -> Iterator[None]:
     try:
         fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
     except OSError as exc:

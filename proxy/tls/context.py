@@ -281,7 +281,7 @@ class _Builder:
             wanted = set(parse_names(names))
             # Workers starting (or renewing) together: one issues, the others reuse, and
             # nobody reads a key from one issuance beside a certificate from another.
-            with store._locked(Path(ca_dir) / AUTO_LOCK):
+            with store.locked(Path(ca_dir) / AUTO_LOCK):
                 if not _reusable(pair, ca_cert, wanted):
                     cert, key = issue_leaf(ca_cert, ca_key, names)
                     store.write_leaf(prefix, cert, key, [ca_cert], force=True)
