@@ -322,6 +322,8 @@ def _make_dir(path: Path, mode: int) -> None:
 
 @contextmanager
 def locked(lock_path: Path) -> Iterator[None]:
+    """An exclusive flock on ``lock_path``: processes starting together (workers) issue
+    one CA / one certificate instead of mixing each other's keys and certificates."""
     try:
         fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
     except OSError as exc:
