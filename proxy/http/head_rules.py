@@ -13,6 +13,8 @@ top of the parser live here once:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from proxy.errors import BadRequest, HeadersTooLarge
 from proxy.http.engine import Headers, RequestHead
 
@@ -43,13 +45,22 @@ def comma_values(headers: Headers, name: bytes) -> list[bytes]:
 
 
 def request_head(
-    method: bytes, target: bytes, http_version: bytes, headers: Headers, max_header_bytes: int
+    method: bytes,
+    target: bytes,
+    http_version: bytes,
+    headers: Headers,
+    max_header_bytes: int,
+    names: Sequence[bytes] | None = None,
 ) -> RequestHead:
     """The ``RequestHead`` for a parsed head (lowercase names, stripped values), or
-    ``BadRequest`` / ``HeadersTooLarge`` when the proxy must not forward it."""
+    ``BadRequest`` / ``HeadersTooLarge`` when the proxy must not forward it.
+    ``names``: the header names in order, when the caller has them already."""
     # Names and values apart (C-level), so size, control bytes and the few names that
     # matter are each one pass in C rather than a Python loop over every header.
-    names, values = zip(*headers) if headers else ((), ())
+    if names is None:
+        names, values = zip(*headers) if headers else ((), ())
+    else:
+        values = [value for _, value in headers]
     joined = b"".join(values)
     size = len(method) + len(target) + 12 + len(b"".join(names)) + len(joined) + 4 * len(names)
     if size > max_header_bytes:

@@ -82,16 +82,15 @@ class _HeadFields:
         self.headers.append((name.lower(), value.rstrip(b" \t")))
 
 
-def _parse_head(parser_class: type, head: bytes) -> tuple[_HeadFields, object] | None:
+def _parse_head(parser_class: type, head: bytes) -> _HeadFields | None:
     """Tokenise a complete head with llhttp; None when llhttp refuses it."""
     fields = _HeadFields()
-    parser = parser_class(fields)
     try:
-        parser.feed_data(head)
+        parser_class(fields).feed_data(head)
     except _PARSE_ERRORS as exc:
         if type(exc) is not httptools.HttpParserUpgrade:
             return None
-    return fields, parser
+    return fields
 
 
 def _names(headers: Headers) -> list[bytes]:
@@ -100,7 +99,7 @@ def _names(headers: Headers) -> list[bytes]:
 
 def _wants_close(headers: Headers, names: list[bytes], http_version: bytes) -> bool:
     """h11's keep-alive rule: ``Connection: close`` or an HTTP/1.0 peer ends the connection."""
-    return http_version < b"1.1" or (b"connection" in names and _has_connection_close(headers))
+    return http_version < b"1.1" or (b"connection" in names and _has_connection_close(headers, names))
 
 
 def _content_lengths(headers: Headers, names: list[bytes]) -> list[bytes]:
@@ -257,11 +256,9 @@ def _need_more(buf: bytes, eof: bool, limit: int) -> tuple[None, bytes]:
     return None, buf
 
 
-def _plain_chunked(headers: Headers, names: list[bytes], http_version: bytes) -> bool | None:
-    """For a fast-path head: True if the body is chunked the way h11 accepts it, False
-    without Transfer-Encoding, None when h11 must decide (any other Transfer-Encoding)."""
-    if b"transfer-encoding" not in names:
-        return False
+def _plain_chunked(headers: Headers, http_version: bytes) -> bool | None:
+    """For a fast-path head with a Transfer-Encoding header: True if the body is chunked
+    the way h11 accepts it, None when h11 must decide (any other Transfer-Encoding)."""
     codings = [value for name, value in headers if name == b"transfer-encoding"]
     if not codings:
         return False
@@ -413,18 +410,17 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         line = _PLAIN_REQUEST_LINE.match(raw)
         if line is None:
             return None
-        parsed = _parse_head(httptools.HttpRequestParser, raw)
-        if parsed is None:
+        fields = _parse_head(httptools.HttpRequestParser, raw)
+        if fields is None:
             return None
-        fields = parsed[0]
         headers = fields.headers
         names = _names(headers)
         end = line.end()
         version = raw[end - 5 : end - 2]  # "HTTP/1.x\r\n", as llhttp read it
-        if names.count(b"host") != 1 or _plain_chunked(headers, names, version) is None:
+        if names.count(b"host") != 1 or (b"transfer-encoding" in names and _plain_chunked(headers, version) is None):
             return None
         method = raw[: raw.index(b" ")]
-        head = request_head(method, fields.target, version, headers, self._max_header_bytes)
+        head = request_head(method, fields.target, version, headers, self._max_header_bytes, names)
         self._start_request(head, names)
         return head
 
@@ -468,7 +464,7 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         writer = self._writer
         need_close = False
         framing = _LENGTH
-        names = _names(headers)  # (still right for Connection after CL/TE are dropped below)
+        names = _names(headers)
         if status in (204, 304) or (method == b"CONNECT" and 200 <= status < 300):
             framing = _NO_BODY
             writer.remaining = 0
@@ -479,6 +475,7 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
                 writer.remaining = int(lengths[0])
             else:
                 headers = [(n, v) for n, v in headers if n != b"content-length" and n != b"transfer-encoding"]
+                names = _names(headers)
                 if self._version is None or self._version < b"1.1":
                     framing = _UNTIL_CLOSE
                     need_close = method != b"HEAD"
@@ -489,7 +486,7 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
             framing = _NO_BODY
             writer.remaining = 0
         writer.framing = framing
-        if need_close or not self._keep_alive or (b"connection" in names and _has_connection_close(headers)):
+        if need_close or not self._keep_alive or (b"connection" in names and _has_connection_close(headers, names)):
             self._keep_alive = False
             tokens = set(comma_values(headers, b"connection"))
             tokens.discard(b"keep-alive")
@@ -531,11 +528,14 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         return delegate.switched_data() if delegate is not None else self._buf
 
 
-def _has_connection_close(headers: Headers) -> bool:
-    for name, value in headers:
-        if name == b"connection" and b"close" in value.lower():
-            return b"close" in comma_values(headers, b"connection")
-    return False
+def _has_connection_close(headers: Headers, names: list[bytes]) -> bool:
+    """``close`` among the Connection tokens (h11's rule), without a loop for the usual
+    single plain value such as ``keep-alive``."""
+    if names.count(b"connection") == 1:
+        value = headers[names.index(b"connection")][1].lower()
+        if b"," not in value:
+            return value.strip() == b"close"
+    return b"close" in comma_values(headers, b"connection")
 
 
 def _unrelayable(message: str) -> BadGateway:
@@ -678,16 +678,15 @@ class HttptoolsClientEngine(_BufferedInput, ClientEngine):
     def _plain_response(self, raw: bytes) -> ResponseHead | None:
         if _PLAIN_STATUS_LINE.match(raw) is None:
             return None
-        parsed = _parse_head(httptools.HttpResponseParser, raw)
-        if parsed is None:
+        fields = _parse_head(httptools.HttpResponseParser, raw)
+        if fields is None:
             return None
-        fields, parser = parsed
         headers = fields.headers
         names = _names(headers)
         version = raw[5:8]  # "HTTP/1.x ", as llhttp read it
-        if _plain_chunked(headers, names, version) is None:
+        if b"transfer-encoding" in names and _plain_chunked(headers, version) is None:
             return None
-        status = parser.get_status_code()
+        status = int(raw[9:12])  # the plain status line's three digits, as llhttp read them
         if status == 101 and not self._upgrade_asked:
             return None  # h11 refuses a switch nobody proposed
         if _wants_close(headers, names, version):
