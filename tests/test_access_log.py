@@ -122,3 +122,24 @@ def test_unopenable_path_is_a_config_error(tmp_path):
 def test_format_time():
     assert format_time(1.5) == "1970-01-01T00:00:01.500Z"
     assert RFC3339_UTC.match(format_time())
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"path": b'/a"b\\c\x7f\xff\xfe?q=\xc3\xa9', "sni": "d\u00e9j\u00e0.localhost", "method": "GET"},
+        {"sni": None, "service": None, "upstream": None, "request_id": None, "tls_version": None},
+        {"time": "2026-11-22T23:02:01.123Z", "duration_ms": 0.0004},
+        {"duration_ms": float("nan")},
+        {"status": True},
+        {"bytes_out": 2**70, "duration_ms": 12345678.9876},
+    ],
+)
+def test_json_line_is_what_json_dumps_writes(changes):
+    """The one-template fast path and the general encoder agree, whatever the values."""
+    from proxy.server.access_log import _fields, _json_line
+
+    record = {**RECORD, "time": 1.5, **changes}
+    expected = json.dumps(_fields(record), separators=(",", ":"), default=str) + "\n"
+    assert _json_line(record) == expected

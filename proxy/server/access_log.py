@@ -132,7 +132,7 @@ def format_time(value: float | None = None) -> str:
     if value is None:
         value = time.time()
     seconds = int(value)
-    return _utc_second(seconds) + f".{int((value - seconds) * 1000):03d}Z"
+    return "%s.%03dZ" % (_utc_second(seconds), (value - seconds) * 1000)
 
 
 @lru_cache(maxsize=8)
@@ -162,33 +162,45 @@ def _plain(value: Any) -> Any:
 
 
 _FIELD_SET = frozenset(FIELDS)
-_JSON_KEYS = tuple(f'"{key}":' for key in FIELDS[1:])
+
+
+def _json_text(value: Any) -> str:
+    """A str / bytes / None value as JSON (what json.dumps writes for it); TypeError otherwise."""
+    kind = type(value)
+    if kind is str:
+        return encode_basestring_ascii(value)
+    if kind is bytes:
+        return encode_basestring_ascii(value.decode("utf-8", "backslashreplace"))
+    if value is None:
+        return "null"
+    raise TypeError(kind)
 
 
 def _json_line(record: dict[str, Any]) -> str:
     """What ``json.dumps(_fields(record), separators=(",", ":"), default=str)`` gives,
-    built directly for the usual record (exactly the FIELDS, plain values): the
-    per-value encoders are the ones json.dumps uses, without its per-call setup."""
+    written as one template for the usual record (exactly the FIELDS; text, bytes or
+    None where text goes; ints for status and sizes; a finite float duration): one
+    format per record instead of a JSON encoder run. Anything else takes json.dumps."""
     if record.keys() == _FIELD_SET:
+        status, bytes_in, bytes_out = record["status"], record["bytes_in"], record["bytes_out"]
+        duration = record["duration_ms"]
         stamp = record["time"]
-        parts = ['{"time":' + encode_basestring_ascii(stamp if type(stamp) is str else format_time(stamp))]
-        for key, name in zip(_JSON_KEYS, FIELDS[1:]):
-            value = record[name]
-            kind = type(value)
-            if kind is str:
-                parts.append(key + encode_basestring_ascii(value))
-            elif kind is bytes:
-                parts.append(key + encode_basestring_ascii(value.decode("utf-8", "backslashreplace")))
-            elif kind is int:
-                parts.append(key + int.__repr__(value))
-            elif value is None:
-                parts.append(key + "null")
-            elif kind is float and math.isfinite(value):
-                parts.append(key + float.__repr__(round(value, 3) if name == "duration_ms" else value))
-            else:
-                break  # bool, nan, anything else: the general encoder
-        else:
-            return ",".join(parts) + "}\n"
+        if (
+            type(status) is int and type(bytes_in) is int and type(bytes_out) is int
+            and type(duration) is float and math.isfinite(duration)
+        ):
+            try:
+                return (
+                    f'{{"time":{_json_text(stamp if type(stamp) is str else format_time(stamp))},'
+                    f'"client":{_json_text(record["client"])},"tls_version":{_json_text(record["tls_version"])},'
+                    f'"sni":{_json_text(record["sni"])},"method":{_json_text(record["method"])},'
+                    f'"path":{_json_text(record["path"])},"status":{status},'
+                    f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"duration_ms":{round(duration, 3)!r},'
+                    f'"service":{_json_text(record["service"])},"upstream":{_json_text(record["upstream"])},'
+                    f'"request_id":{_json_text(record["request_id"])}}}\n'
+                )
+            except TypeError:
+                pass  # a value of another type: the general encoder
     return json.dumps(_fields(record), separators=(",", ":"), default=str) + "\n"
 
 
