@@ -150,7 +150,11 @@ def _check_client(info: ClientInfo, service: Service, host: str | None, path: st
                 f"reaches service {service.name!r}, which admits different client certificates: "
                 "connect with the server name in the URL"
             )
-    decision = authorize_request(info.identity, listener, service.client_auth, service.name)
+    decision = info.decisions.get(service.name)
+    if decision is None:
+        decision = info.decisions[service.name] = authorize_request(
+            info.identity, listener, service.client_auth, service.name
+        )
     if not decision.allowed:
         raise Forbidden(decision.reason)
 

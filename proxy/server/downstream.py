@@ -11,6 +11,7 @@ from http import HTTPStatus
 
 from proxy.http.engine import Body, EndOfMessage, RequestHead, ResponseHead, ServerEngine
 from proxy.server.channel import Channel
+from proxy.tls.authz import Decision
 from proxy.tls.identity import ClientIdentity
 
 COALESCE_BYTES = 16 * 1024  # about one TLS record
@@ -28,6 +29,9 @@ class ClientInfo:
     ssl_object: object | None = None
     identity: ClientIdentity | None = None  # verified client certificate, once per connection
     identity_headers: tuple[tuple[bytes, bytes], ...] = ()  # rendered in the forward mode
+    # service name -> whether this client may use it: the same for all of a connection's
+    # requests (identity, listener and service policy are fixed), so decided once each.
+    decisions: dict[str, Decision] = field(default_factory=dict)
     address: str = field(init=False)  # "ip:port", "[v6]:port": once, every access-log line has it
 
     def __post_init__(self) -> None:

@@ -46,6 +46,11 @@ class _RetryOnFreshConnection(Exception):
 class Relay:
     """One request's trip upstream and back; ``run`` returns the response status."""
 
+    __slots__ = (
+        "down", "head", "service", "pool", "timeouts", "max_body_bytes", "closing", "upstream_url", "status",
+        "_body_events", "_upstream_responded", "_pump",
+    )
+
     def __init__(
         self,
         down: Downstream,
