@@ -123,42 +123,55 @@ async def accept_loop(
 
     # socket.accept() builds the new socket from the listener's family/type properties,
     # which convert to enums on every call (a few % of a handshake's CPU in py-spy): take
-    # them once and wrap the accepted descriptor ourselves.
+    # them once and wrap the accepted descriptor ourselves. Non-blocking mode and
+    # TCP_NODELAY are left to the transport (uvloop and asyncio both set them).
     family, sock_type, proto = int(sock.family), int(sock.type), sock.proto
     listen_fd = sock.fileno()
-    while True:
-        if limiter is not None:
-            await limiter.acquire()
-        try:
-            while True:
-                try:
-                    fd, peer = sock._accept()
-                    break
-                except (BlockingIOError, InterruptedError):
-                    readable = loop.create_future()
-                    loop.add_reader(listen_fd, _resolve, readable)
-                    try:
-                        await readable
-                    finally:
-                        loop.remove_reader(listen_fd)
-            conn = socket.socket(family, sock_type, proto, fileno=fd)
-        except BaseException as exc:
+    # The listener stays registered with the loop between waits: adding and removing it
+    # per wait cost four epoll_ctl() calls and a poll handle (strace). It is removed only
+    # while the limiter is full, where its level-triggered readiness would spin the loop.
+    readable: asyncio.Future | None = None
+    watching = False
+
+    def wake() -> None:
+        if readable is not None and not readable.done():
+            readable.set_result(None)
+
+    try:
+        while True:
             if limiter is not None:
-                limiter.release()
-            if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
-                log.error("cannot accept connections: %s", exc.strerror)
-                await asyncio.sleep(0.5)  # back off until descriptors are freed
-                continue
-            if isinstance(exc, ConnectionAbortedError):
-                continue
-            raise
-        conn.setblocking(False)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        task = loop.create_task(handler(conn, peer))
-        tasks.add(task)
-        task.add_done_callback(finished)
-
-
-def _resolve(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
+                if watching and limiter.locked():
+                    loop.remove_reader(listen_fd)
+                    watching = False
+                await limiter.acquire()
+            try:
+                while True:
+                    try:
+                        fd, peer = sock._accept()
+                        break
+                    except (BlockingIOError, InterruptedError):
+                        if not watching:
+                            loop.add_reader(listen_fd, wake)
+                            watching = True
+                        readable = loop.create_future()
+                        await readable
+                conn = socket.socket(family, sock_type, proto, fileno=fd)
+            except BaseException as exc:
+                if limiter is not None:
+                    limiter.release()
+                if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
+                    log.error("cannot accept connections: %s", exc.strerror)
+                    if watching:  # the pending connection would wake the loop all along
+                        loop.remove_reader(listen_fd)
+                        watching = False
+                    await asyncio.sleep(0.5)  # back off until descriptors are freed
+                    continue
+                if isinstance(exc, ConnectionAbortedError):
+                    continue
+                raise
+            task = loop.create_task(handler(conn, peer))
+            tasks.add(task)
+            task.add_done_callback(finished)
+    finally:
+        if watching:
+            loop.remove_reader(listen_fd)
