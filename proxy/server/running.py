@@ -21,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import signal
-import socket
 import sys
 from collections.abc import Callable
 
@@ -143,10 +143,8 @@ class RunningProxy:
         tls_count = len(self.addresses)
         for index, sock in enumerate(self._sockets):
             serve = serve_tls_socket if index < tls_count else serve_redirect_socket
-
-            async def handler(conn: socket.socket, peer: tuple, serve=serve) -> None:
-                await serve(conn, peer, state)
-
+            # A partial, not a wrapping coroutine: one coroutine per connection, not two.
+            handler = functools.partial(serve, state=state)
             self._accept_tasks.append(loop.create_task(accept_loop(sock, handler, self.connection_tasks, limiter)))
 
     def describe(self) -> list[str]:
