@@ -1,6 +1,7 @@
 """TLSChannel's sends, with a recording transport and an in-memory TLS client (no
 sockets): a response followed by close leaves in one send with the close_notify;
-large writes still go out at once (the transport's high-water mark sees them)."""
+large writes still go out at once (the transport's high-water mark sees them); closing
+waits for the transport only while it still holds unsent bytes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class RecordingTransport(asyncio.Transport):
         super().__init__()
         self.written: list[bytes] = []
         self.closing = False
+        self.unsent = 0  # what get_write_buffer_size() reports
 
     def set_write_buffer_limits(self, high=None, low=None) -> None:
         pass
@@ -24,6 +26,9 @@ class RecordingTransport(asyncio.Transport):
 
     def is_closing(self) -> bool:
         return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return self.unsent
 
     def close(self) -> None:
         self.closing = True
@@ -112,5 +117,30 @@ def test_large_writes_are_sent_at_once(pki) -> None:
         for data in transport.written:
             client_in.write(data)
         assert receive(client) == (body, False)
+
+    asyncio.run(scenario())
+
+
+def test_close_and_wait_returns_at_once_when_everything_was_sent(pki) -> None:
+    async def scenario() -> None:
+        channel, transport, client, client_in = await handshaken(pki)
+        channel.write(b"bye")
+        started = asyncio.get_running_loop().time()
+        await channel.close_and_wait(5)  # the recording transport never reports connection_lost
+        assert asyncio.get_running_loop().time() - started < 0.5
+        assert transport.closing and len(transport.written) == 1
+
+    asyncio.run(scenario())
+
+
+def test_close_and_wait_waits_for_unsent_bytes_then_aborts(pki) -> None:
+    async def scenario() -> None:
+        channel, transport, client, client_in = await handshaken(pki)
+        transport.unsent = 100  # a peer that stopped reading
+        closing = asyncio.ensure_future(channel.close_and_wait(0.05))
+        await asyncio.sleep(0)
+        assert not closing.done()
+        await asyncio.wait_for(closing, 1)
+        assert channel.closed  # aborted after the timeout
 
     asyncio.run(scenario())
