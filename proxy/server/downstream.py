@@ -110,15 +110,20 @@ class Downstream:
         if head.status < 200:
             self.flush()  # 100 Continue: the client is waiting for it
 
-    async def write_body(self, data: bytes) -> None:
+    def write_body(self, data: bytes) -> bool:
+        """Queue a piece of body; True when that sent the queue, and the caller must
+        ``await drain()`` before the next piece (a plain method, not a coroutine: most
+        responses fit in one coalesced write and never wait)."""
         self.bytes_out += len(data)
-        pieces = self.engine.send_body(data)
-        if self._pending_bytes + len(data) <= COALESCE_BYTES:
-            self._pending.extend(pieces)
-            self._pending_bytes += len(data)
-            return
-        self._pending.extend(pieces)
+        self._pending.extend(self.engine.send_body(data))
+        self._pending_bytes += len(data)
+        if self._pending_bytes <= COALESCE_BYTES:
+            return False
         self.flush()
+        return True
+
+    async def drain(self) -> None:
+        """Wait until the client has taken enough of what was sent (``write_timeout``)."""
         await self.channel.drain(self.write_timeout)
 
     def write_end(self) -> None:

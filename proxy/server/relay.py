@@ -164,7 +164,8 @@ class Relay:
                 continue
             kind = type(event)
             if kind is Body:
-                await down.write_body(event.data)
+                if down.write_body(event.data):
+                    await down.drain()
             elif kind is ResponseHead:
                 if self._relay_head(event):
                     await self._tunnel(conn)
