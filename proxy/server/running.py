@@ -303,9 +303,6 @@ async def _serve_until_signal(
     worker: int,
 ) -> None:
     running = await start_proxy(config, config_source=config_source, listeners=listeners, admin=worker == 0)
-    if worker == 0:
-        for line in running.describe():
-            print(line, file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = [signal.SIGINT, signal.SIGTERM]
@@ -322,6 +319,11 @@ async def _serve_until_signal(
 
     loop.add_signal_handler(signal.SIGUSR1, reopen_access_log)
     signals.append(signal.SIGUSR1)
+    # Only now say "listening": whoever waits for that line (a supervisor, a test, a
+    # script) may signal at once, and a signal before its handler would kill the process.
+    if worker == 0:
+        for line in running.describe():
+            print(line, file=sys.stderr, flush=True)
     try:
         await stop.wait()
         if worker == 0:

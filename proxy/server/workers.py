@@ -99,8 +99,11 @@ class _Supervisor:
             return
         code = 1
         try:  # the worker: its own sockets, its own event loop
+            # Until its loop installs handlers: SIGTERM / SIGINT end it as usual; a reload
+            # or log reopen forwarded now is moot (it is about to load the config and open
+            # the log) and must not kill it, as their default action would.
             for signum in FORWARDED_SIGNALS:
-                signal.signal(signum, signal.SIG_DFL)
+                signal.signal(signum, signal.SIG_IGN if signum in (signal.SIGHUP, signal.SIGUSR1) else signal.SIG_DFL)
             for other, bound in enumerate(self.sets):
                 if other != index:
                     bound.close()
