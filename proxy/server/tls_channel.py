@@ -12,9 +12,10 @@ asyncio use internally, with the same OpenSSL work per record.
 Also, closing sends close_notify and then closes TCP at once, without waiting for
 the client's close_notify (which idle HTTP clients never send).
 
-Small writes are encrypted at once but sent at the end of the loop iteration: a
-response followed by closing the connection (``Connection: close``) then leaves in one
-send() with the close_notify, instead of two (a send is a few % of a handshake's CPU).
+Writes are encrypted at once and queued as TLS records in the outgoing buffer, sent as
+``Channel`` sends its queue (at the end of the loop iteration, large amounts at once):
+a response followed by closing the connection (``Connection: close``) then leaves in
+one send() with the close_notify, instead of two (a send is a few % of a handshake's CPU).
 """
 
 from __future__ import annotations
@@ -22,12 +23,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from proxy.server.channel import READ_LIMIT, WRITE_LIMIT, Channel, ConnectionLost
+from proxy.server.channel import READ_LIMIT, WRITE_LIMIT, Channel
 
 _RECORD = 16 * 1024 + 256  # room for one TLS record's plaintext
-# Encrypted bytes held back for the end-of-iteration send: from this many on they go out
-# at once, so backpressure (the transport's high-water mark) sees large bodies as before.
-_SEND_NOW = 16 * 1024
 TLS_HANDSHAKE_RECORD = 0x16
 
 
@@ -57,7 +55,6 @@ class TLSChannel(Channel):
         self.plain_http = False
         self._handshake_timeout = 0.0
         self._handshake_timer: asyncio.TimerHandle | None = None
-        self._send_scheduled = False
 
     async def handshake(self, timeout: float) -> None:
         """Complete the handshake or raise what failed it (ssl.SSLError, TimeoutError,
@@ -173,18 +170,18 @@ class TLSChannel(Channel):
         try:
             self.ssl_object.do_handshake()
         except ssl.SSLWantReadError:
-            self._flush()
+            self._send_queued()
             return
         except (ssl.SSLError, OSError) as exc:
             self._fail_handshake(exc)
             return
         self._handshaken = True
-        self._flush()  # our Finished (and TLS 1.3 session tickets)
+        self._send_queued()  # our Finished (and TLS 1.3 session tickets)
         self._wake_handshake()
 
     def _fail_handshake(self, exc: BaseException) -> None:
         self._handshake_error = exc
-        self._flush()  # the alert OpenSSL wrote: this is the point of this class
+        self._send_queued()  # the alert OpenSSL wrote: this is the point of this class
         self.closed = True
         self._eof = True
         if self.transport is not None:
@@ -215,50 +212,30 @@ class TLSChannel(Channel):
         except ssl.SSLZeroReturnError:  # close_notify
             eof = True
         except ssl.SSLError:
-            self._flush()
+            self._send_queued()
             self.abort()
             return
-        self._flush()  # e.g. a TLS 1.3 key update answer
+        self._send_queued()  # e.g. a TLS 1.3 key update answer
         if pieces:
             super().data_received(pieces[0] if len(pieces) == 1 else b"".join(pieces))
         if eof:
             super().eof_received()
 
-    def _flush(self) -> None:
+    # -- the write queue is the outgoing TLS buffer (see Channel) ---------------------------
+
+    def _queue(self, data: bytes) -> None:
+        self.ssl_object.write(data)
+
+    def _queued_bytes(self) -> int:
+        return self._outgoing.pending
+
+    def _send_queued(self) -> None:
         data = self._outgoing.read()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    # -- writing -------------------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        if self.closed or self.transport.is_closing():
-            raise ConnectionLost("connection closed")
-        if data:
-            self.ssl_object.write(data)
-            self._send_soon()
-
-    def writelines(self, pieces) -> None:
-        if self.closed or self.transport.is_closing():
-            raise ConnectionLost("connection closed")
-        write = self.ssl_object.write
-        for piece in pieces:
-            if piece:
-                write(piece)
-        self._send_soon()
-
-    def _send_soon(self) -> None:
-        """Send what was encrypted at the end of this loop iteration (large amounts now),
-        so that a close right after a response adds its close_notify to the same send."""
-        if self._outgoing.pending >= _SEND_NOW:
-            self._flush()
-        elif not self._send_scheduled:
-            self._send_scheduled = True
-            self.loop.call_soon(self._scheduled_send)
-
-    def _scheduled_send(self) -> None:
-        self._send_scheduled = False
-        self._flush()
+    def _drop_queued(self) -> None:
+        pass  # the records are dropped with the SSL object
 
     async def close_and_wait(self, timeout: float) -> None:
         """As ``Channel.close_and_wait``, except that when closing left nothing unsent
@@ -282,7 +259,7 @@ class TLSChannel(Channel):
                 self.ssl_object.unwrap()
             except ssl.SSLError:
                 pass  # SSLWantReadError: the peer's close_notify is not awaited
-            self._flush()
+            self._send_queued()
         transport.close()
 
 
