@@ -354,14 +354,18 @@ def start_nginx(name: str, prefix: Path, conf_text: str, port: int, cpu: str | N
 
 
 def start_tlsproxy(name: str, workdir: Path, port: int, upstream_port: int, cert: Path, key: Path,
-                   cpu: str | None, access_log: str, http_engine: str, workers: int = 1) -> Server:
+                   cpu: str | None, access_log: str, http_engine: str, workers: int = 1,
+                   python_path: Path | None = None) -> Server:
+    """``tlsproxy serve`` from the installed package, or from the checkout ``python_path``
+    (bench/paired.py's tree B; the working folder is outside any checkout either way)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "tlsproxy.yaml"
     config.write_text(tlsproxy_yaml(port, upstream_port, cert, key, access_log, http_engine, workers))
     log = workdir / "tlsproxy.log"
     argv = pinned(cpu, [sys.executable, "-m", "proxy", "serve", "-c", str(config)])
+    env = {**os.environ, "PYTHONPATH": str(python_path)} if python_path is not None else None
     with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=env)
     server = Server(name, port, proc, log)
     try:
         wait_connectable(port, proc, f"{name} (tlsproxy serve)", log)

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Paired A/B: is this tree faster than another one? Both measured at the same moment.
+
+Why: this VM's speed drifts by up to 2x between two runs of identical code (shared
+host), so "run.py before, run.py after" cannot show a 5 % change. Here nginx (the
+reference), tlsproxy from this tree (A) and tlsproxy from ``--b-tree`` (B) run at the same
+time, all three pinned to the same core, each loaded by its own wrk (all on the other
+core) for the same seconds: whatever the host does, it does to all three. Per round, each
+server's figure is completed requests (keep-alive) or connections (handshake) per second
+of its own CPU time; the script prints each round and the medians of A/nginx, B/nginx and
+A/B. An A/A run (``--b-tree`` = a checkout of the same commit) gave A/B = 1.004.
+
+    git worktree add /tmp/base <commit>            # the tree to compare against
+    .venv/bin/python bench/paired.py --b-tree /tmp/base --test keepalive
+
+The absolute ratios are lower than run.py's (three servers share one core); only A
+against B, measured together, means anything. Results: bench/results/paired.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench  # noqa: E402  (bench/run.py: certificates, configs, servers, /proc)
+
+RESULTS = bench.RESULTS_DIR / "paired.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--b-tree", required=True, type=Path, help="checkout of the tree to compare against (B)")
+    parser.add_argument("--test", choices=("keepalive", "handshake"), default="keepalive")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds (median taken; default 8)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per round (default 5)")
+    parser.add_argument("--server-cpu", default="1", help="core for the three servers")
+    parser.add_argument("--client-cpu", default="0", help="core for the wrk processes and the upstream")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if not (args.b_tree / "proxy" / "__init__.py").is_file():
+        parser.error(f"{args.b_tree} has no proxy/ package (a checkout of this repository is needed)")
+    return args
+
+
+def measure_round(servers: dict[str, bench.Server], args: argparse.Namespace, script: Path | None) -> dict[str, float]:
+    """One round: every server loaded at once; completed requests per server CPU second."""
+    cpu_before = {name: bench.cpu_seconds(server.pid) for name, server in servers.items()}
+    extra = ["-s", str(script)] if script is not None else []
+    loads = {
+        name: subprocess.Popen(
+            bench.pinned(args.client_cpu, ["wrk", "-t1", "-c32", f"-d{args.duration}s", *extra, server.url + "/small"]),
+            stdout=subprocess.PIPE, text=True,
+        )
+        for name, server in servers.items()
+    }
+    outputs = {name: load.communicate(timeout=args.duration + 60)[0] for name, load in loads.items()}
+    figures = {}
+    for name, server in servers.items():
+        done = bench.parse_wrk(outputs[name])["requests_per_s"] * args.duration
+        figures[name] = done / (bench.cpu_seconds(server.pid) - cpu_before[name])
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    workdir = Path(tempfile.mkdtemp(prefix="tlsproxy-paired-"))
+    workdir.chmod(0o755)
+    _ca, cert, key = bench.make_certificates(workdir)
+    docroot = workdir / "www"
+    docroot.mkdir()
+    (docroot / "small").write_bytes(bench.SMALL_BODY)
+    upstream_port = bench.free_port()
+    upstream = bench.start_nginx("upstream", workdir / "upstream",
+                                 bench.upstream_nginx_conf(workdir / "upstream", upstream_port, docroot),
+                                 upstream_port, args.client_cpu)
+    servers: dict[str, bench.Server] = {}
+    script = None
+    if args.test == "handshake":
+        script = workdir / "handshake.lua"
+        script.write_text(bench.HANDSHAKE_LUA)
+    rounds: list[dict[str, float]] = []
+    try:
+        port = bench.free_port()
+        servers["nginx"] = bench.start_nginx(
+            "nginx", workdir / "nginx", bench.terminator_nginx_conf(workdir / "nginx", port, upstream_port, cert, key),
+            port, args.server_cpu)
+        for name, tree in (("A", None), ("B", args.b_tree.resolve())):
+            servers[name] = bench.start_tlsproxy(name, workdir / name, bench.free_port(), upstream_port, cert, key,
+                                                 args.server_cpu, "/dev/null", "httptools", python_path=tree)
+        measure_round(servers, argparse.Namespace(**{**vars(args), "duration": 1}), script)  # warm-up
+        for number in range(1, args.rounds + 1):
+            figures = measure_round(servers, args, script)
+            rounds.append(figures)
+            print(f"round {number}: " + "  ".join(f"{name} {value:,.0f}" for name, value in figures.items())
+                  + f"  A/B {figures['A'] / figures['B']:.3f}", flush=True)
+    finally:
+        for server in [*servers.values(), upstream]:
+            server.stop()
+    ratios = {
+        "A/nginx": statistics.median(r["A"] / r["nginx"] for r in rounds),
+        "B/nginx": statistics.median(r["B"] / r["nginx"] for r in rounds),
+        "A/B": statistics.median(r["A"] / r["B"] for r in rounds),
+    }
+    unit = "requests" if args.test == "keepalive" else "connections"
+    print(f"medians over {len(rounds)} rounds x {args.duration}s ({unit} per server CPU second): "
+          + "  ".join(f"{name} {value:.3f}" for name, value in ratios.items()))
+    record = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "command": " ".join(["bench/paired.py", *(sys.argv[1:] if argv is None else argv)]),
+        "a_tree": str(bench.REPO), "b_tree": str(args.b_tree.resolve()), "test": args.test,
+        "rounds": rounds, "medians": ratios,
+    }
+    bench.finish_run(record, started, args.output, workdir, keep=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
