@@ -442,13 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.client_cpu is not None:
             os.sched_setaffinity(0, {int(args.client_cpu)})
         _, cert, key = bench.make_certificates(workdir)
-        docroot = workdir / "www"
-        docroot.mkdir()
-        (docroot / "small").write_bytes(bench.SMALL_BODY)
-        upstream_port = bench.free_port()
-        upstream = bench.start_nginx("upstream nginx", workdir / "upstream",
-                                     bench.upstream_nginx_conf(workdir / "upstream", upstream_port, docroot),
-                                     upstream_port, args.client_cpu)
+        upstream, upstream_port = bench.start_upstream(workdir, args.client_cpu, {"small": bench.SMALL_BODY})
         print(f"RLIMIT_NOFILE {nofile}/{hard}; {args.connections} connections, {args.concurrency} handshakes "
               f"in flight, hold {args.hold:.0f}s", flush=True)
         for name in servers:

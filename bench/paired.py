@@ -73,13 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tlsproxy-paired-"))
     workdir.chmod(0o755)
     _ca, cert, key = bench.make_certificates(workdir)
-    docroot = workdir / "www"
-    docroot.mkdir()
-    (docroot / "small").write_bytes(bench.SMALL_BODY)
-    upstream_port = bench.free_port()
-    upstream = bench.start_nginx("upstream", workdir / "upstream",
-                                 bench.upstream_nginx_conf(workdir / "upstream", upstream_port, docroot),
-                                 upstream_port, args.client_cpu)
+    upstream, upstream_port = bench.start_upstream(workdir, args.client_cpu, {"small": bench.SMALL_BODY})
     servers: dict[str, bench.Server] = {}
     script = None
     if args.test == "handshake":

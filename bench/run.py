@@ -340,6 +340,19 @@ services:
 """
 
 
+def start_upstream(workdir: Path, cpu: str | None, files: dict[str, bytes]) -> tuple[Server, int]:
+    """The plain-HTTP nginx upstream every target proxies to, serving ``files`` (name ->
+    body) from workdir/www; the server and its port."""
+    docroot = workdir / "www"
+    docroot.mkdir()
+    for name, body in files.items():
+        (docroot / name).write_bytes(body)
+    port = free_port()
+    server = start_nginx("upstream nginx", workdir / "upstream",
+                         upstream_nginx_conf(workdir / "upstream", port, docroot), port, cpu)
+    return server, port
+
+
 def start_nginx(name: str, prefix: Path, conf_text: str, port: int, cpu: str | None) -> Server:
     prefix.mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
@@ -843,16 +856,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         ca_pem, cert, key = make_certificates(workdir)
-        docroot = workdir / "www"
-        docroot.mkdir()
-        (docroot / "small").write_bytes(SMALL_BODY)
         large = os.urandom(LARGE_SIZE)
-        (docroot / "1m").write_bytes(large)
         large_digest = hashlib.sha256(large).digest()
-        upstream_port = free_port()
-        upstream = start_nginx("upstream nginx", workdir / "upstream",
-                               upstream_nginx_conf(workdir / "upstream", upstream_port, docroot),
-                               upstream_port, args.client_cpu)
+        upstream, upstream_port = start_upstream(workdir, args.client_cpu, {"small": SMALL_BODY, "1m": large})
         for name in args.targets:
             try:
                 servers[name] = start_target(TARGETS[name], args, workdir, upstream_port, cert, key)
