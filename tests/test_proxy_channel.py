@@ -1,6 +1,7 @@
 """Channel flow control with a recording transport (no sockets): reading pauses at the
 limit and resumes at half of it; drain() blocks while the transport is above its
-high-water mark; close/abort wake every waiter."""
+high-water mark; close/abort wake every waiter; small writes are queued until the end
+of the loop iteration, large ones go out at once."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 
 import pytest
 
-from proxy.server.channel import Channel, ConnectionLost
+from proxy.server.channel import SEND_NOW, Channel, ConnectionLost
 
 
 class RecordingTransport(asyncio.Transport):
@@ -136,5 +137,47 @@ def test_close_and_wait_returns_when_the_transport_is_gone():
         channel, transport = make_channel()
         await channel.close_and_wait(timeout=5)
         assert transport.closing and channel.closed
+
+    asyncio.run(scenario())
+
+
+def test_small_writes_leave_together_at_the_end_of_the_loop_iteration():
+    async def scenario():
+        channel, transport = make_channel()
+        channel.write(b"GET / HTTP/1.1\r\n")
+        channel.writelines([b"host: x\r\n", b"", b"\r\n"])
+        assert transport.written == []  # queued: other connections' sends go out with it
+        await asyncio.sleep(0)
+        assert transport.written == [b"GET / HTTP/1.1\r\n", b"host: x\r\n", b"\r\n"]  # one writelines
+        await asyncio.sleep(0)
+        assert len(transport.written) == 3  # nothing sent twice
+
+    asyncio.run(scenario())
+
+
+def test_large_writes_go_out_at_once_after_what_was_queued():
+    async def scenario():
+        channel, transport = make_channel()
+        channel.write(b"head")
+        body = b"x" * SEND_NOW
+        channel.writelines([body])  # the transport (and its high-water mark) sees it now
+        assert transport.written == [b"head", body]
+        await asyncio.sleep(0)
+        assert transport.written == [b"head", body]
+
+    asyncio.run(scenario())
+
+
+def test_close_sends_the_queue_first_and_abort_drops_it():
+    async def scenario():
+        channel, transport = make_channel()
+        channel.write(b"last response")
+        channel.close()
+        assert transport.written == [b"last response"] and transport.closing
+        other, other_transport = make_channel()
+        other.write(b"never sent")
+        other.abort()
+        await asyncio.sleep(0)
+        assert other_transport.written == []
 
     asyncio.run(scenario())
