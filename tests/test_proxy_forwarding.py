@@ -10,6 +10,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 
 import httpx
 import pytest
@@ -336,3 +337,34 @@ def test_refused_upgrade_is_an_ordinary_response(proxy, session, upstream):
 def test_upgrade_header_without_connection_upgrade_is_not_forwarded(proxy, session):
     response = session.get(proxy.url("/echo"), headers={"Upgrade": "test-echo"}, timeout=WAIT)
     assert "upgrade" not in upstream_headers(response)
+
+
+def settled(read, *, every: float = 0.1, quiet_polls: int = 5):
+    """``read()`` once it has stopped changing for ``quiet_polls`` polls in a row (bounded by
+    WAIT): how long a stall must last to count as one is what this observes."""
+    stop = threading.Event()
+    value, quiet, waited = read(), 0, 0.0
+    while quiet < quiet_polls and waited < WAIT:
+        stop.wait(every)
+        waited += every
+        current = read()
+        quiet = quiet + 1 if current == value else 0
+        value = current
+    return value
+
+
+def test_a_client_that_stops_reading_holds_the_upstream_back(proxy, pki, upstream):
+    """Backpressure end to end: the proxy takes the response from the upstream only as fast
+    as the client reads it, so a client that stops reading a large download leaves most of it
+    unsent (socket buffers on both legs plus the proxy's bounded buffers, not the whole body)."""
+    size = 512 * MiB
+    context = ssl.create_default_context(cafile=str(pki.ca_pem))
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connect: a small window
+    raw.settimeout(WAIT)
+    raw.connect(("127.0.0.1", proxy.port))
+    with context.wrap_socket(raw, server_hostname="localhost") as client:
+        client.sendall(f"GET /download?size={size} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        assert client.recv(64 * 1024).startswith(b"HTTP/1.1 200 ")  # the download has begun
+        stalled_at = settled(lambda: upstream.download_bytes_sent)
+        assert 0 < stalled_at < 64 * MiB  # of 512 MiB: then nobody reads, and nobody buffers

@@ -76,6 +76,7 @@ class TestUpstream:
         self.port = self._listener.getsockname()[1]
         self.accepts = 0
         self.closed_by_peer = 0  # connections the proxy closed (EOF between requests)
+        self.download_bytes_sent = 0  # /download body bytes the proxy has taken so far
         self.requests: list[dict] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -211,6 +212,7 @@ class TestUpstream:
             if request.method != b"HEAD":
                 for piece in pattern(size):
                     send(http.send(h11.Data(data=piece)))
+                    self.download_bytes_sent += len(piece)
             send(http.send(h11.EndOfMessage()))
         elif path == "/close-delimited":  # HTTP/1.0 style: the body ends when the connection does
             self._read_body(conn, http)
