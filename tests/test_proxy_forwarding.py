@@ -368,3 +368,34 @@ def test_a_client_that_stops_reading_holds_the_upstream_back(proxy, pki, upstrea
         assert client.recv(64 * 1024).startswith(b"HTTP/1.1 200 ")  # the download has begun
         stalled_at = settled(lambda: upstream.download_bytes_sent)
         assert 0 < stalled_at < 64 * MiB  # of 512 MiB: then nobody reads, and nobody buffers
+
+
+def test_an_upstream_that_stops_reading_holds_the_client_upload_back(proxy, pki, upstream):
+    """The other direction: while the upstream reads nothing (``/hang``), the proxy stops
+    reading the client's body once its bounded buffers are full, so the client's sends stall."""
+    size = 512 * MiB
+    sent = [0]
+    context = ssl.create_default_context(cafile=str(pki.ca_pem))
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=WAIT)
+    client = context.wrap_socket(raw, server_hostname="localhost")
+
+    def upload() -> None:
+        piece = b"u" * (64 * 1024)
+        try:
+            client.sendall(f"POST /hang HTTP/1.1\r\nHost: localhost\r\nContent-Length: {size}\r\n\r\n".encode())
+            while sent[0] < size:
+                client.sendall(piece)
+                sent[0] += len(piece)
+        except OSError:
+            pass  # the test ends the connection under it
+
+    sender = threading.Thread(target=upload, daemon=True)
+    sender.start()
+    try:
+        stalled_at = settled(lambda: sent[0])
+        assert 0 < stalled_at < 64 * MiB  # of 512 MiB
+    finally:
+        client.shutdown(socket.SHUT_RDWR)  # unblocks the sender
+        sender.join(WAIT)
+        client.close()
+        upstream.close()  # ends /hang: the proxy then answers 502 to nobody, and is done
