@@ -374,14 +374,20 @@ def start_tlsproxy(name: str, workdir: Path, port: int, upstream_port: int, cert
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "tlsproxy.yaml"
     config.write_text(tlsproxy_yaml(port, upstream_port, cert, key, access_log, http_engine, workers))
-    log = workdir / "tlsproxy.log"
-    argv = pinned(cpu, [sys.executable, "-m", "proxy", "serve", "-c", str(config)])
     env = {**os.environ, "PYTHONPATH": str(python_path)} if python_path is not None else None
+    argv = [sys.executable, "-m", "proxy", "serve", "-c", str(config)]
+    return _start_logged(f"{name} (tlsproxy serve)", name, workdir, workdir / "tlsproxy.log", pinned(cpu, argv), port, env)
+
+
+def _start_logged(what: str, name: str, workdir: Path, log: Path, argv: list[str], port: int,
+                  env: dict | None) -> Server:
+    """Start a server with its output in ``log`` and wait until ``port`` accepts (stopped
+    again, with the log's tail in the error, when it does not)."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=env)
     server = Server(name, port, proc, log)
     try:
-        wait_connectable(port, proc, f"{name} (tlsproxy serve)", log)
+        wait_connectable(port, proc, what, log)
     except BenchError:
         server.stop()
         raise
@@ -425,17 +431,8 @@ def start_caddy(name: str, workdir: Path, port: int, upstream_port: int, cert: P
     config = json.loads(adapted.stdout)
     config.setdefault("apps", {}).setdefault("tls", {})["session_tickets"] = {"disabled": True}
     (workdir / "caddy.json").write_text(json.dumps(config, indent=2) + "\n")
-    log = workdir / "caddy.log"
-    argv = pinned(cpu, ["caddy", "run", "--config", str(workdir / "caddy.json")])
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=env)
-    server = Server(name, port, proc, log)
-    try:
-        wait_connectable(port, proc, f"{name} (caddy run)", log)
-    except BenchError:
-        server.stop()
-        raise
-    return server
+    argv = ["caddy", "run", "--config", str(workdir / "caddy.json")]
+    return _start_logged(f"{name} (caddy run)", name, workdir, workdir / "caddy.log", pinned(cpu, argv), port, env)
 
 
 # --- wrk -------------------------------------------------------------------------------
