@@ -13,9 +13,10 @@ import errno
 import fcntl
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -25,6 +26,8 @@ from cryptography.x509.oid import NameOID
 
 from proxy.errors import PKIError
 from proxy.pki.build import DEFAULT_CA_NAME, PrivateKey, create_ca, is_ca, keys_match
+
+T = TypeVar("T")
 
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
@@ -237,23 +240,21 @@ def load_private_key(path: Path) -> PrivateKey:
 
 
 def load_csr(path: Path) -> x509.CertificateSigningRequest:
-    data = read_bytes(path)
-    try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_csr(data)
-        return x509.load_der_x509_csr(data)
-    except ValueError:
-        raise PKIError(f"{path}: not a certificate signing request (PEM or DER)") from None
+    return _load_pem_or_der(path, x509.load_pem_x509_csr, x509.load_der_x509_csr, "a certificate signing request")
 
 
 def load_crl(path: Path) -> x509.CertificateRevocationList:
+    return _load_pem_or_der(path, x509.load_pem_x509_crl, x509.load_der_x509_crl, "a certificate revocation list")
+
+
+def _load_pem_or_der(path: Path, from_pem: Callable[[bytes], T], from_der: Callable[[bytes], T], what: str) -> T:
+    """One object from a PEM or DER file (PEM when it has a BEGIN line); PKIError naming
+    ``what`` the file should have held when it is neither."""
     data = read_bytes(path)
     try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_crl(data)
-        return x509.load_der_x509_crl(data)
+        return from_pem(data) if b"-----BEGIN" in data else from_der(data)
     except ValueError:
-        raise PKIError(f"{path}: not a certificate revocation list (PEM or DER)") from None
+        raise PKIError(f"{path}: not {what} (PEM or DER)") from None
 
 
 # --- helpers -------------------------------------------------------------------------
