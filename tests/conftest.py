@@ -1,4 +1,5 @@
-"""The one shared fixture: a session PKI made with our own toolkit (no committed keys).
+"""The shared fixtures: a session PKI made with our own toolkit (no committed keys), a
+test upstream, and a proxy in front of it.
 
 ``pki.ca_dir`` / ``pki.ca_pem``  the trusted CA (``ca.pem`` + ``ca.key``)
 ``pki.other_ca_dir`` / ``pki.other_ca_pem``  a second CA nothing trusts
@@ -8,6 +9,9 @@
 ``pki.leaf(stem, *names, ...)``  issue more certificates on demand (cached by arguments)
 ``pki.crl([cert paths])``        a PEM CRL from the main CA revoking those certificates
 
+``upstream``                     a TestUpstream (tests/upstream.py) on 127.0.0.1 for one test
+``proxy``                        a ProxyThread with one service, ``app``, in front of it
+
 Every test in ``tests/test_proxy_*.py`` runs once per HTTP engine (ids ``[h11]`` /
 ``[httptools]``): the autouse ``http_engine`` fixture makes ``http_engine: auto`` resolve
 to the engine under test, in process and in ``tlsproxy serve`` subprocesses (through
@@ -16,14 +20,16 @@ to the engine under test, in process and in ``tlsproxy serve`` subprocesses (thr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from proxy.http import engine as http_engine_module
+from upstream import ProxyThread, TestUpstream, proxy_config, service
 
+from proxy.http import engine as http_engine_module
 from proxy.pki.build import issue_leaf, make_crl, validity_window
 from proxy.pki.store import ensure_ca, load_certificates, write_crl, write_leaf
 
@@ -115,3 +121,15 @@ def http_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setattr(http_engine_module, "forced_engine", name)
         monkeypatch.setenv(http_engine_module.FORCED_ENGINE_ENV, name)
     return name
+
+
+@pytest.fixture
+def upstream() -> Iterator[TestUpstream]:
+    with TestUpstream() as up:
+        yield up
+
+
+@pytest.fixture
+def proxy(pki: SessionPKI, upstream: TestUpstream, tmp_path: Path) -> Iterator[ProxyThread]:
+    with ProxyThread(proxy_config(pki, service("app", upstream), tmp_path)) as px:
+        yield px

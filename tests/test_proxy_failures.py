@@ -16,18 +16,6 @@ from upstream import WAIT, ProxyThread, TestUpstream, proxy_config, proxy_log_wa
 from proxy.config.model import ClientAuthSettings, Limits, Timeouts
 
 
-@pytest.fixture
-def upstream():
-    with TestUpstream() as up:
-        yield up
-
-
-@pytest.fixture
-def proxy(pki, upstream, tmp_path):
-    with ProxyThread(proxy_config(pki, service("app", upstream), tmp_path)) as px:
-        yield px
-
-
 def get(pki, url: str, **kwargs) -> requests.Response:
     return requests.get(url, verify=str(pki.ca_pem), timeout=WAIT, **kwargs)
 

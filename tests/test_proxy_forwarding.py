@@ -23,18 +23,6 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def upstream():
-    with TestUpstream() as up:
-        yield up
-
-
-@pytest.fixture
-def proxy(pki, upstream, tmp_path):
-    with ProxyThread(proxy_config(pki, service("app", upstream), tmp_path)) as px:
-        yield px
-
-
-@pytest.fixture
 def session(pki):
     with requests.Session() as s:
         s.trust_env = False  # REQUESTS_CA_BUNDLE in the environment would override verify

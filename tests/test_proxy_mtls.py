@@ -12,17 +12,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from upstream import WAIT, ProxyThread, TestUpstream, proxy_config, service
+from upstream import WAIT, ProxyThread, proxy_config, service
 
 from proxy.config.model import AllowEntry, CertificatePair, ClientAuthSettings, ServiceClientAuth, TLSSettings
 
 ALICE_ONLY = ServiceClientAuth(require=True, allow=(AllowEntry("cn", "alice"),))
-
-
-@pytest.fixture
-def upstream():
-    with TestUpstream() as up:
-        yield up
 
 
 @pytest.fixture

@@ -29,12 +29,6 @@ from websockets.sync.client import connect as ws_connect  # noqa: E402
 RELOADED = re.compile("reloaded the configuration")
 
 
-@pytest.fixture
-def upstream():
-    with TestUpstream() as up:
-        yield up
-
-
 def write_config(path: Path, pki, upstream: TestUpstream, *, with_new_route: bool) -> Path:
     cert, key = pki.server
     services = f"  - name: app\n    upstream: {upstream.url}\n"

@@ -22,12 +22,6 @@ from upstream import WAIT, ProxyThread, TestUpstream, proxy_config, proxy_log_wa
 from proxy.config.model import CertificatePair, TLSSettings
 
 
-@pytest.fixture
-def upstream():
-    with TestUpstream() as up:
-        yield up
-
-
 def publish(pair: tuple[Path, Path], live: Path) -> CertificatePair:
     """Put a cert/key pair at ``live``.pem/.key, each file replaced atomically."""
     for source, suffix in ((pair[0], ".pem"), (pair[1], ".key")):

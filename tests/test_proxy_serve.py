@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from upstream import WAIT, TestUpstream, pattern_sha256
+from upstream import WAIT, pattern_sha256
 
 LISTENING = re.compile(r"listening on https://127\.0\.0\.1:(\d+) \(services: (.*)\)")
 REDIRECTING = re.compile(r"redirecting http://127\.0\.0\.1:(\d+) to https://")
@@ -66,12 +66,6 @@ class Served:
         self.proc.wait(WAIT)
         self._reader.join(WAIT)
         self.proc.stderr.close()
-
-
-@pytest.fixture
-def upstream():
-    with TestUpstream() as up:
-        yield up
 
 
 def curl(*args: str) -> subprocess.CompletedProcess:
