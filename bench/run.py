@@ -535,38 +535,34 @@ def check_no_resumption(server: Server, workdir: Path) -> dict:
     return {"ok": False, "second_connection": "failed"}
 
 
-def check_connection_close(server: Server) -> bool:
-    """Does the server close after a response to a request saying ``Connection: close``?"""
+def _get_until_close(server: Server, path: str, timeout: float) -> tuple[bytes, bool]:
+    """``GET path`` with ``Connection: close`` over TLS (any certificate): everything
+    received, and whether the server closed the connection (False: ``timeout`` ran out)."""
     import ssl
 
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as raw:
         with context.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(b"GET /small HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
             data, closed = b"", False
             with contextlib.suppress(OSError):  # a timeout means it kept the connection open
-                while chunk := tls.recv(65536):
+                while chunk := tls.recv(1 << 16):
                     data += chunk
                 closed = True
+    return data, closed
+
+
+def check_connection_close(server: Server) -> bool:
+    """Does the server close after a response to a request saying ``Connection: close``?"""
+    data, closed = _get_until_close(server, "/small", timeout=5)
     return closed and data.startswith(b"HTTP/1.1 200")
 
 
 def check_large_body(server: Server, digest: bytes) -> bool:
     """The 1 MiB path arrives whole through the server (wrk does not check bodies)."""
-    import ssl
-
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
-        with context.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(b"GET /1m HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            data = b""
-            with contextlib.suppress(OSError):
-                while chunk := tls.recv(1 << 16):
-                    data += chunk
+    data, _closed = _get_until_close(server, "/1m", timeout=10)
     head, _, body = data.partition(b"\r\n\r\n")
     return head.startswith(b"HTTP/1.1 200") and hashlib.sha256(body).digest() == digest
 
