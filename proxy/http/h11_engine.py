@@ -30,9 +30,13 @@ _END = EndOfMessage()
 
 
 class _H11Cycle:
-    """Both sides: keep-alive is possible only when h11 says both directions are DONE."""
+    """What both sides share: bytes in, and keep-alive only when h11 says both directions
+    are DONE."""
 
     _conn: h11.Connection
+
+    def feed(self, data: bytes) -> None:
+        self._conn.receive_data(data)
 
     def start_next_cycle(self) -> bool:
         conn = self._conn
@@ -51,9 +55,6 @@ class H11ServerEngine(_H11Cycle, ServerEngine):
     def __init__(self, max_header_bytes: int = 65536) -> None:
         self._max_header_bytes = max_header_bytes or 65536
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_header_bytes)
-
-    def feed(self, data: bytes) -> None:
-        self._conn.receive_data(data)
 
     def next_event(self) -> Event | None:
         try:
@@ -132,9 +133,6 @@ class H11ClientEngine(_H11Cycle, ClientEngine):
 
     def send_end(self) -> bytes:
         return self._conn.send(h11.EndOfMessage()) or b""
-
-    def feed(self, data: bytes) -> None:
-        self._conn.receive_data(data)
 
     def next_event(self) -> Event | None:
         try:
