@@ -287,6 +287,19 @@ class _BufferedInput:
         else:
             self._eof = True
 
+    def _hand_over(self, delegate: H11ServerEngine | H11ClientEngine, data: bytes) -> None:
+        """From here on the h11 engine ``delegate`` reads this message: it gets ``data``
+        (the unread bytes, after a made-up head where it needs one) and any EOF seen."""
+        delegate.feed(data)
+        if self._eof:
+            delegate.feed(b"")
+        self._buf = b""
+        self._reader.delegate = delegate
+
+    def switched_data(self) -> bytes:
+        delegate = self._reader.delegate
+        return delegate.switched_data() if delegate is not None else self._buf
+
     def _read_framed_body(self, framing: object) -> object:
         """The next event of a Content-Length or chunked body (raises _Malformed)."""
         if framing == _LENGTH:
@@ -347,12 +360,8 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
     def _delegate_trailers(self) -> Event | None:
         """h11 reads the trailer section (after the head and last chunk it would have seen)."""
         delegate = H11ServerEngine(self._max_header_bytes)
-        delegate.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + self._buf)
-        if self._eof:
-            delegate.feed(b"")
+        self._hand_over(delegate, b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + self._buf)
         delegate.next_event()  # that head
-        self._buf = b""
-        self._reader.delegate = delegate
         return self._delegated_event()
 
     def _delegated_event(self) -> Event | None:
@@ -426,12 +435,7 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
 
     def _delegate_request(self) -> Event | None:
         """Hand this request to the h11 engine: its head (or its refusal) and its body."""
-        delegate = H11ServerEngine(self._max_header_bytes)
-        delegate.feed(self._buf)
-        if self._eof:
-            delegate.feed(b"")
-        self._buf = b""
-        self._reader.delegate = delegate
+        self._hand_over(H11ServerEngine(self._max_header_bytes), self._buf)
         return self._delegated_event()
 
     def _start_request(self, head: RequestHead, names: list[bytes] | None = None) -> None:
@@ -522,10 +526,6 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         self._reader.framing = _NO_BODY
         self._method = b""  # an error answer before the next head is a GET's (as in h11)
         return True
-
-    def switched_data(self) -> bytes:
-        delegate = self._reader.delegate
-        return delegate.switched_data() if delegate is not None else self._buf
 
 
 def _has_connection_close(headers: Headers, names: list[bytes]) -> bool:
@@ -726,11 +726,7 @@ class HttptoolsClientEngine(_BufferedInput, ClientEngine):
         upgrade = [(b"upgrade", b"x"), (b"connection", b"upgrade")] if self._upgrade_asked else []
         delegate.send_head(RequestHead(self._method, b"/", host), [*host, *upgrade], b"/")
         delegate.send_end()
-        delegate.feed(self._buf)
-        if self._eof:
-            delegate.feed(b"")
-        self._buf = b""
-        self._reader.delegate = delegate
+        self._hand_over(delegate, self._buf)
         return self._delegated_event()
 
     def start_next_cycle(self) -> bool:
@@ -739,7 +735,3 @@ class HttptoolsClientEngine(_BufferedInput, ClientEngine):
         self._reading_head = True
         self._request_done = self._response_done = False
         return True
-
-    def switched_data(self) -> bytes:
-        delegate = self._reader.delegate
-        return delegate.switched_data() if delegate is not None else self._buf
