@@ -432,6 +432,92 @@ def test_too_much_or_too_little_body_is_a_bad_gateway_on_both():
             engine.send_end()
 
 
+# -- a response head relayed as received (httptools: ClientEngine.next_event's ``raw``)
+
+AS_SENT = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Mixed-Case:  kept\r\nContent-Length: 2\r\n\r\n"
+
+
+def parsed_response(method: bytes, raw: bytes) -> ResponseHead:
+    engine = HTTPTOOLS.client(65536)
+    headers = [(b"host", b"a")]
+    engine.send_head(RequestHead(method, b"/", headers), headers, b"/")
+    engine.send_end()
+    engine.feed(raw)
+    return engine.next_event()
+
+
+def test_a_response_head_needing_no_change_keeps_its_bytes():
+    head = parsed_response(b"GET", AS_SENT + b"ok")
+    assert (head.raw, head.content_length) == (AS_SENT, 2)
+    assert head == ResponseHead(200, [(b"content-type", b"text/plain"), (b"x-mixed-case", b"kept"),
+                                      (b"content-length", b"2")], b"OK")  # the parsed view as before
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [b"Connection: keep-alive\r\n", b"connection: Close\r\n", b"Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n",
+     b"KEEP-ALIVE: max=3\r\nConnection: keep-alive, close\r\n"],
+    ids=["nginx", "close", "node", "shouting"],
+)
+def test_a_raw_head_loses_only_its_connection_and_keep_alive_lines(lines):
+    head = parsed_response(b"GET", AS_SENT.replace(b"Content-Type", lines + b"Content-Type"))
+    assert head.raw == AS_SENT
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [
+        (b"GET", AS_SENT.replace(b"\r\n\r\n", b"\r\nConnection: keep-alive, X-Mixed-Case\r\n\r\n")),
+        (b"GET", AS_SENT.replace(b"\r\n\r\n", b"\r\nTrailer: X-T\r\n\r\n")),
+        (b"GET", AS_SENT.replace(b"Content-Length: 2", b"Transfer-Encoding: chunked")),
+        (b"GET", AS_SENT.replace(b"Content-Length: 2", b"X-No-Length: 1")),
+        (b"GET", AS_SENT.replace(b"Content-Length: 2", b"Content-Length: 2, 2")),
+        (b"GET", AS_SENT.replace(b"HTTP/1.1", b"HTTP/1.0")),
+        (b"GET", AS_SENT.replace(b" OK", b" ")),
+        (b"GET", AS_SENT.replace(b"200 OK", b"304 Not Modified")),
+        (b"HEAD", AS_SENT),
+        (b"GET", AS_SENT.replace(b"200 OK", b"100 Continue")),
+    ],
+    ids=["connection-names-a-header", "trailer", "chunked", "close-delimited", "length-list", "http10", "no-reason", "304",
+         "head", "interim"],
+)
+def test_a_response_head_the_proxy_changes_is_not_kept_raw(method, raw):
+    assert parsed_response(method, raw).raw == b""
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [REQUESTS["plain-get"], GET + b"Connection: close\r\n\r\n", REQUESTS["http10-no-host"]],
+    ids=["keep-alive", "client-asked-close", "http10"],
+)
+def test_server_engine_sends_a_raw_head_as_received_only_where_it_would_change_nothing(request_bytes):
+    head = parsed_response(b"GET", AS_SENT)
+    assert head.raw
+    sent = []
+    for relayed in (head, dataclasses.replace(head, raw=b"")):
+        engine = HTTPTOOLS.server(65536)
+        engine.feed(request_bytes)
+        while type(engine.next_event()) is not EndOfMessage:
+            pass
+        wire = engine.send_head(relayed) + b"".join(engine.send_body(b"ok")) + engine.send_end()
+        sent.append((read_back(request_bytes, wire), engine.start_next_cycle(), wire))
+    (as_read, keep_alive, wire), (as_read_parsed, keep_alive_parsed, wire_parsed) = sent
+    assert (as_read, keep_alive) == (as_read_parsed, keep_alive_parsed)  # the client sees no difference
+    if request_bytes == REQUESTS["plain-get"]:
+        assert wire == AS_SENT + b"ok" and wire_parsed != wire  # byte for byte: names keep their case
+    else:
+        assert wire == wire_parsed  # closing / HTTP/1.0: re-framed as without raw bytes
+
+
+def test_a_raw_head_still_bounds_the_body_by_its_length():
+    engine = HTTPTOOLS.server(65536)
+    engine.feed(REQUESTS["plain-get"])
+    engine.next_event()
+    engine.send_head(parsed_response(b"GET", AS_SENT))
+    with pytest.raises(HTTPError):
+        engine.send_body(b"abc")
+
+
 @pytest.mark.parametrize(
     "head",
     [

@@ -133,6 +133,23 @@ def test_close_delimited_response_is_reframed_for_keep_alive(proxy, session, ups
     assert upstream.accepts == 2  # the upstream's close is not reused, a new connection follows
 
 
+def test_a_response_head_needing_no_change_reaches_curl_as_the_upstream_spelled_it(proxy, pki, http_engine):
+    """The upstream sends ``Content-Type`` / ``Content-Length`` (names capitalised): the
+    httptools engine relays that head byte for byte, like nginx; h11 re-spells it in
+    lowercase. A client that asks to close gets the head re-framed by either engine."""
+    kept = curl("-i", proxy.url("/echo"), pki=pki).stdout.partition(b"\r\n\r\n")[0].split(b"\r\n")
+    closing = curl("-i", "-H", "Connection: close", proxy.url("/echo"), pki=pki).stdout
+    closing = closing.partition(b"\r\n\r\n")[0].split(b"\r\n")
+    length = kept[2].partition(b": ")[2]
+    assert kept[0] == closing[0] == b"HTTP/1.1 200 OK"
+    if http_engine == "httptools":
+        assert kept[1:] == [b"Content-Type: application/json", b"Content-Length: " + length]
+    else:
+        assert kept[1:] == [b"content-type: application/json", b"content-length: " + length]
+    assert [line.lower() for line in closing[1:]] == [
+        b"content-type: application/json", b"content-length: " + length, b"connection: close"]
+
+
 def test_http10_client_gets_a_close_delimited_response(proxy, pki):
     result = curl("--http1.0", "-i", proxy.url("/close-delimited?size=5000"), pki=pki)
     head, _, body = result.stdout.partition(b"\r\n\r\n")

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import re
 import signal
+import socket
 import ssl
 import threading
 from pathlib import Path
@@ -82,6 +84,35 @@ def secret_volume(root: Path, pair: tuple[Path, Path], generation: int) -> None:
     for name in ("tls.crt", "tls.key"):
         if not (root / name).is_symlink():
             (root / name).symlink_to(f"..data/{name}")
+
+
+def test_the_response_in_flight_at_shutdown_says_connection_close(pki, upstream, tmp_path):
+    """Draining: the request in flight gets its answer, re-framed with ``Connection: close``
+    (although the upstream's head needs no other change), then the connection ends."""
+    px = ProxyThread(proxy_config(pki, service("app", upstream), tmp_path))
+    context = ssl.create_default_context(cafile=str(pki.ca_pem))
+    try:
+        with socket.create_connection(("127.0.0.1", px.port), timeout=WAIT) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /held HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert upstream.holding.wait(WAIT)
+            closed = asyncio.run_coroutine_threadsafe(px.running.close(WAIT), px.loop)
+
+            async def shutdown_begun() -> None:
+                while not px.running.state.closing:
+                    await asyncio.sleep(0)
+
+            px.call(shutdown_begun())
+            upstream.let_go()
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nconnection: close" in head.lower()
+        assert json.loads(body)["target"] == "/held"
+        closed.result(WAIT)
+    finally:
+        px.close()
 
 
 def test_secret_symlink_swap_changes_the_served_certificate_without_a_signal(pki, upstream, tmp_path):

@@ -8,6 +8,7 @@ and that refused requests never reached it. Routes:
   /download?size=N     N pattern bytes streamed (``&chunked=1``: chunked framing)
   /status/NNN          that status, no body (HEAD-safe; 1xx not allowed)
   /hang                no answer until the test ends (for upstream_response timeouts)
+  /held                ``holding`` is set, then the /echo answer once the test calls ``let_go()``
   /upgrade             101 to whatever Upgrade asked, then echoes "echo:"+bytes (``?refuse``: 200)
   /close-delimited?size=N  N pattern bytes without length or chunks, then close
   /die                 promises 1 MiB, sends 1 KiB, closes (upstream dies mid-response)
@@ -81,6 +82,8 @@ class TestUpstream:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._release = threading.Event()
+        self.holding = threading.Event()  # a /held request is waiting for let_go()
+        self._let_go = threading.Event()
         self._conns: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -105,6 +108,7 @@ class TestUpstream:
     def close(self) -> None:
         self._closed = True
         self._release.set()
+        self._let_go.set()
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         self._listener.close()
@@ -115,6 +119,10 @@ class TestUpstream:
                 conn.close()
         for thread in self._threads:
             thread.join(WAIT)
+
+    def let_go(self) -> None:
+        """Answer the /held requests."""
+        self._let_go.set()
 
     def wait_closed_by_peer(self, count: int, timeout: float = WAIT) -> bool:
         """Wait until the proxy has closed ``count`` connections to us."""
@@ -198,6 +206,9 @@ class TestUpstream:
         query = {key: values[0] for key, values in parse_qs(url.query).items()}
         path = url.path
         send = conn.sendall
+        if path == "/held":  # then answered like /echo
+            self.holding.set()
+            self._let_go.wait(WAIT)
         if path.startswith("/status/"):
             self._read_body(conn, http)
             status = int(path.rsplit("/", 1)[1])
@@ -208,7 +219,7 @@ class TestUpstream:
             self._read_body(conn, http)
             size = int(query.get("size", "0"))
             framing = [("transfer-encoding", "chunked")] if query.get("chunked") else [("content-length", str(size))]
-            send(http.send(h11.Response(status_code=200, headers=framing)))
+            send(http.send(h11.Response(status_code=200, reason="OK", headers=framing)))
             if request.method != b"HEAD":
                 for piece in pattern(size):
                     send(http.send(h11.Data(data=piece)))
@@ -256,8 +267,10 @@ class TestUpstream:
                 "body_sha256": sha,
                 "server_port": self.port,
             }).encode()
-            send(http.send(h11.Response(status_code=200, headers=[
-                ("content-type", "application/json"), ("content-length", str(len(body)))])))
+            # Spelled as most servers spell it (reason phrase, capitalised names): a head
+            # the proxy needs not change is relayed as received (httptools engine).
+            send(http.send(h11.Response(status_code=200, reason="OK", headers=[
+                ("Content-Type", "application/json"), ("Content-Length", str(len(body)))])))
             if request.method != b"HEAD":
                 send(http.send(h11.Data(data=body)))
             send(http.send(h11.EndOfMessage()))

@@ -24,6 +24,12 @@ from dataclasses import dataclass, field
 
 Headers = list[tuple[bytes, bytes]]
 
+# Headers about one connection, never relayed (RFC 9110 7.6.1; Keep-Alive and
+# Proxy-Connection by custom): framing and connection management are per hop.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+)
+
 # Methods a pooled connection may replay on a fresh connection (RFC 9110 9.2.2).
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -60,11 +66,17 @@ class RequestHead:
 
 @dataclass(slots=True)
 class ResponseHead:
-    """A status line and header section; 1xx heads are informational."""
+    """A status line and header section; 1xx heads are informational.
+
+    ``raw``: the head's bytes as received, set by a client engine when a proxy relays
+    the head unchanged (see ``ClientEngine.next_event``), with the ``content_length``
+    that frames its body; wire details, so not part of equality."""
 
     status: int
     headers: Headers = field(default_factory=list)
     reason: bytes = b""
+    raw: bytes = field(default=b"", compare=False, repr=False)
+    content_length: int = field(default=0, compare=False, repr=False)
 
     @property
     def informational(self) -> bool:
@@ -168,7 +180,13 @@ class ClientEngine(abc.ABC):
     @abc.abstractmethod
     def next_event(self) -> Event | None:
         """The next response event or None (need data). Raises ``BadGateway`` when the
-        upstream breaks the protocol or closes before the response is complete."""
+        upstream breaks the protocol or closes before the response is complete.
+
+        An engine may give a final ``ResponseHead`` its ``raw`` bytes when, but for
+        ``Connection: keep-alive`` / ``close`` and Keep-Alive lines (cut from ``raw``),
+        nothing in them is for this connection only: HTTP/1.1, a reason phrase, a body
+        framed by one Content-Length, no other hop-by-hop header (``HOP_BY_HOP``). A
+        server engine may then send those bytes as they are (names keep their case)."""
 
     @abc.abstractmethod
     def start_next_cycle(self) -> bool:

@@ -25,13 +25,11 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from proxy.config.model import Service
+from proxy.http.engine import HOP_BY_HOP
 from proxy.tls.identity import is_identity_header
 
 Headers = list[tuple[bytes, bytes]]
 
-HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
-)
 HOP_BY_HOP_KEEP_UPGRADE = HOP_BY_HOP - {b"upgrade"}
 # Connection may not list these away: framing and routing depend on them.
 _PROTECTED = frozenset({b"host", b"content-length"})

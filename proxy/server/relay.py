@@ -181,6 +181,10 @@ class Relay:
             raise BadGateway(f"service {self.service.name!r}: upstream switched protocols unasked")
         if head.status < 200 and not switching and self.head.http_version == b"1.0":
             return False  # HTTP/1.0 clients get no interim responses (RFC 9110 15.2)
+        if head.raw and not self.closing():  # the engine found nothing to change in it
+            self.status = head.status
+            self.down.write_head(head)
+            return False
         headers = downstream_response_headers(head.headers, upgrade=switching)
         if head.status >= 200 or switching:
             self.status = head.status
