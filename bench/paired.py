@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Paired A/B: is this tree faster than another one? Both measured at the same moment.
+"""Paired A/B: is this tree faster than another one, or than Caddy? Measured at the same moment.
 
 Why: this VM's speed drifts by up to 2x between two runs of identical code (shared
 host), so "run.py before, run.py after" cannot show a 5 % change. Here nginx (the
@@ -13,8 +13,13 @@ A/B. An A/A run (``--b-tree`` = a checkout of the same commit) gave A/B = 1.004.
     git worktree add /tmp/base <commit>            # the tree to compare against
     .venv/bin/python bench/paired.py --b-tree /tmp/base --test keepalive
 
-The absolute ratios are lower than run.py's (three servers share one core); only A
-against B, measured together, means anything. Results: bench/results/paired.json.
+``--caddy`` adds Caddy (GOMAXPROCS=1) to the same core, and A/caddy to the medians: when
+both saturate a core (as in run.py), requests per CPU second is what decides whose
+req/s is higher, and measured together it is free of the drift that flips run.py's
+"above Caddy" verdict from one run to the next. ``--b-tree`` may then be left out.
+
+The absolute ratios are lower than run.py's (the servers share one core); only servers
+measured together compare. Results: bench/results/paired.json.
 """
 
 from __future__ import annotations
@@ -35,15 +40,18 @@ RESULTS = bench.RESULTS_DIR / "paired.json"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--b-tree", required=True, type=Path, help="checkout of the tree to compare against (B)")
+    parser.add_argument("--b-tree", type=Path, help="checkout of the tree to compare against (B)")
+    parser.add_argument("--caddy", action="store_true", help="measure Caddy (GOMAXPROCS=1) at the same moment too")
     parser.add_argument("--test", choices=("keepalive", "handshake"), default="keepalive")
     parser.add_argument("--rounds", type=int, default=8, help="rounds (median taken; default 8)")
     parser.add_argument("--duration", type=int, default=5, help="seconds per round (default 5)")
-    parser.add_argument("--server-cpu", default="1", help="core for the three servers")
+    parser.add_argument("--server-cpu", default="1", help="core for the servers")
     parser.add_argument("--client-cpu", default="0", help="core for the wrk processes and the upstream")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    if not (args.b_tree / "proxy" / "__init__.py").is_file():
+    if args.b_tree is None and not args.caddy:
+        parser.error("nothing to compare with: give --b-tree, --caddy or both")
+    if args.b_tree is not None and not (args.b_tree / "proxy" / "__init__.py").is_file():
         parser.error(f"{args.b_tree} has no proxy/ package (a checkout of this repository is needed)")
     return args
 
@@ -67,6 +75,12 @@ def measure_round(servers: dict[str, bench.Server], args: argparse.Namespace, sc
     return figures
 
 
+def _pairs(servers: dict[str, bench.Server]) -> list[tuple[str, tuple[str, str]]]:
+    """The ratios to report: A/nginx first, then A/B, B/nginx, A/caddy (those measured)."""
+    wanted = [("A", "nginx"), ("A", "B"), ("B", "nginx"), ("A", "caddy")]
+    return [(f"{a}/{b}", (a, b)) for a, b in wanted if a in servers and b in servers]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
@@ -85,30 +99,31 @@ def main(argv: list[str] | None = None) -> int:
         servers["nginx"] = bench.start_nginx(
             "nginx", workdir / "nginx", bench.terminator_nginx_conf(workdir / "nginx", port, upstream_port, cert, key),
             port, args.server_cpu)
-        for name, tree in (("A", None), ("B", args.b_tree.resolve())):
+        trees = {"A": None, "B": args.b_tree.resolve()} if args.b_tree is not None else {"A": None}
+        for name, tree in trees.items():
             servers[name] = bench.start_tlsproxy(name, workdir / name, bench.free_port(), upstream_port, cert, key,
                                                  args.server_cpu, "/dev/null", "httptools", python_path=tree)
+        if args.caddy:
+            servers["caddy"] = bench.start_caddy("caddy", workdir / "caddy", bench.free_port(), upstream_port,
+                                                 cert, key, args.server_cpu, procs=1)
         measure_round(servers, argparse.Namespace(**{**vars(args), "duration": 1}), script)  # warm-up
         for number in range(1, args.rounds + 1):
             figures = measure_round(servers, args, script)
             rounds.append(figures)
             print(f"round {number}: " + "  ".join(f"{name} {value:,.0f}" for name, value in figures.items())
-                  + f"  A/B {figures['A'] / figures['B']:.3f}", flush=True)
+                  + "".join(f"  {pair} {figures[a] / figures[b]:.3f}" for pair, (a, b) in _pairs(servers)[1:]),
+                  flush=True)
     finally:
         for server in [*servers.values(), upstream]:
             server.stop()
-    ratios = {
-        "A/nginx": statistics.median(r["A"] / r["nginx"] for r in rounds),
-        "B/nginx": statistics.median(r["B"] / r["nginx"] for r in rounds),
-        "A/B": statistics.median(r["A"] / r["B"] for r in rounds),
-    }
+    ratios = {pair: statistics.median(r[a] / r[b] for r in rounds) for pair, (a, b) in _pairs(servers)}
     unit = "requests" if args.test == "keepalive" else "connections"
     print(f"medians over {len(rounds)} rounds x {args.duration}s ({unit} per server CPU second): "
           + "  ".join(f"{name} {value:.3f}" for name, value in ratios.items()))
     record = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "command": " ".join(["bench/paired.py", *(sys.argv[1:] if argv is None else argv)]),
-        "a_tree": str(bench.REPO), "b_tree": str(args.b_tree.resolve()), "test": args.test,
+        "a_tree": str(bench.REPO), "b_tree": str(args.b_tree.resolve()) if args.b_tree else None, "test": args.test,
         "rounds": rounds, "medians": ratios,
     }
     bench.finish_run(record, started, args.output, workdir, keep=False)
