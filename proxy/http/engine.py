@@ -68,9 +68,10 @@ class RequestHead:
 class ResponseHead:
     """A status line and header section; 1xx heads are informational.
 
-    ``raw``: the head's bytes as received, set by a client engine when a proxy relays
-    the head unchanged (see ``ClientEngine.next_event``), with the ``content_length``
-    that frames its body; wire details, so not part of equality."""
+    ``raw``: the head's bytes as a proxy relays them (as received, less Connection and
+    Keep-Alive lines), set by a client engine when nothing else in it needs changing
+    (see ``ClientEngine.next_event``), with the ``content_length`` that frames its
+    body; wire details, so not part of equality."""
 
     status: int
     headers: Headers = field(default_factory=list)
