@@ -19,7 +19,7 @@ from proxy.errors import TlsProxyError
 COMMAND_MODULES = (
     "proxy.pki.commands",  # certs ...
     "proxy.server.commands",  # serve
-    "proxy.config.commands",  # check
+    "proxy.check.commands",  # check
     "proxy.echo",  # echo
     "proxy.demo",  # demo
 )

@@ -29,7 +29,7 @@ from cryptography import x509
 
 from upstream import ProxyThread, TestUpstream, proxy_config, service
 
-from proxy.http import engine as http_engine_module
+from proxy.http import engines as http_engine_module
 from proxy.pki.build import issue_leaf, make_crl, validity_window
 from proxy.pki.store import ensure_ca, load_certificates, write_crl, write_leaf
 

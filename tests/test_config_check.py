@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from proxy.config.checks import CheckReport, check_files
+from proxy.check.checks import CheckReport, check_files
 from proxy.config.load import load_config_with_lines
 from proxy.pki.build import create_ca, issue_leaf, make_crl
 from proxy.pki.store import certs_pem, load_certificates, write_crl, write_leaf

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config.dry_run import explain_access, split_url
+from proxy.check.dry_run import explain_access, split_url
 from proxy.config.load import load_config
 from proxy.errors import UsageError
 

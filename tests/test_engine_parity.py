@@ -12,7 +12,8 @@ import dataclasses
 import pytest
 
 from proxy.errors import HTTPError
-from proxy.http.engine import Body, Closed, EndOfMessage, RequestHead, ResponseHead, engine_factory
+from proxy.http.engine import Body, Closed, EndOfMessage, RequestHead, ResponseHead
+from proxy.http.engines import engine_factory
 
 H11 = engine_factory("h11")
 HTTPTOOLS = engine_factory("httptools")
@@ -592,7 +593,7 @@ def test_mutated_requests_and_responses_get_the_same_verdict():
 
 
 def test_engine_factory_names(monkeypatch):
-    monkeypatch.setattr("proxy.http.engine.forced_engine", None)
+    monkeypatch.setattr("proxy.http.engines.forced_engine", None)
     monkeypatch.delenv("TLSPROXY_HTTP_ENGINE", raising=False)
     assert engine_factory("h11").name == "h11"
     assert engine_factory("httptools").name == "httptools"
@@ -605,7 +606,7 @@ def test_engine_factory_names(monkeypatch):
 def test_auto_falls_back_to_h11_without_httptools(monkeypatch):
     import sys
 
-    monkeypatch.setattr("proxy.http.engine.forced_engine", None)
+    monkeypatch.setattr("proxy.http.engines.forced_engine", None)
     monkeypatch.delenv("TLSPROXY_HTTP_ENGINE", raising=False)
     monkeypatch.setitem(sys.modules, "httptools", None)  # import httptools -> ImportError
     monkeypatch.delitem(sys.modules, "proxy.http.httptools_engine", raising=False)

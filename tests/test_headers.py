@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.config.model import Service, Upstream
-from proxy.http.headers import (
+from proxy.forwarding.headers import (
     downstream_response_headers,
     forwarded_element,
     is_sane_request_id,

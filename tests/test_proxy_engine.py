@@ -6,7 +6,8 @@ import h11
 import pytest
 
 from proxy.errors import BadGateway, BadRequest, HeadersTooLarge
-from proxy.http.engine import Body, EndOfMessage, RequestHead, ResponseHead, engine_factory
+from proxy.http.engine import Body, EndOfMessage, RequestHead, ResponseHead
+from proxy.http.engines import engine_factory
 from proxy.server.redirect import redirect_location
 
 ENGINES = engine_factory("h11")

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from proxy.config.model import Service, Upstream
-from proxy.http.routing import Router, normalize_host, routing_path, upstream_target
+from proxy.forwarding.routing import Router, normalize_host, routing_path, upstream_target
 
 UPSTREAM = (Upstream("http://127.0.0.1:9000", "127.0.0.1", 9000),)
 

@@ -203,7 +203,7 @@ def parse_host_pattern(text: str) -> str:
     """A service host to match against Host and SNI: lowercased, port dropped.
 
     A leading ``*.`` matches one extra label (the usual certificate wildcard); IPv6
-    literals are stored bare (``::1``), as ``proxy.http.routing`` compares them.
+    literals are stored bare (``::1``), as ``proxy.forwarding.routing`` compares them.
     """
     raw = text.strip().lower()
     host, port = _split_host_port(raw, what="host")

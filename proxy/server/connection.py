@@ -17,8 +17,8 @@ import time
 from proxy.config.model import Service
 from proxy.errors import Forbidden, HTTPError, MisdirectedRequest, NotFound, PayloadTooLarge
 from proxy.http.engine import RequestHead
-from proxy.http.headers import upstream_request_headers
-from proxy.http.routing import normalize_host, upstream_target
+from proxy.forwarding.headers import upstream_request_headers
+from proxy.forwarding.routing import normalize_host, upstream_target
 from proxy.server.channel import ConnectionLost
 from proxy.server.downstream import ClientInfo, Downstream
 from proxy.server.relay import Relay

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from proxy.config.model import Service, Timeouts
 from proxy.errors import BadGateway, GatewayTimeout, PayloadTooLarge
 from proxy.http.engine import Body, Headers, RequestHead, ResponseHead
-from proxy.http.headers import downstream_response_headers
+from proxy.forwarding.headers import downstream_response_headers
 from proxy.server.channel import Channel, ConnectionLost
 from proxy.server.downstream import Downstream, reason_phrase
 from proxy.server.upstream_pool import UpstreamConnection, UpstreamPool

@@ -29,8 +29,8 @@ from collections.abc import Callable
 
 from proxy.config.model import ProxyConfig
 from proxy.errors import TlsProxyError
-from proxy.http.engine import engine_factory
-from proxy.http.routing import Router
+from proxy.http.engines import engine_factory
+from proxy.forwarding.routing import Router
 from proxy.server.access_log import AccessLog
 from proxy.server.admin import AdminServer, start_admin
 from proxy.server.expiry import ExpiryWatch, certificates_in_files
@@ -279,7 +279,7 @@ def run_proxy(config: ProxyConfig, config_source: Callable[[], ProxyConfig] | No
     if config.workers > 1:
         from proxy.server.workers import run_workers
 
-        return run_workers(config, config_source)
+        return run_workers(config, config_source, serve_blocking)
     return serve_blocking(config, config_source)
 
 

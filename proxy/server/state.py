@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from proxy.config.model import ProxyConfig
-from proxy.http.engine import EngineFactory
-from proxy.http.routing import Router
+from proxy.http.engines import EngineFactory
+from proxy.forwarding.routing import Router
 from proxy.server.access_log import AccessLog
 from proxy.server.downstream import Downstream
 from proxy.server.upstream_pool import UpstreamPool

@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 
 from proxy.config.model import Service, Upstream
 from proxy.errors import BadGateway
-from proxy.http.engine import ClientEngine, EngineFactory
+from proxy.http.engine import ClientEngine
+from proxy.http.engines import EngineFactory
 from proxy.server.channel import Channel
 
 MAX_IDLE_PER_UPSTREAM = 64

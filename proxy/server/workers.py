@@ -36,8 +36,15 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR
 YOUNG_WORKER = 1.0  # a worker dying sooner than this after start is restarted after a pause
 
 
-def run_workers(config: ProxyConfig, config_source: Callable[[], ProxyConfig] | None) -> int:
-    """Bind, fork ``config.workers`` workers, supervise them until told to stop."""
+# How a worker serves: (config, config_source, listeners=, worker=) -> exit code. The
+# caller passes it in (``running.serve_blocking``), so this module never imports back.
+ServeFunction = Callable[..., int]
+
+
+def run_workers(
+    config: ProxyConfig, config_source: Callable[[], ProxyConfig] | None, serve: ServeFunction
+) -> int:
+    """Bind, fork ``config.workers`` workers, each running ``serve``, supervise them until told to stop."""
     first = BoundListeners.bind(config.listen, config.redirect_http, reuse_port=True)
     sets = [first]
     try:
@@ -47,13 +54,14 @@ def run_workers(config: ProxyConfig, config_source: Callable[[], ProxyConfig] | 
         for bound in sets:
             bound.close()
         raise
-    supervisor = _Supervisor(config, config_source, sets)
+    supervisor = _Supervisor(config, config_source, sets, serve)
     return supervisor.run()
 
 
 class _Supervisor:
-    def __init__(self, config: ProxyConfig, config_source, sets: list[BoundListeners]) -> None:
+    def __init__(self, config: ProxyConfig, config_source, sets: list[BoundListeners], serve: ServeFunction) -> None:
         self.config = config
+        self.serve = serve
         self.config_source = config_source
         self.sets = sets
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started)
@@ -107,9 +115,7 @@ class _Supervisor:
             for other, bound in enumerate(self.sets):
                 if other != index:
                     bound.close()
-            from proxy.server.running import serve_blocking
-
-            code = serve_blocking(self.config, self.config_source, listeners=self.sets[index], worker=index)
+            code = self.serve(self.config, self.config_source, listeners=self.sets[index], worker=index)
         except BaseException:
             traceback.print_exc()
         finally:

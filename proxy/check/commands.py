@@ -4,7 +4,7 @@ Exit 0 with a short summary and ``config OK``; exit 1 with one
 ``tlsproxy: error: FILE:LINE: key: reason`` line per problem on stderr. Warnings (a
 certificate expiring within 14 days) are printed the same way and do not fail.
 With ``--client-cert F --url URL`` it then runs the authorization dry run
-(``proxy.config.dry_run``) and exits 0 when the certificate would be admitted, 1 if not.
+(``proxy.check.dry_run``) and exits 0 when the certificate would be admitted, 1 if not.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from proxy.config.checks import CheckReport, check_files
-from proxy.config.dry_run import explain_access, split_url
+from proxy.check.checks import CheckReport, check_files
+from proxy.check.dry_run import explain_access, split_url
 from proxy.config.load import default_config_path, load_config_with_lines
 from proxy.config.model import ProxyConfig
 from proxy.errors import UsageError

@@ -2,7 +2,7 @@
 
 The same three steps the proxy takes for a real request, without a socket:
 
-1. routing (``proxy.http.routing``): which service the URL's host and path reach;
+1. routing (``proxy.forwarding.routing``): which service the URL's host and path reach;
 2. the handshake: when the listener asks for client certificates, the certificate must
    verify against ``client_auth.ca`` (and the CRL) for the clientAuth purpose, or the
    handshake fails before any HTTP (``proxy.pki.verify``);
@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy.config.model import ProxyConfig
 from proxy.errors import UsageError, VerificationFailed
-from proxy.http.routing import Router
+from proxy.forwarding.routing import Router
 from proxy.pki import store
 from proxy.pki.verify import verify_certificate
 from proxy.tls.authz import authorize_request
