@@ -12,10 +12,11 @@ test upstream, and a proxy in front of it.
 ``upstream``                     a TestUpstream (tests/upstream.py) on 127.0.0.1 for one test
 ``proxy``                        a ProxyThread with one service, ``app``, in front of it
 
-Every test in ``tests/test_proxy_*.py`` runs once per HTTP engine (ids ``[h11]`` /
-``[httptools]``): the autouse ``http_engine`` fixture makes ``http_engine: auto`` resolve
-to the engine under test, in process and in ``tlsproxy serve`` subprocesses (through
-``TLSPROXY_HTTP_ENGINE``, which only tests set).
+A test module or test marked ``@pytest.mark.both_engines`` (``pytestmark = …`` in a
+module) runs once per HTTP engine (ids ``[h11]`` / ``[httptools]``): the autouse
+``http_engine`` fixture makes ``http_engine: auto`` resolve to the engine under test, in
+process and in ``tlsproxy serve`` subprocesses (through ``TLSPROXY_HTTP_ENGINE``, which
+only tests set).
 """
 
 from __future__ import annotations
@@ -108,8 +109,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> SessionPKI:
 HTTP_ENGINES = ("h11", "httptools")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "both_engines: run this test once per HTTP engine (h11, httptools)")
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if Path(str(metafunc.definition.fspath)).name.startswith("test_proxy_"):
+    if metafunc.definition.get_closest_marker("both_engines") is not None:
         metafunc.parametrize("http_engine", HTTP_ENGINES, indirect=True)
 
 

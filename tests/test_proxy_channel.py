@@ -11,6 +11,8 @@ import pytest
 
 from proxy.server.channel import SEND_NOW, Channel, ConnectionLost
 
+pytestmark = pytest.mark.both_engines  # every test here runs on h11 and on httptools
+
 
 class RecordingTransport(asyncio.Transport):
     def __init__(self) -> None:

@@ -10,6 +10,8 @@ from proxy.http.engine import Body, EndOfMessage, RequestHead, ResponseHead
 from proxy.http.engines import engine_factory
 from proxy.server.redirect import redirect_location
 
+pytestmark = pytest.mark.both_engines  # every test here runs on h11 and on httptools
+
 ENGINES = engine_factory("h11")
 
 

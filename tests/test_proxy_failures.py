@@ -15,6 +15,8 @@ from upstream import WAIT, ProxyThread, TestUpstream, proxy_config, proxy_log_wa
 
 from proxy.config.model import ClientAuthSettings, Limits, Timeouts
 
+pytestmark = pytest.mark.both_engines  # every test here runs on h11 and on httptools
+
 
 def get(pki, url: str, **kwargs) -> requests.Response:
     return requests.get(url, verify=str(pki.ca_pem), timeout=WAIT, **kwargs)

@@ -19,6 +19,8 @@ from upstream import WAIT, ProxyThread, TestUpstream, pattern, pattern_sha256, p
 
 from proxy.config.model import AdminSettings, ListenAddress, Timeouts
 
+pytestmark = pytest.mark.both_engines  # every test here runs on h11 and on httptools
+
 MiB = 1 << 20
 
 

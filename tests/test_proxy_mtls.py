@@ -16,6 +16,8 @@ from upstream import WAIT, ProxyThread, proxy_config, service
 
 from proxy.config.model import AllowEntry, CertificatePair, ClientAuthSettings, ServiceClientAuth, TLSSettings
 
+pytestmark = pytest.mark.both_engines  # every test here runs on h11 and on httptools
+
 ALICE_ONLY = ServiceClientAuth(require=True, allow=(AllowEntry("cn", "alice"),))
 
 

@@ -17,6 +17,8 @@ from upstream import WAIT, ProxyThread, TestUpstream, proxy_config, proxy_log_wa
 
 from proxy.config.model import AllowEntry, ClientAuthSettings
 
+pytestmark = pytest.mark.both_engines  # every test here runs on h11 and on httptools
+
 
 @pytest.fixture(scope="module")
 def upstream():

@@ -28,6 +28,8 @@ websockets = pytest.importorskip("websockets", reason="the WebSocket test needs 
 from websockets.asyncio.server import serve as ws_serve  # noqa: E402
 from websockets.sync.client import connect as ws_connect  # noqa: E402
 
+pytestmark = pytest.mark.both_engines  # every test here runs on h11 and on httptools
+
 RELOADED = re.compile("reloaded the configuration")
 
 

@@ -21,6 +21,8 @@ from upstream import WAIT, ProxyThread, TestUpstream, proxy_config, proxy_log_wa
 
 from proxy.config.model import CertificatePair, TLSSettings
 
+pytestmark = pytest.mark.both_engines  # every test here runs on h11 and on httptools
+
 
 def publish(pair: tuple[Path, Path], live: Path) -> CertificatePair:
     """Put a cert/key pair at ``live``.pem/.key, each file replaced atomically."""

@@ -19,6 +19,8 @@ import pytest
 import requests
 from upstream import WAIT, pattern_sha256
 
+pytestmark = pytest.mark.both_engines  # every test here runs on h11 and on httptools
+
 LISTENING = re.compile(r"listening on https://127\.0\.0\.1:(\d+) \(services: (.*)\)")
 REDIRECTING = re.compile(r"redirecting http://127\.0\.0\.1:(\d+) to https://")
 

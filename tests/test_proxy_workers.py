@@ -12,7 +12,10 @@ import requests
 from test_proxy_serve import LISTENING, Served
 from upstream import WAIT, TestUpstream
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="workers need fork()")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="workers need fork()"),
+    pytest.mark.both_engines,  # every test here runs on h11 and on httptools
+]
 
 
 def children(pid: int) -> list[int]:
