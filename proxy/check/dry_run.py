@@ -2,7 +2,9 @@
 
 The same three steps the proxy takes for a real request, without a socket:
 
-1. routing (``proxy.forwarding.routing``): which service the URL's host and path reach;
+1. routing (``proxy.forwarding.paths`` then ``proxy.forwarding.routing``): the path read
+   as the proxy reads it (a spelling it refuses is a 400), then the service the URL's
+   host and that path reach;
 2. the handshake: when the listener asks for client certificates, the certificate must
    verify against ``client_auth.ca`` (and the CRL) for the clientAuth purpose, or the
    handshake fails before any HTTP (``proxy.pki.verify``);
@@ -22,7 +24,8 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy.config.model import ProxyConfig
-from proxy.errors import UsageError, VerificationFailed
+from proxy.errors import BadRequest, UsageError, VerificationFailed
+from proxy.forwarding.paths import normalize_target
 from proxy.forwarding.routing import Router
 from proxy.pki import store
 from proxy.pki.verify import verify_certificate
@@ -46,7 +49,8 @@ def handshake_asks_for_certificate(config: ProxyConfig) -> bool:
 
 
 def split_url(url: str) -> tuple[str, str]:
-    """``https://host[:port]/path?q`` -> (Host header value, request target)."""
+    """``https://host[:port]/path?q`` -> (Host header value, request target). The
+    fragment is left out, as HTTP clients leave it out of what they send."""
     parts = urlsplit(url)
     if parts.scheme.lower() != "https" or not parts.netloc:
         raise UsageError(f"--url: '{url}' is not an https:// URL")
@@ -59,9 +63,13 @@ def explain_access(
 ) -> AccessVerdict:
     """Route the URL, verify the certificate as the handshake would, then authorize."""
     host, target = split_url(url)
-    service = Router(config.services).route(host, target)
+    try:
+        path = normalize_target(target.encode("utf-8"))
+    except BadRequest as exc:
+        return AccessVerdict(False, (f"refused: {exc} (400)",))
+    service = Router(config.services).route(host, path)
     if service is None:
-        return AccessVerdict(False, (f"refused: no service matches host '{host}' and path '{target}' (404)",))
+        return AccessVerdict(False, (f"refused: no service matches host '{host}' and path '{path.path}' (404)",))
     upstreams = ", ".join(u.url for u in service.upstreams)
     lines = [f"{url} -> service '{service.name}' ({upstreams})"]
 

@@ -8,15 +8,17 @@ Rules (SPEC section 3):
 * Among the services matching the host, the longest ``path_prefix`` wins; at equal
   length an exact host beats a wildcard host, which beats a host-less service, and
   then config order decides.
-* A prefix matches at a segment boundary: ``/api`` matches ``/api``, ``/api/``,
-  ``/api/x`` and ``/api?q`` but not ``/apix``; a prefix ending in ``/`` matches what
-  starts with it; ``/`` matches everything.
+* A prefix matches at a segment boundary, case-insensitively: ``/api`` matches ``/api``,
+  ``/API/``, ``/api/x`` but not ``/apix``; a prefix ending in ``/`` matches what starts
+  with it; ``/`` matches everything.
 
-Routing looks at the path with dot segments removed (``/pub/../admin`` routes as
-``/admin``, ``%2e`` counting as ``.``), so a client cannot reach a service under one
-prefix while an upstream that normalises paths serves it under another. Like nginx,
-the original target goes upstream unchanged unless ``strip_prefix`` rewrites it, in
-which case the rewritten target is built from the normalised path.
+Routing looks only at the path ``proxy.forwarding.paths.normalize_target`` made (dot
+segments resolved, unreserved escapes decoded, slashes merged, ``;parameters`` left
+out): ``route`` takes a ``RequestPath``, never a raw target, so no spelling of a prefix
+(``/%6cedger``, ``//ledger``, ``/LEDGER``, ``/ledger;x``) escapes its service. Case is
+ignored because some upstreams (Express) route case-insensitively; prefixes are read
+through the same normalisation. What goes upstream is ``RequestPath.target``: the path
+that was routed, with ``strip_prefix`` removing the prefix's segments.
 
 Everything that depends only on the config is computed in ``Router.__init__``: one
 candidate list per configured host, already in priority order, so ``route`` is a dict
@@ -29,6 +31,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from proxy.config.model import Service
+from proxy.errors import BadRequest
+from proxy.forwarding.paths import RequestPath, normalize_target
 
 # Candidate rank at equal prefix length: lower wins.
 _EXACT_HOST, _WILDCARD_HOST, _ANY_HOST = 0, 1, 2
@@ -42,18 +46,19 @@ class _Candidate:
 
     def __init__(self, service: Service) -> None:
         self.service = service
-        prefix = service.path_prefix or "/"
+        prefix = match_prefix(service.path_prefix)
         # "/" and "/api/" match anything that starts with them; "/api" needs a boundary.
         self.open_ended = prefix.endswith("/")
         self.prefix = prefix
 
     def matches(self, path: str) -> bool:
+        """``path``: normalised and lowercase."""
         prefix = self.prefix
         if not path.startswith(prefix):
             return False
         if self.open_ended or len(path) == len(prefix):
             return True
-        return path[len(prefix)] in "/?"
+        return path[len(prefix)] == "/"
 
 
 class Router:
@@ -89,14 +94,13 @@ class Router:
         # connection's requests normalise their Host once; bounded, as clients pick them.
         self._by_raw_host: dict[str, list[_Candidate]] = {}
 
-    def route(self, host: str | None, path: str) -> Service | None:
-        """The service for this Host header value and request path (query allowed), or
-        None when nothing matches (the caller answers 404)."""
+    def route(self, host: str | None, path: RequestPath) -> Service | None:
+        """The service for this Host header value and normalised request path, or None
+        when nothing matches (the caller answers 404)."""
         table = self._table_for(host)
-        if "/." in path or "%" in path or not path.startswith("/"):
-            path = routing_path(path)
+        lowered = path.path.lower()
         for candidate in table:
-            if candidate.matches(path):
+            if candidate.matches(lowered):
                 return candidate.service
         return None
 
@@ -134,36 +138,37 @@ def normalize_host(value: str) -> str:
     return value.rstrip(".")
 
 
-def routing_path(target: str) -> str:
-    """The path part of a request target with ``.``/``..`` segments resolved (``%2e``
-    counts as ``.``), the query kept; what routing and ``strip_prefix`` look at."""
-    path, mark, query = target.partition("?")
-    if not path.startswith("/"):
-        return target  # "*" (OPTIONS) or absolute-form: matches no prefix boundary logic
-    if "%" in path:
-        path = path.replace("%2e", ".").replace("%2E", ".")
-    if "/." in path:
-        path = _remove_dot_segments(path)
-    return path + mark + query
+@lru_cache(maxsize=1024)  # pure; one value per configured prefix
+def match_prefix(prefix: str | None) -> str:
+    """A configured ``path_prefix`` as routing compares it: normalised as request paths
+    are, lowercase (``/API/./v1`` -> ``/api/v1``)."""
+    prefix = prefix or "/"
+    try:
+        prefix = normalize_target(prefix.encode("latin-1")).path
+    except BadRequest:  # "%2f" and friends: no normalised request path can contain them
+        pass
+    return prefix.lower()
 
 
-def upstream_target(service: Service, target: bytes) -> bytes:
-    """The request target sent upstream: unchanged, or with the service's prefix
-    removed when ``strip_prefix`` is set (``/api/x?q=1`` -> ``/x?q=1``, ``/api`` -> ``/``)."""
+def upstream_target(service: Service, path: RequestPath) -> bytes:
+    """The request target sent upstream: the normalised target, with the service's
+    prefix segments removed when ``strip_prefix`` is set (``/api/x?q=1`` -> ``/x?q=1``,
+    ``/API;v=2/x`` -> ``/x``, ``/api`` -> ``/``)."""
+    target = path.target
     if not service.strip_prefix:
         return target
-    prefix = service.path_prefix.rstrip("/")
-    if not prefix:
-        return target
-    text = target.decode("latin-1")
-    if "/." in text or "%" in text:
-        text = routing_path(text)
-    if not text.startswith(prefix):
-        return target  # not routed here by prefix; leave it alone
-    rest = text[len(prefix) :]
-    if not rest.startswith("/"):
-        rest = "/" + rest
-    return rest.encode("latin-1")
+    prefix = match_prefix(service.path_prefix).rstrip("/")
+    if not prefix or not path.path.lower().startswith(prefix):
+        return target  # nothing to strip, or not routed here by prefix: leave it alone
+    # routed and forwarded paths have the same segments: drop as many as the prefix has
+    end = 0
+    query_at = target.find(b"?")
+    stop = len(target) if query_at < 0 else query_at
+    for _ in range(prefix.count("/")):
+        end = target.find(b"/", end + 1, stop)
+        if end < 0:
+            return b"/" + target[stop:]
+    return target[end:]
 
 
 def _bare_host(host: str) -> str:
@@ -173,7 +178,7 @@ def _bare_host(host: str) -> str:
 def _table(entries: list[tuple[int, int, Service, str | None]]) -> list[_Candidate]:
     """Candidates in match priority: longest prefix, then host rank, then config order;
     each service appears once (its best rank)."""
-    ordered = sorted(entries, key=lambda e: (-len(e[2].path_prefix or "/"), e[0], e[1]))
+    ordered = sorted(entries, key=lambda e: (-len(match_prefix(e[2].path_prefix)), e[0], e[1]))
     seen: set[int] = set()
     table = []
     for _, order, service, _ in ordered:
@@ -181,22 +186,3 @@ def _table(entries: list[tuple[int, int, Service, str | None]]) -> list[_Candida
             seen.add(order)
             table.append(_Candidate(service))
     return table
-
-
-def _remove_dot_segments(path: str) -> str:
-    """RFC 3986 section 5.2.4 for an absolute path."""
-    output: list[str] = []
-    segments = path.split("/")[1:]
-    for index, segment in enumerate(segments):
-        last = index == len(segments) - 1
-        if segment == "..":
-            if output:
-                output.pop()
-            if last:
-                output.append("")
-        elif segment == ".":
-            if last:
-                output.append("")
-        else:
-            output.append(segment)
-    return "/" + "/".join(output)

@@ -18,6 +18,7 @@ from proxy.config.model import Service
 from proxy.errors import Forbidden, HTTPError, MisdirectedRequest, NotFound, PayloadTooLarge
 from proxy.http.engine import RequestHead
 from proxy.forwarding.headers import upstream_request_headers
+from proxy.forwarding.paths import RequestPath, normalize_target
 from proxy.forwarding.routing import normalize_host, upstream_target
 from proxy.server.channel import ConnectionLost
 from proxy.server.downstream import ClientInfo, Downstream
@@ -71,10 +72,10 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
     try:
         host = head.header(b"host")
         host_text = host.decode("latin-1") if host is not None else None
-        path = head.target.decode("latin-1")
+        path = normalize_target(head.target)  # once: what is routed is what goes upstream
         service = state.router.route(host_text, path)
         if service is None:
-            raise NotFound(f"no service for host {host_text or '(none)'!r} and path {path.partition('?')[0]!r}")
+            raise NotFound(f"no service for host {host_text or '(none)'!r} and path {path.path!r}")
         _check_client(info, service, host_text, path, state)
         limit = state.config.limits.max_body_bytes
         if limit and head.content_length is not None and head.content_length > limit:
@@ -87,7 +88,7 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
             down, head, service, state.pool, state.config.timeouts,
             max_body_bytes=limit, closing=lambda: state.closing,
         )
-        status = await relay.run(headers, upstream_target(service, head.target))
+        status = await relay.run(headers, upstream_target(service, path))
         keep_alive = down.engine.start_next_cycle()
     except HTTPError as exc:
         status = exc.status
@@ -137,7 +138,7 @@ def _record(
     )
 
 
-def _check_client(info: ClientInfo, service: Service, host: str | None, path: str, state: ServerState) -> None:
+def _check_client(info: ClientInfo, service: Service, host: str | None, path: RequestPath, state: ServerState) -> None:
     """421 when SNI and Host reach services with different client-certificate
     policies; 403 when the verified certificate (or its absence) is not admitted."""
     listener = state.config.client_auth
