@@ -22,7 +22,7 @@ NORMALISED = [
     ("/%6cedger/balance", "/ledger/balance", "/ledger/balance"),
     ("/%6Cedger/%62alance", "/ledger/balance", "/ledger/balance"),
     ("/%41%5a%30%2D%2e%5F%7e", "/AZ0-._~", "/AZ0-._~"),
-    ("/caf%c3%a9/%20/%3b/%3F/%25", "/caf%C3%A9/%20/%3B/%3F/%25", "/caf%C3%A9/%20/%3B/%3F/%25"),
+    ("/caf%c3%a9/%20/%3F/%25/%3a", "/caf%C3%A9/%20/%3F/%25/%3A", "/caf%C3%A9/%20/%3F/%25/%3A"),
     ("/%25%32%66", "/%252f", "/%252f"),  # decoded once only: no double decoding
     # repeated slashes merged
     ("//ledger/balance", "/ledger/balance", "/ledger/balance"),
@@ -49,6 +49,11 @@ NORMALISED = [
     ("/app/;jsessionid=1", "/app/", "/app/;jsessionid=1"),
     ("/;x", "/", "/;x"),
     ("/a;p=%41;q", "/a", "/a;p=A;q"),
+    # an encoded ";" starts parameters for matching (servers that decode, then cut them)
+    ("/ledger%3Bx/balance", "/ledger/balance", "/ledger%3Bx/balance"),
+    ("/pub/..%3b/ledger", "/ledger", "/ledger"),
+    ("/pub/%2e%2e%3Bx/ledger", "/ledger", "/ledger"),
+    ("/a%3B", "/a", "/a%3B"),
     # "..;" and ".;" are dot segments (Tomcat, Spring); their parameters go with them
     ("/pub/..;/ledger", "/ledger", "/ledger"),
     ("/pub/..;x=1/ledger", "/ledger", "/ledger"),

@@ -63,6 +63,8 @@ BYPASS_SPELLINGS = [
     "/pub/%2e./ledger/balance",
     "/pub/..;/ledger/balance",  # "..;" is a dot segment to Tomcat, Spring, Jetty
     "/pub/..;x=1/ledger/balance",
+    "/pub/..%3b/ledger/balance",  # the same for servers that decode before cutting parameters
+    "/ledger%3Bx/balance",
     "/%2e/ledger/balance",
     "/ledger/balance%00",  # NUL and other control characters
     "/ledger/balance%00.css",

@@ -10,7 +10,9 @@ Like Envoy with ``normalize_path``, ``merge_slashes`` and
 * percent-encoded unreserved characters (ALPHA DIGIT ``-._~``) are decoded
   (``%6c`` -> ``l``); other escapes are kept, with uppercase hex (RFC 3986 6.2.2.1);
 * a segment's ``;parameters`` are ignored for matching (so ``..;`` is a dot segment, as
-  Tomcat and Spring read it) but kept in what is forwarded;
+  Tomcat and Spring read it) but kept in what is forwarded; an encoded ``;`` (``%3B``)
+  starts them too for matching, for servers that decode before they cut parameters
+  (``..%3B`` is then a dot segment; Spring Security refuses ``%3B`` for that reason);
 * dot segments are resolved (encoded ones too; ``..`` above the root is dropped) and
   repeated slashes merged; a dot or empty segment takes its parameters with it;
 * refused (``BadRequest``, 400): an encoded ``/`` or ``\\`` in the path (upstreams
@@ -97,6 +99,8 @@ def _normalize_path(path: str) -> tuple[str, str]:
     for index in range(1, last + 1):
         segment = segments[index]
         name = segment.partition(";")[0]
+        if "%3B" in name:  # escapes are in capitals by now
+            name = name.partition("%3B")[0]
         if name == "..":
             if routed:
                 routed.pop()
