@@ -66,8 +66,6 @@ class RequestPath:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RequestPath) and (self.path, self.target) == (other.path, other.target)
 
-    __hash__ = None  # type: ignore[assignment]  # mutable-looking; never a dict key
-
 
 def normalize_target(target: bytes) -> RequestPath:
     """The ``RequestPath`` for a request target as it arrived, or ``BadRequest``."""
