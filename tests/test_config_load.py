@@ -547,3 +547,30 @@ def test_config_from_args_errors_name_the_flag(kwargs: dict, message: str) -> No
     with pytest.raises(UsageError) as caught:
         config_from_args(**arguments)
     assert str(caught.value) == message
+
+
+def test_prefixes_differing_only_in_case_are_the_same_route(load) -> None:
+    """Prefixes match case-insensitively, so /API and /api would compete for one request."""
+    text = """\
+        services:
+          - {name: a, upstream: http://a, path_prefix: /api}
+          - {name: b, upstream: http://b, path_prefix: /API}
+        """
+    assert "is already routed to service 'a'" in error_of(load, text)
+
+
+@pytest.mark.parametrize("prefix", ["/a%2fb", "/a;x", "/a\\\\b", "//a", "/a/../b", "/a/./b"])
+def test_a_prefix_no_normalised_request_could_match_is_refused(load, prefix: str) -> None:
+    text = f"""\
+        services:
+          - {{name: a, upstream: http://a, path_prefix: "{prefix}"}}
+        """
+    assert "must be a normalised path" in error_of(load, text)
+
+
+def test_a_normalised_prefix_loads(load) -> None:
+    text = """\
+        services:
+          - {name: a, upstream: http://a, path_prefix: /api/v1.2/}
+        """
+    assert load(text).services[0].path_prefix == "/api/v1.2/"

@@ -243,7 +243,7 @@ def _services(node: ConfigNode, listener_ca: Path | None) -> tuple[Service, ...]
         paths_by_name[service.name] = item.path
         where = keys.get("path_prefix") or keys.get("hosts") or item
         for host in service.hosts or ("",):
-            route = (host, service.path_prefix)
+            route = (host, service.path_prefix.lower())  # prefixes match case-insensitively
             if route in routes:
                 path, other = routes[route]
                 shown = f"host '{host}'" if host else "any host"

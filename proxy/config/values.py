@@ -221,6 +221,13 @@ def parse_path_prefix(text: str) -> str:
         fail(f"'{text}' must start with '/'")
     if any(c in text for c in "?# \t\r\n"):
         fail(f"'{text}' must be a plain path (no query, fragment or whitespace)")
+    # Requests are routed on their normalised path (proxy.forwarding.paths); a prefix
+    # must be written the same way or it could never match.
+    if any(c in text for c in "%;\\") or "//" in text or any(s in (".", "..") for s in text.split("/")):
+        fail(
+            f"'{text}' must be a normalised path: decoded (no %-escapes), without ;parameters, "
+            "backslashes, '//' or '.'/'..' segments (requests are matched that way)"
+        )
     return text
 
 
