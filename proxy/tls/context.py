@@ -2,8 +2,9 @@
 a complete new set and swap it in (or keep the old one when this raises ConfigError).
 
 Policy, Mozilla's "intermediate" server profile: TLS 1.2 and 1.3 only, ECDHE + AEAD
-ciphers for 1.2 (1.3 suites are all AEAD), no compression, no renegotiation, ALPN
-``http/1.1``; the client picks among those ciphers (Mozilla: server preference off).
+ciphers for 1.2 (1.3 suites are all AEAD), key exchange groups X25519, P-256 and P-384
+only, no compression, no renegotiation, ALPN ``http/1.1``; the client picks among those
+ciphers (Mozilla: server preference off).
 
 Certificates: one SSLContext per configured certificate, each carrying the same client
 authentication settings (the SNI callback switches a connection's context, so a lax
@@ -15,16 +16,16 @@ for every service host + localhost + 127.0.0.1 + ::1 is issued from ``tls.ca_dir
 
 ``session_tickets: false`` means no resumption at all: no TLS 1.2 tickets
 (OP_NO_TICKET), no TLS 1.3 tickets (``num_tickets = 0``) and no TLS 1.2 session-ID
-cache. Python has no API for the last one (SSL_CTX_set_session_cache_mode), so
-``_disable_session_cache`` calls OpenSSL through ctypes on the context's own SSL_CTX,
-after checking it found the right object; when that is impossible the config is
-refused rather than silently resumable.
+cache. Python has no API for the last one, nor for the groups list: both are set through
+ctypes on the context's own SSL_CTX (``proxy.tls.openssl_ctl``). When that is impossible
+the session cache setting is refused rather than left silently resumable, and the groups
+fall back to P-256 alone (``set_ecdh_curve``) with a warning.
 """
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
+import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +38,17 @@ from proxy.errors import ConfigError, PKIError
 from proxy.pki import store
 from proxy.pki.build import issue_leaf, keys_match
 from proxy.pki.names import parse_names
+from proxy.tls import openssl_ctl
 
 INTERMEDIATE_CIPHERS = (
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
     "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
+# Mozilla "intermediate": OpenSSL's default list adds X448, P-521 and the FFDHE groups.
+GROUPS = ("X25519", "P-256", "P-384")
+# Without libssl through ctypes, Python can set one curve: the one every client has.
+FALLBACK_CURVE = "prime256v1"
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 ALPN = ["http/1.1"]
 AUTO_DIR = "auto"
@@ -54,6 +60,8 @@ AUTO_DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
 # Set by the SNI callback on the connection's SSLObject: an attribute (not a table in
 # ServerTLS) so it outlives a context swap on reload and needs no cleanup.
 _SNI_ATTRIBUTE = "_tlsproxy_server_name"
+
+log = logging.getLogger("tlsproxy")
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,7 @@ class _Builder:
         self.config = config
         self.source = str(config.source) if config.source is not None else "<command line>"
         self.files: list[Path] = []
+        self.groups_fallback_logged = False
 
     def error(self, key: str, reason: str) -> ConfigError:
         return ConfigError(self.source, None, key, reason)
@@ -167,6 +176,7 @@ class _Builder:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = MIN_VERSIONS[tls.min_version]
         context.set_ciphers(INTERMEDIATE_CIPHERS)
+        self.set_groups(context)
         context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
         # Python turns server preference on; Mozilla turns it off: every cipher left is
         # strong, and clients without AES hardware rightly prefer ChaCha20.
@@ -175,7 +185,7 @@ class _Builder:
         if not tls.session_tickets:
             context.options |= ssl.OP_NO_TICKET
             context.num_tickets = 0
-            if not _disable_session_cache(context):
+            if not openssl_ctl.disable_session_cache(context):
                 raise self.error(
                     "tls.session_tickets",
                     "false needs OpenSSL's session cache switched off, which this Python build does not allow",
@@ -186,6 +196,18 @@ class _Builder:
             raise self.error(f"{key}.cert", f"{pair.cert} with key {pair.key}: cannot be used by TLS ({exc})") from None
         self.apply_client_auth(context)
         return context
+
+    def set_groups(self, context: ssl.SSLContext) -> None:
+        if openssl_ctl.set_groups(context, GROUPS):
+            return
+        context.set_ecdh_curve(FALLBACK_CURVE)
+        if not self.groups_fallback_logged:
+            self.groups_fallback_logged = True
+            log.warning(
+                "TLS key exchange: OpenSSL's groups list cannot be set from this Python (libssl not "
+                "reachable through ctypes); offering P-256 only instead of %s",
+                ", ".join(GROUPS),
+            )
 
     def apply_client_auth(self, context: ssl.SSLContext) -> None:
         settings = self.config.client_auth
@@ -320,44 +342,3 @@ def _host_names(cert: x509.Certificate) -> tuple[str, ...]:
     except x509.ExtensionNotFound:
         return tuple(str(attr.value) for attr in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME))
     return tuple(sans.get_values_for_type(x509.DNSName)) + tuple(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))
-
-
-# --- OpenSSL's session cache, which Python does not expose ----------------------------
-
-_SSL_CTRL_SET_SESS_CACHE_MODE = 44
-_SSL_CTRL_GET_SESS_CACHE_MODE = 45
-_SSL_SESS_CACHE_OFF = 0
-_libssl: ctypes.CDLL | None = None
-
-
-def _disable_session_cache(context: ssl.SSLContext) -> bool:
-    """SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF); True when done.
-
-    The SSL_CTX pointer is the first field after PyObject_HEAD in CPython's
-    PySSLContext. It is only trusted after SSL_CTX_get_options on it returns exactly
-    ``context.options``, so a different layout fails closed instead of corrupting memory
-    elsewhere (the read is of our own object's memory either way).
-    """
-    try:
-        lib = _openssl()
-        pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
-        if not pointer or lib.SSL_CTX_get_options(pointer) != int(context.options):
-            return False
-        lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
-        return lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None) == _SSL_SESS_CACHE_OFF
-    except (OSError, AttributeError, ValueError):
-        return False
-
-
-def _openssl() -> ctypes.CDLL:
-    """The libssl the ``_ssl`` module itself is linked against (same process, same copy)."""
-    global _libssl
-    if _libssl is None:
-        module = ssl._ssl  # type: ignore[attr-defined]
-        lib = ctypes.CDLL(getattr(module, "__file__", None))
-        lib.SSL_CTX_get_options.restype = ctypes.c_uint64
-        lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
-        lib.SSL_CTX_ctrl.restype = ctypes.c_long
-        lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-        _libssl = lib
-    return _libssl
