@@ -26,6 +26,7 @@ from proxy.config.model import CertificatePair, ProxyConfig
 from proxy.errors import ConfigError, PKIError
 from proxy.pki import store
 from proxy.pki.build import keys_match
+from proxy.tls.crl import load_client_crls
 
 EXPIRY_WARNING_DAYS = 14
 
@@ -235,31 +236,8 @@ class _Checker:
         return cas
 
     def crl(self, key: str, path: Path, cas: Sequence[x509.Certificate]) -> None:
+        """The verdict serve gives at start (``proxy.tls.crl``), not a second opinion."""
         try:
-            data = _read(path)
-        except _Problem as exc:
+            load_client_crls(path, cas, now=self._now)
+        except PKIError as exc:
             self._add("error", key, str(exc))
-            return
-        try:
-            crl = x509.load_pem_x509_crl(data)
-        except ValueError:
-            self._add("error", key, f"{path}: holds no PEM CRL (BEGIN X509 CRL block; TLS needs PEM)")
-            return
-        issuers = [ca for ca in cas if ca.subject == crl.issuer]
-        if cas and not any(self._signed_by(crl, ca) for ca in issuers):
-            issuer = crl.issuer.rfc4514_string()
-            self._add("error", key, f"{path} is not signed by a CA in client_auth.ca (issuer {issuer})")
-        next_update = crl.next_update_utc
-        if next_update is not None and next_update < self._now:
-            self._add(
-                "warning",
-                key,
-                f"{path} is out of date since {next_update:%Y-%m-%d} (OpenSSL may refuse every client certificate)",
-            )
-
-    @staticmethod
-    def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
-        try:
-            return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
-        except TypeError:
-            return False

@@ -27,6 +27,7 @@ from proxy.forwarding.routing import Router
 from proxy.pki import store
 from proxy.pki.verify import verify_certificate
 from proxy.tls.authz import authorize_request
+from proxy.tls.crl import load_client_crls
 from proxy.tls.identity import ClientIdentity
 
 
@@ -73,7 +74,8 @@ def explain_access(
     else:
         assert config.client_auth.ca is not None  # the loader requires it whenever the handshake asks
         roots = store.load_certificates(config.client_auth.ca)
-        crl = store.load_crl(config.client_auth.crl) if config.client_auth.crl is not None else None
+        crls = load_client_crls(config.client_auth.crl, roots, now=now) if config.client_auth.crl is not None else []
+        crl = next((c for c in crls if c.issuer == leaf.issuer), crls[0] if crls else None)
         try:
             verified = verify_certificate(
                 leaf, roots, intermediates=presented_chain, purpose="client", crl=crl, at=now

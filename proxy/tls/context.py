@@ -39,6 +39,7 @@ from proxy.pki import store
 from proxy.pki.build import issue_leaf, keys_match
 from proxy.pki.names import parse_names
 from proxy.tls import openssl_ctl
+from proxy.tls.crl import load_client_crls
 
 INTERMEDIATE_CIPHERS = (
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -271,24 +272,12 @@ class _Builder:
         return cas
 
     def check_crl(self, path: Path, cas: list[x509.Certificate]) -> None:
-        """Refuse a CRL OpenSSL would turn into "refuse every client": one no trusted
-        CA signed (no CRL then exists for the clients' issuer), or one past nextUpdate."""
+        """The CRL verdict ``tlsproxy check`` gives too (``proxy.tls.crl``)."""
         self.files.append(path)
         try:
-            crl = store.load_crl(path)
+            load_client_crls(path, cas)
         except PKIError as exc:
             raise self.error("client_auth.crl", str(exc)) from None
-        if not any(_signed_by(crl, ca) for ca in cas):
-            raise self.error(
-                "client_auth.crl",
-                f"{path} is issued by {crl.issuer.rfc4514_string()}, which is none of the CAs in client_auth.ca",
-            )
-        if crl.next_update_utc is not None and crl.next_update_utc < dt.datetime.now(dt.timezone.utc):
-            raise self.error(
-                "client_auth.crl",
-                f"{path} expired on {crl.next_update_utc:%Y-%m-%d %H:%M} UTC (nextUpdate): every client "
-                "certificate would be refused until a fresh CRL is published",
-            )
 
     def auto_certificate(self) -> CertificatePair:
         """The auto-issued server certificate, reused or (re-)issued under the CA lock."""
@@ -327,13 +316,6 @@ def _reusable(pair: CertificatePair, ca_cert: x509.Certificate, wanted: set[x509
         return False
     left = cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)
     return set(sans) == wanted and left > AUTO_RENEW_BEFORE and keys_match(cert, key)
-
-
-def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
-    try:
-        return crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())
-    except (TypeError, ValueError):
-        return False
 
 
 def _host_names(cert: x509.Certificate) -> tuple[str, ...]:
