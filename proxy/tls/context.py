@@ -12,7 +12,8 @@ context would otherwise undo a strict one). The first certificate is the default
 for no SNI or an SNI no certificate names; SNI matches SAN DNS names exactly or through
 a one-label ``*.`` wildcard. With ``tls.auto`` (or no certificates) a server certificate
 for every service host + localhost + 127.0.0.1 + ::1 is issued from ``tls.ca_dir`` into
-``ca_dir/auto/`` and reused while it names the same hosts and has > 30 days left.
+``ca_dir/auto/`` and reused while it names the same hosts and has > 30 days left
+(``proxy.tls.auto_cert``, the part that writes files).
 
 ``session_tickets: false`` means no resumption at all: no TLS 1.2 tickets
 (OP_NO_TICKET), no TLS 1.3 tickets (``num_tickets = 0``) and no TLS 1.2 session-ID
@@ -31,14 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from proxy.config.model import CertificatePair, ProxyConfig
 from proxy.errors import ConfigError, PKIError
 from proxy.pki import store
-from proxy.pki.build import issue_leaf, keys_match
-from proxy.pki.names import parse_names
+from proxy.pki.build import keys_match
 from proxy.tls import openssl_ctl
+from proxy.tls.auto_cert import AUTO_RENEW_BEFORE, auto_certificate_names, ensure_auto_certificate
 from proxy.tls.crl import load_client_crls
 
 INTERMEDIATE_CIPHERS = (
@@ -52,11 +52,6 @@ GROUPS = ("X25519", "P-256", "P-384")
 FALLBACK_CURVE = "prime256v1"
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 ALPN = ["http/1.1"]
-AUTO_DIR = "auto"
-AUTO_STEM = "server"
-AUTO_LOCK = ".auto.lock"
-AUTO_RENEW_BEFORE = dt.timedelta(days=30)
-AUTO_DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
 
 # Set by the SNI callback on the connection's SSLObject: an attribute (not a table in
 # ServerTLS) so it outlives a context swap on reload and needs no cleanup.
@@ -280,42 +275,15 @@ class _Builder:
             raise self.error("client_auth.crl", str(exc)) from None
 
     def auto_certificate(self) -> CertificatePair:
-        """The auto-issued server certificate, reused or (re-)issued under the CA lock."""
+        """The auto-issued server certificate (``proxy.tls.auto_cert``)."""
         ca_dir = self.config.tls.ca_dir
-        names = list(AUTO_DEFAULT_NAMES)
-        for service in self.config.services:
-            names += [host for host in service.hosts if host not in names]
+        names = auto_certificate_names(host for service in self.config.services for host in service.hosts)
         try:
-            ca_cert, ca_key = store.ensure_ca(ca_dir)
-            prefix = Path(ca_dir) / AUTO_DIR / AUTO_STEM
-            pair = CertificatePair(store.suffixed(prefix, ".pem"), store.suffixed(prefix, ".key"))
-            wanted = set(parse_names(names))
-            # Workers starting (or renewing) together: one issues, the others reuse, and
-            # nobody reads a key from one issuance beside a certificate from another.
-            with store.locked(Path(ca_dir) / AUTO_LOCK):
-                if not _reusable(pair, ca_cert, wanted):
-                    cert, key = issue_leaf(ca_cert, ca_key, names)
-                    store.write_leaf(prefix, cert, key, [ca_cert], force=True)
+            pair = ensure_auto_certificate(ca_dir, names)
         except PKIError as exc:
             raise self.error("tls.ca_dir", f"automatic certificate in {ca_dir}: {exc}") from None
         self.files.append(Path(ca_dir) / store.CA_CERT_FILE)
         return pair
-
-
-def _reusable(pair: CertificatePair, ca_cert: x509.Certificate, wanted: set[x509.GeneralName]) -> bool:
-    """Whether an existing auto certificate names exactly WANTED, comes from this CA,
-    matches its key and stays valid for more than AUTO_RENEW_BEFORE."""
-    if not (pair.cert.exists() and pair.key.exists()):
-        return False
-    try:
-        cert = store.load_certificates(pair.cert)[0]
-        key = store.load_private_key(pair.key)
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        cert.verify_directly_issued_by(ca_cert)
-    except (PKIError, x509.ExtensionNotFound, InvalidSignature, ValueError, TypeError):
-        return False
-    left = cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)
-    return set(sans) == wanted and left > AUTO_RENEW_BEFORE and keys_match(cert, key)
 
 
 def _host_names(cert: x509.Certificate) -> tuple[str, ...]:
