@@ -36,10 +36,16 @@ from cryptography import x509
 from proxy.config.model import CertificatePair, ProxyConfig
 from proxy.errors import ConfigError, PKIError
 from proxy.pki import store
-from proxy.pki.build import keys_match
 from proxy.tls import openssl_ctl
 from proxy.tls.auto_cert import AUTO_RENEW_BEFORE, auto_certificate_names, ensure_auto_certificate
 from proxy.tls.crl import load_client_crls
+from proxy.tls.loading import (
+    client_verify_mode,
+    load_cert_chain,
+    load_matching_key,
+    load_pem_certificates,
+    server_names,
+)
 
 INTERMEDIATE_CIPHERS = (
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -187,9 +193,9 @@ class _Builder:
                     "false needs OpenSSL's session cache switched off, which this Python build does not allow",
                 )
         try:
-            context.load_cert_chain(pair.cert, pair.key)
-        except (ssl.SSLError, OSError) as exc:
-            raise self.error(f"{key}.cert", f"{pair.cert} with key {pair.key}: cannot be used by TLS ({exc})") from None
+            load_cert_chain(context, pair)
+        except PKIError as exc:
+            raise self.error(f"{key}.cert", str(exc)) from None
         self.apply_client_auth(context)
         return context
 
@@ -222,34 +228,23 @@ class _Builder:
             context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
     def verify_mode(self) -> ssl.VerifyMode:
-        """none/optional/require; ``none`` still asks for a certificate when a service
-        requires one (or allow-lists one), since authorization needs it per request."""
-        mode = self.config.client_auth.mode
-        if mode == "require":
-            return ssl.CERT_REQUIRED
-        if mode == "optional" or any(
-            service.client_auth is not None and (service.client_auth.require or service.client_auth.allow)
-            for service in self.config.services
-        ):
-            return ssl.CERT_OPTIONAL
-        return ssl.CERT_NONE
+        return client_verify_mode(self.config.client_auth, self.config.services)
 
     # --- files ---------------------------------------------------------------------
 
     def check_pair(self, key: str, pair: CertificatePair, auto: bool) -> LoadedCertificate:
-        """Read the pair with the toolkit first, so errors say which file and why."""
+        """Read the pair as ``tlsproxy check`` does (``proxy.tls.loading``) before OpenSSL
+        does, so errors say which file and why."""
         self.files += [pair.cert, pair.key]
         try:
-            certs = store.load_certificates(pair.cert)
+            certs = load_pem_certificates(pair.cert)
         except PKIError as exc:
             raise self.error(f"{key}.cert", str(exc)) from None
         try:
-            private_key = store.load_private_key(pair.key)
+            load_matching_key(pair, certs[0])
         except PKIError as exc:
             raise self.error(f"{key}.key", str(exc)) from None
-        if not keys_match(certs[0], private_key):
-            raise self.error(f"{key}.key", f"{pair.key} is not the private key of {pair.cert}")
-        return LoadedCertificate(pair.cert, pair.key, _host_names(certs[0]), certs[0].not_valid_after_utc, auto)
+        return LoadedCertificate(pair.cert, pair.key, server_names(certs[0]), certs[0].not_valid_after_utc, auto)
 
     def load_client_cas(self) -> list[x509.Certificate]:
         settings = self.config.client_auth
@@ -259,7 +254,7 @@ class _Builder:
             return []
         self.files.append(settings.ca)
         try:
-            cas = store.load_certificates(settings.ca)
+            cas = load_pem_certificates(settings.ca)
         except PKIError as exc:
             raise self.error("client_auth.ca", str(exc)) from None
         if settings.crl is not None:
@@ -284,11 +279,3 @@ class _Builder:
             raise self.error("tls.ca_dir", f"automatic certificate in {ca_dir}: {exc}") from None
         self.files.append(Path(ca_dir) / store.CA_CERT_FILE)
         return pair
-
-
-def _host_names(cert: x509.Certificate) -> tuple[str, ...]:
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return tuple(str(attr.value) for attr in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME))
-    return tuple(sans.get_values_for_type(x509.DNSName)) + tuple(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))
