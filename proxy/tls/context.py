@@ -72,7 +72,7 @@ class LoadedCertificate:
 
     path: Path
     key_path: Path
-    names: tuple[str, ...]  # SAN DNS names and IP addresses (CN when there is no SAN)
+    names: tuple[str, ...]  # SAN DNS names and IP addresses (the CN when there are none)
     not_after: dt.datetime
     auto: bool = False
 
