@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 
 from proxy.pki.store import load_certificates
-from proxy.tls.handshake import HANDSHAKE_FAILURE_KEYS, HandshakeCounters, describe_handshake_failure
+from proxy.tls.handshake import HANDSHAKE_FAILURE_KEYS, describe_handshake_failure
 from proxy.tls.identity import ClientIdentity, client_identity
 
 WAIT = 5.0  # upper bound for any socket wait; the happy path takes milliseconds
@@ -259,16 +259,3 @@ def test_every_key_is_declared():
     key, words = describe_handshake_failure(exc)
     assert key == "other" and "odd" in words
     assert key in HANDSHAKE_FAILURE_KEYS
-
-
-def test_counters():
-    counters = HandshakeCounters()
-    assert counters.snapshot() == dict.fromkeys(HANDSHAKE_FAILURE_KEYS, 0)
-    counters.increment("expired")
-    counters.increment("expired")
-    counters.increment("something_new")
-    snapshot = counters.snapshot()
-    counters.increment("expired")
-    assert snapshot["expired"] == 2 and counters["expired"] == 3
-    assert counters["something_new"] == 1 and "something_new" in counters
-    assert len(counters) == len(HANDSHAKE_FAILURE_KEYS) + 1

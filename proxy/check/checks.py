@@ -2,8 +2,11 @@
 loaded config names, opened and judged the way the TLS layer will need them.
 
 ``load_config`` validates the YAML only; this module answers "will these files work?"
-before ``serve`` finds out: readable, PEM, the key belongs to the certificate, the chain
-is in order (each certificate issued by the next), nothing expired. Each problem is a
+before ``serve`` finds out, with the functions serve itself uses (``proxy.tls.loading``:
+readable, PEM, the key belongs to the certificate, OpenSSL loads the pair;
+``proxy.tls.crl``: the CRL verdict), so check never passes what serve refuses. It adds
+what serve does not refuse but a client would: the chain is in order (each certificate
+issued by the next), nothing expired, every service host covered. Each problem is a
 ``Finding`` pointing at the config key that named the file, in the same
 ``FILE:LINE: key: reason`` form as config errors.
 """
@@ -18,14 +21,12 @@ from itertools import pairwise
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
+from cryptography.exceptions import InvalidSignature
 
 from proxy.config.model import CertificatePair, ProxyConfig
 from proxy.errors import ConfigError, PKIError
-from proxy.pki import store
-from proxy.pki.build import keys_match
+from proxy.tls.crl import load_client_crls
+from proxy.tls.loading import load_cert_chain, load_matching_key, load_pem_certificates, server_names
 
 EXPIRY_WARNING_DAYS = 14
 
@@ -56,10 +57,6 @@ class CheckReport:
         return not any(f.severity == "error" for f in self.findings)
 
 
-class _Problem(Exception):
-    """A file check failed; the message is the reason (internal to this module)."""
-
-
 def check_files(
     config: ProxyConfig, lines: Mapping[str, int], file: str, *, now: datetime | None = None
 ) -> CheckReport:
@@ -80,18 +77,6 @@ def check_files(
     return checker.report
 
 
-def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
-    """DNS and IP SANs, else the CN: what SNI will match the certificate against."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = [*san.get_values_for_type(x509.DNSName), *map(str, san.get_values_for_type(x509.IPAddress))]
-    except x509.ExtensionNotFound:
-        names = []
-    if not names:
-        names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    return tuple(names)
-
-
 def _covered(host: str, names: set[str]) -> bool:
     """Whether a certificate name matches HOST: exactly, or a ``*.`` one label up."""
     return host in names or (not host.startswith("*.") and f"*.{host.partition('.')[2]}" in names)
@@ -99,29 +84,6 @@ def _covered(host: str, names: set[str]) -> bool:
 
 def _describe(cert: x509.Certificate) -> str:
     return cert.subject.rfc4514_string() or "(empty subject)"
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return store.read_bytes(path)
-    except PKIError as exc:
-        raise _Problem(str(exc)) from None
-
-
-def _load_certificates(path: Path) -> list[x509.Certificate]:
-    """PEM only: that is what the TLS layer (``ssl.load_cert_chain``) accepts."""
-    try:
-        return x509.load_pem_x509_certificates(_read(path))
-    except ValueError:
-        raise _Problem(f"{path}: holds no PEM certificate (BEGIN CERTIFICATE block)") from None
-
-
-def _usable_by_ssl(pair: CertificatePair) -> None:
-    """The server's own loader has the last word (key formats, curves, PEM quirks)."""
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(pair.cert, pair.key)
-    except (ssl.SSLError, OSError) as exc:
-        raise _Problem(f"{pair.cert} with key {pair.key}: cannot be used by TLS ({exc})") from None
 
 
 class _Checker:
@@ -142,35 +104,25 @@ class _Checker:
 
     def certificate_pair(self, key: str, pair: CertificatePair) -> None:
         try:
-            chain = _load_certificates(pair.cert)
-        except _Problem as exc:
+            chain = load_pem_certificates(pair.cert)
+        except PKIError as exc:
             self._add("error", f"{key}.cert", str(exc))
             return
         leaf = chain[0]
         self.report.certificates.append(
-            CertificateInfo(pair.cert, certificate_names(leaf), leaf.not_valid_after_utc, self._days_left(leaf))
+            CertificateInfo(pair.cert, server_names(leaf), leaf.not_valid_after_utc, self._days_left(leaf))
         )
         self._chain_order(f"{key}.cert", pair.cert, chain)
         self._validity(f"{key}.cert", pair.cert, chain)
         try:
-            self._key_matches(pair, leaf)
-        except _Problem as exc:
+            load_matching_key(pair, leaf)
+        except PKIError as exc:
             self._add("error", f"{key}.key", str(exc))
             return
         try:
-            _usable_by_ssl(pair)
-        except _Problem as exc:
+            load_cert_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), pair)
+        except PKIError as exc:
             self._add("error", f"{key}.cert", str(exc))
-
-    def _key_matches(self, pair: CertificatePair, leaf: x509.Certificate) -> None:
-        try:
-            private_key = serialization.load_pem_private_key(_read(pair.key), password=None)
-        except TypeError:
-            raise _Problem(f"{pair.key}: the private key is encrypted (give an unencrypted key)") from None
-        except (ValueError, UnsupportedAlgorithm):
-            raise _Problem(f"{pair.key}: holds no PEM private key") from None
-        if not keys_match(leaf, private_key):  # type: ignore[arg-type]
-            raise _Problem(f"{pair.key} is not the private key of {pair.cert}")
 
     def _chain_order(self, key: str, path: Path, chain: Sequence[x509.Certificate]) -> None:
         """Each certificate must be issued by the next one: TLS sends them in file order."""
@@ -227,39 +179,16 @@ class _Checker:
 
     def ca_bundle(self, key: str, path: Path) -> list[x509.Certificate]:
         try:
-            cas = _load_certificates(path)
-        except _Problem as exc:
+            cas = load_pem_certificates(path)
+        except PKIError as exc:
             self._add("error", key, str(exc))
             return []
         self._validity(key, path, cas)
         return cas
 
     def crl(self, key: str, path: Path, cas: Sequence[x509.Certificate]) -> None:
+        """The verdict serve gives at start (``proxy.tls.crl``), not a second opinion."""
         try:
-            data = _read(path)
-        except _Problem as exc:
+            load_client_crls(path, cas, now=self._now)
+        except PKIError as exc:
             self._add("error", key, str(exc))
-            return
-        try:
-            crl = x509.load_pem_x509_crl(data)
-        except ValueError:
-            self._add("error", key, f"{path}: holds no PEM CRL (BEGIN X509 CRL block; TLS needs PEM)")
-            return
-        issuers = [ca for ca in cas if ca.subject == crl.issuer]
-        if cas and not any(self._signed_by(crl, ca) for ca in issuers):
-            issuer = crl.issuer.rfc4514_string()
-            self._add("error", key, f"{path} is not signed by a CA in client_auth.ca (issuer {issuer})")
-        next_update = crl.next_update_utc
-        if next_update is not None and next_update < self._now:
-            self._add(
-                "warning",
-                key,
-                f"{path} is out of date since {next_update:%Y-%m-%d} (OpenSSL may refuse every client certificate)",
-            )
-
-    @staticmethod
-    def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
-        try:
-            return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
-        except TypeError:
-            return False

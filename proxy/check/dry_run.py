@@ -17,6 +17,7 @@ exits 0 (admitted) or 1 (refused).
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,7 +31,9 @@ from proxy.forwarding.routing import Router
 from proxy.pki import store
 from proxy.pki.verify import verify_certificate
 from proxy.tls.authz import authorize_request
+from proxy.tls.crl import load_client_crls
 from proxy.tls.identity import ClientIdentity
+from proxy.tls.loading import client_verify_mode, load_pem_certificates
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,8 @@ class AccessVerdict:
 def handshake_asks_for_certificate(config: ProxyConfig) -> bool:
     """Whether the TLS handshake requests a client certificate at all: the listener's
     mode, or any service with a per-request policy (SPEC section 3: such a service makes
-    the handshake ask, as ``optional``). Mirrors ``proxy.tls.context`` verify_mode."""
-    if config.client_auth.mode != "none":
-        return True
-    return any(s.client_auth is not None and (s.client_auth.require or s.client_auth.allow) for s in config.services)
+    the handshake ask, as ``optional``). The same decision ``proxy.tls.context`` makes."""
+    return client_verify_mode(config.client_auth, config.services) != ssl.CERT_NONE
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -80,8 +81,9 @@ def explain_access(
         lines.append("handshake: no client certificate is asked for, so none is sent")
     else:
         assert config.client_auth.ca is not None  # the loader requires it whenever the handshake asks
-        roots = store.load_certificates(config.client_auth.ca)
-        crl = store.load_crl(config.client_auth.crl) if config.client_auth.crl is not None else None
+        roots = load_pem_certificates(config.client_auth.ca)
+        crls = load_client_crls(config.client_auth.crl, roots, now=now) if config.client_auth.crl is not None else []
+        crl = next((c for c in crls if c.issuer == leaf.issuer), crls[0] if crls else None)
         try:
             verified = verify_certificate(
                 leaf, roots, intermediates=presented_chain, purpose="client", crl=crl, at=now

@@ -2,8 +2,9 @@
 a complete new set and swap it in (or keep the old one when this raises ConfigError).
 
 Policy, Mozilla's "intermediate" server profile: TLS 1.2 and 1.3 only, ECDHE + AEAD
-ciphers for 1.2 (1.3 suites are all AEAD), no compression, no renegotiation, ALPN
-``http/1.1``; the client picks among those ciphers (Mozilla: server preference off).
+ciphers for 1.2 (1.3 suites are all AEAD), key exchange groups X25519, P-256 and P-384
+only, no compression, no renegotiation, ALPN ``http/1.1``; the client picks among those
+ciphers (Mozilla: server preference off).
 
 Certificates: one SSLContext per configured certificate, each carrying the same client
 authentication settings (the SNI callback switches a connection's context, so a lax
@@ -11,49 +12,58 @@ context would otherwise undo a strict one). The first certificate is the default
 for no SNI or an SNI no certificate names; SNI matches SAN DNS names exactly or through
 a one-label ``*.`` wildcard. With ``tls.auto`` (or no certificates) a server certificate
 for every service host + localhost + 127.0.0.1 + ::1 is issued from ``tls.ca_dir`` into
-``ca_dir/auto/`` and reused while it names the same hosts and has > 30 days left.
+``ca_dir/auto/`` and reused while it names the same hosts and has > 30 days left
+(``proxy.tls.auto_cert``, the part that writes files).
 
 ``session_tickets: false`` means no resumption at all: no TLS 1.2 tickets
 (OP_NO_TICKET), no TLS 1.3 tickets (``num_tickets = 0``) and no TLS 1.2 session-ID
-cache. Python has no API for the last one (SSL_CTX_set_session_cache_mode), so
-``_disable_session_cache`` calls OpenSSL through ctypes on the context's own SSL_CTX,
-after checking it found the right object; when that is impossible the config is
-refused rather than silently resumable.
+cache. Python has no API for the last one, nor for the groups list: both are set through
+ctypes on the context's own SSL_CTX (``proxy.tls.openssl_ctl``). When that is impossible
+the session cache setting is refused rather than left silently resumable, and the groups
+fall back to P-256 alone (``set_ecdh_curve``) with a warning.
 """
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
+import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from proxy.config.model import CertificatePair, ProxyConfig
 from proxy.errors import ConfigError, PKIError
 from proxy.pki import store
-from proxy.pki.build import issue_leaf, keys_match
-from proxy.pki.names import parse_names
+from proxy.tls import openssl_ctl
+from proxy.tls.auto_cert import AUTO_RENEW_BEFORE, auto_certificate_names, ensure_auto_certificate
+from proxy.tls.crl import load_client_crls
+from proxy.tls.loading import (
+    client_verify_mode,
+    load_cert_chain,
+    load_matching_key,
+    load_pem_certificates,
+    server_names,
+)
 
 INTERMEDIATE_CIPHERS = (
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
     "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
+# Mozilla "intermediate": OpenSSL's default list adds X448, P-521 and the FFDHE groups.
+GROUPS = ("X25519", "P-256", "P-384")
+# Without libssl through ctypes, Python can set one curve: the one every client has.
+FALLBACK_CURVE = "prime256v1"
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 ALPN = ["http/1.1"]
-AUTO_DIR = "auto"
-AUTO_STEM = "server"
-AUTO_LOCK = ".auto.lock"
-AUTO_RENEW_BEFORE = dt.timedelta(days=30)
-AUTO_DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
 
 # Set by the SNI callback on the connection's SSLObject: an attribute (not a table in
 # ServerTLS) so it outlives a context swap on reload and needs no cleanup.
 _SNI_ATTRIBUTE = "_tlsproxy_server_name"
+
+log = logging.getLogger("tlsproxy")
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,7 @@ class LoadedCertificate:
 
     path: Path
     key_path: Path
-    names: tuple[str, ...]  # SAN DNS names and IP addresses (CN when there is no SAN)
+    names: tuple[str, ...]  # SAN DNS names and IP addresses (the CN when there are none)
     not_after: dt.datetime
     auto: bool = False
 
@@ -131,6 +141,7 @@ class _Builder:
         self.config = config
         self.source = str(config.source) if config.source is not None else "<command line>"
         self.files: list[Path] = []
+        self.groups_fallback_logged = False
 
     def error(self, key: str, reason: str) -> ConfigError:
         return ConfigError(self.source, None, key, reason)
@@ -167,6 +178,7 @@ class _Builder:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = MIN_VERSIONS[tls.min_version]
         context.set_ciphers(INTERMEDIATE_CIPHERS)
+        self.set_groups(context)
         context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
         # Python turns server preference on; Mozilla turns it off: every cipher left is
         # strong, and clients without AES hardware rightly prefer ChaCha20.
@@ -175,17 +187,29 @@ class _Builder:
         if not tls.session_tickets:
             context.options |= ssl.OP_NO_TICKET
             context.num_tickets = 0
-            if not _disable_session_cache(context):
+            if not openssl_ctl.disable_session_cache(context):
                 raise self.error(
                     "tls.session_tickets",
                     "false needs OpenSSL's session cache switched off, which this Python build does not allow",
                 )
         try:
-            context.load_cert_chain(pair.cert, pair.key)
-        except (ssl.SSLError, OSError) as exc:
-            raise self.error(f"{key}.cert", f"{pair.cert} with key {pair.key}: cannot be used by TLS ({exc})") from None
+            load_cert_chain(context, pair)
+        except PKIError as exc:
+            raise self.error(f"{key}.cert", str(exc)) from None
         self.apply_client_auth(context)
         return context
+
+    def set_groups(self, context: ssl.SSLContext) -> None:
+        if openssl_ctl.set_groups(context, GROUPS):
+            return
+        context.set_ecdh_curve(FALLBACK_CURVE)
+        if not self.groups_fallback_logged:
+            self.groups_fallback_logged = True
+            log.warning(
+                "TLS key exchange: OpenSSL's groups list cannot be set from this Python (libssl not "
+                "reachable through ctypes); offering P-256 only instead of %s",
+                ", ".join(GROUPS),
+            )
 
     def apply_client_auth(self, context: ssl.SSLContext) -> None:
         settings = self.config.client_auth
@@ -204,34 +228,23 @@ class _Builder:
             context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
     def verify_mode(self) -> ssl.VerifyMode:
-        """none/optional/require; ``none`` still asks for a certificate when a service
-        requires one (or allow-lists one), since authorization needs it per request."""
-        mode = self.config.client_auth.mode
-        if mode == "require":
-            return ssl.CERT_REQUIRED
-        if mode == "optional" or any(
-            service.client_auth is not None and (service.client_auth.require or service.client_auth.allow)
-            for service in self.config.services
-        ):
-            return ssl.CERT_OPTIONAL
-        return ssl.CERT_NONE
+        return client_verify_mode(self.config.client_auth, self.config.services)
 
     # --- files ---------------------------------------------------------------------
 
     def check_pair(self, key: str, pair: CertificatePair, auto: bool) -> LoadedCertificate:
-        """Read the pair with the toolkit first, so errors say which file and why."""
+        """Read the pair as ``tlsproxy check`` does (``proxy.tls.loading``) before OpenSSL
+        does, so errors say which file and why."""
         self.files += [pair.cert, pair.key]
         try:
-            certs = store.load_certificates(pair.cert)
+            certs = load_pem_certificates(pair.cert)
         except PKIError as exc:
             raise self.error(f"{key}.cert", str(exc)) from None
         try:
-            private_key = store.load_private_key(pair.key)
+            load_matching_key(pair, certs[0])
         except PKIError as exc:
             raise self.error(f"{key}.key", str(exc)) from None
-        if not keys_match(certs[0], private_key):
-            raise self.error(f"{key}.key", f"{pair.key} is not the private key of {pair.cert}")
-        return LoadedCertificate(pair.cert, pair.key, _host_names(certs[0]), certs[0].not_valid_after_utc, auto)
+        return LoadedCertificate(pair.cert, pair.key, server_names(certs[0]), certs[0].not_valid_after_utc, auto)
 
     def load_client_cas(self) -> list[x509.Certificate]:
         settings = self.config.client_auth
@@ -241,7 +254,7 @@ class _Builder:
             return []
         self.files.append(settings.ca)
         try:
-            cas = store.load_certificates(settings.ca)
+            cas = load_pem_certificates(settings.ca)
         except PKIError as exc:
             raise self.error("client_auth.ca", str(exc)) from None
         if settings.crl is not None:
@@ -249,115 +262,20 @@ class _Builder:
         return cas
 
     def check_crl(self, path: Path, cas: list[x509.Certificate]) -> None:
-        """Refuse a CRL OpenSSL would turn into "refuse every client": one no trusted
-        CA signed (no CRL then exists for the clients' issuer), or one past nextUpdate."""
+        """The CRL verdict ``tlsproxy check`` gives too (``proxy.tls.crl``)."""
         self.files.append(path)
         try:
-            crl = store.load_crl(path)
+            load_client_crls(path, cas)
         except PKIError as exc:
             raise self.error("client_auth.crl", str(exc)) from None
-        if not any(_signed_by(crl, ca) for ca in cas):
-            raise self.error(
-                "client_auth.crl",
-                f"{path} is issued by {crl.issuer.rfc4514_string()}, which is none of the CAs in client_auth.ca",
-            )
-        if crl.next_update_utc is not None and crl.next_update_utc < dt.datetime.now(dt.timezone.utc):
-            raise self.error(
-                "client_auth.crl",
-                f"{path} expired on {crl.next_update_utc:%Y-%m-%d %H:%M} UTC (nextUpdate): every client "
-                "certificate would be refused until a fresh CRL is published",
-            )
 
     def auto_certificate(self) -> CertificatePair:
-        """The auto-issued server certificate, reused or (re-)issued under the CA lock."""
+        """The auto-issued server certificate (``proxy.tls.auto_cert``)."""
         ca_dir = self.config.tls.ca_dir
-        names = list(AUTO_DEFAULT_NAMES)
-        for service in self.config.services:
-            names += [host for host in service.hosts if host not in names]
+        names = auto_certificate_names(host for service in self.config.services for host in service.hosts)
         try:
-            ca_cert, ca_key = store.ensure_ca(ca_dir)
-            prefix = Path(ca_dir) / AUTO_DIR / AUTO_STEM
-            pair = CertificatePair(store.suffixed(prefix, ".pem"), store.suffixed(prefix, ".key"))
-            wanted = set(parse_names(names))
-            # Workers starting (or renewing) together: one issues, the others reuse, and
-            # nobody reads a key from one issuance beside a certificate from another.
-            with store.locked(Path(ca_dir) / AUTO_LOCK):
-                if not _reusable(pair, ca_cert, wanted):
-                    cert, key = issue_leaf(ca_cert, ca_key, names)
-                    store.write_leaf(prefix, cert, key, [ca_cert], force=True)
+            pair = ensure_auto_certificate(ca_dir, names)
         except PKIError as exc:
             raise self.error("tls.ca_dir", f"automatic certificate in {ca_dir}: {exc}") from None
         self.files.append(Path(ca_dir) / store.CA_CERT_FILE)
         return pair
-
-
-def _reusable(pair: CertificatePair, ca_cert: x509.Certificate, wanted: set[x509.GeneralName]) -> bool:
-    """Whether an existing auto certificate names exactly WANTED, comes from this CA,
-    matches its key and stays valid for more than AUTO_RENEW_BEFORE."""
-    if not (pair.cert.exists() and pair.key.exists()):
-        return False
-    try:
-        cert = store.load_certificates(pair.cert)[0]
-        key = store.load_private_key(pair.key)
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        cert.verify_directly_issued_by(ca_cert)
-    except (PKIError, x509.ExtensionNotFound, InvalidSignature, ValueError, TypeError):
-        return False
-    left = cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)
-    return set(sans) == wanted and left > AUTO_RENEW_BEFORE and keys_match(cert, key)
-
-
-def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
-    try:
-        return crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())
-    except (TypeError, ValueError):
-        return False
-
-
-def _host_names(cert: x509.Certificate) -> tuple[str, ...]:
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return tuple(str(attr.value) for attr in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME))
-    return tuple(sans.get_values_for_type(x509.DNSName)) + tuple(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))
-
-
-# --- OpenSSL's session cache, which Python does not expose ----------------------------
-
-_SSL_CTRL_SET_SESS_CACHE_MODE = 44
-_SSL_CTRL_GET_SESS_CACHE_MODE = 45
-_SSL_SESS_CACHE_OFF = 0
-_libssl: ctypes.CDLL | None = None
-
-
-def _disable_session_cache(context: ssl.SSLContext) -> bool:
-    """SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF); True when done.
-
-    The SSL_CTX pointer is the first field after PyObject_HEAD in CPython's
-    PySSLContext. It is only trusted after SSL_CTX_get_options on it returns exactly
-    ``context.options``, so a different layout fails closed instead of corrupting memory
-    elsewhere (the read is of our own object's memory either way).
-    """
-    try:
-        lib = _openssl()
-        pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
-        if not pointer or lib.SSL_CTX_get_options(pointer) != int(context.options):
-            return False
-        lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
-        return lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None) == _SSL_SESS_CACHE_OFF
-    except (OSError, AttributeError, ValueError):
-        return False
-
-
-def _openssl() -> ctypes.CDLL:
-    """The libssl the ``_ssl`` module itself is linked against (same process, same copy)."""
-    global _libssl
-    if _libssl is None:
-        module = ssl._ssl  # type: ignore[attr-defined]
-        lib = ctypes.CDLL(getattr(module, "__file__", None))
-        lib.SSL_CTX_get_options.restype = ctypes.c_uint64
-        lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
-        lib.SSL_CTX_ctrl.restype = ctypes.c_long
-        lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-        _libssl = lib
-    return _libssl

@@ -25,9 +25,8 @@ needed.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator, Mapping
 
-__all__ = ["HANDSHAKE_FAILURE_KEYS", "HandshakeCounters", "describe_handshake_failure"]
+__all__ = ["HANDSHAKE_FAILURE_KEYS", "describe_handshake_failure"]
 
 HANDSHAKE_FAILURE_KEYS = (
     "no_certificate",
@@ -149,30 +148,3 @@ def _in_words(reason: str) -> str:
 def _exception_words(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return f"handshake failed: {text}"
-
-
-class HandshakeCounters(Mapping[str, int]):
-    """Failed handshakes counted by key, for /metrics.
-
-    Every key in HANDSHAKE_FAILURE_KEYS starts at 0 so the exported series exist
-    before the first failure (Prometheus prefers that to appearing series).
-    """
-
-    def __init__(self) -> None:
-        self._counts: dict[str, int] = dict.fromkeys(HANDSHAKE_FAILURE_KEYS, 0)
-
-    def increment(self, key: str) -> None:
-        self._counts[key] = self._counts.get(key, 0) + 1
-
-    def snapshot(self) -> dict[str, int]:
-        """A copy, safe to render while counting continues."""
-        return dict(self._counts)
-
-    def __getitem__(self, key: str) -> int:
-        return self._counts[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._counts)
-
-    def __len__(self) -> int:
-        return len(self._counts)

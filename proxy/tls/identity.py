@@ -338,20 +338,45 @@ _RENDERERS = {"xfcc": _render_xfcc, "rfc9440": _render_rfc9440, "headers": _rend
 
 # --- which incoming headers to strip --------------------------------------------------
 
-# Lowercase, with "_" already turned into "-". Bare "x-client-cert" is included too:
-# it is what many nginx setups forward the PEM as, so an app may trust it.
-_EXACT_NAMES = frozenset({b"x-forwarded-client-cert", b"client-cert", b"client-cert-chain", b"x-client-cert"})
-_PREFIX = b"x-client-cert-"
+# SPEC section 4's list, lowercase, with "_" already turned into "-". Bare
+# "x-client-cert" is included too: it is what many nginx setups forward the PEM as, so
+# an app may trust it. The other proxies' names are here because an upstream built
+# behind nginx (X-SSL-Client-*, X-SSL-Cert, X-Client-Verify, X-Client-DN), Traefik
+# (X-Forwarded-Tls-Client-Cert*), IIS/Azure (X-ARR-ClientCert), AWS
+# (X-Amzn-Mtls-Clientcert*) or Apache/CGI (SSL_CLIENT_*) takes them as the proxy's word.
+_EXACT_NAMES = frozenset(
+    {
+        b"x-forwarded-client-cert",
+        b"client-cert",
+        b"client-cert-chain",
+        b"x-client-cert",
+        b"x-ssl-cert",
+        b"x-client-verify",
+        b"x-client-dn",
+        b"x-arr-clientcert",
+    }
+)
+_PREFIXES = (
+    b"x-client-cert-",
+    b"x-ssl-client-",
+    b"x-forwarded-tls-client-cert",
+    b"x-amzn-mtls-clientcert",
+    b"ssl-client-",
+)
+_FIRST_BYTES = b"xXcCsS"  # every name above starts with one of these
 
 
 def is_identity_header(name: bytes) -> bool:
     """True for a name that claims a client identity and must never come from the client.
 
-    X-Forwarded-Client-Cert, Client-Cert, Client-Cert-Chain, X-Client-Cert and every
-    X-Client-Cert-*, compared case-insensitively with ``_`` equal to ``-`` (WSGI/CGI
+    The SPEC's list: X-Forwarded-Client-Cert, Client-Cert, Client-Cert-Chain,
+    X-Client-Cert and every X-Client-Cert-*, and the names other proxies use
+    (X-SSL-Client-*, X-SSL-Cert, X-Client-Verify, X-Client-DN,
+    X-Forwarded-Tls-Client-Cert*, X-ARR-ClientCert, X-Amzn-Mtls-Clientcert*,
+    SSL_CLIENT_*), compared case-insensitively with ``_`` equal to ``-`` (WSGI/CGI
     servers read ``X_Client_Cert_Subject`` as ``X-Client-Cert-Subject``).
     """
-    if name[:1] not in b"xXcC":  # most request headers leave here, without copying
+    if not name or name[0] not in _FIRST_BYTES:  # most request headers leave here, without copying
         return False
     normal = name.lower().replace(b"_", b"-")
-    return normal in _EXACT_NAMES or normal.startswith(_PREFIX)
+    return normal in _EXACT_NAMES or normal.startswith(_PREFIXES)
