@@ -30,6 +30,7 @@ from proxy.config.model import (
     TLSSettings,
     Upstream,
 )
+from proxy.config.load import load_config
 from proxy.errors import ConfigError
 from proxy.pki.build import issue_leaf, make_crl
 from proxy.pki.store import ensure_ca, load_certificates, write_crl, write_leaf
@@ -464,3 +465,19 @@ def test_bad_client_ca_and_crl_name_their_keys(pki, tmp_path):
     assert error_of(config).key == "client_auth.crl"
     config = config_for(pki.server, client_auth=ClientAuthSettings(mode="require"))
     assert error_of(config).key == "client_auth.ca"
+
+
+def test_a_file_error_found_at_start_names_the_line_of_its_key(pki, tmp_path):
+    """SPEC section 6: a certificate invalid at start is reported with file, line and key."""
+    config_file = tmp_path / "proxy.yaml"
+    config_file.write_text(
+        "listen: [127.0.0.1:0]\n"
+        "tls:\n"
+        "  certificates:\n"
+        f"    - cert: {tmp_path / 'nope.pem'}\n"
+        f"      key: {pki.server[1]}\n"
+        "services:\n"
+        "  - {name: app, upstream: http://127.0.0.1:9}\n"
+    )
+    error = error_of(load_config(config_file))
+    assert str(error).startswith(f"{config_file}:4: tls.certificates[0].cert:")

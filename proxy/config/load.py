@@ -10,6 +10,7 @@ are checked here, before anything starts. Nothing here opens certificate files:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
@@ -91,7 +92,7 @@ def load_config_with_lines(
     check`` opening the certificate files) can point at ``tls.certificates[0].cert``."""
     root, lines = compose_file(path, environ)
     config = _proxy_config(root, base=path.parent.absolute(), source=path.absolute())
-    return config, lines
+    return dataclasses.replace(config, key_lines=lines), lines
 
 
 # --- the YAML sections ----------------------------------------------------------------

@@ -8,6 +8,7 @@ all durations are float seconds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,3 +138,14 @@ class ProxyConfig:
     access_log: AccessLogSettings = field(default_factory=AccessLogSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     source: Path | None = None  # the YAML file, None for the zero-config form
+    # key path -> line in ``source`` (``tls.certificates[0].cert`` -> 7), so an error found
+    # after loading (a certificate file at start or on reload) still names its line.
+    key_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def line_of(self, key: str) -> int | None:
+        """The line of ``key`` or, for a section such as ``tls.certificates[0]``, of its first key."""
+        line = self.key_lines.get(key)
+        if line is None:
+            inner = [n for k, n in self.key_lines.items() if k.startswith(key + ".") or k.startswith(key + "[")]
+            line = min(inner) if inner else None
+        return line

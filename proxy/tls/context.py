@@ -144,7 +144,7 @@ class _Builder:
         self.groups_fallback_logged = False
 
     def error(self, key: str, reason: str) -> ConfigError:
-        return ConfigError(self.source, None, key, reason)
+        return ConfigError(self.source, self.config.line_of(key), key, reason)
 
     def build(self) -> ServerTLS:
         tls = self.config.tls
