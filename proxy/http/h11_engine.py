@@ -149,3 +149,10 @@ class H11ClientEngine(_H11Cycle, ClientEngine):
             return _END
         return Closed()
 
+    def start_next_cycle(self) -> bool:
+        """Never pooled with bytes past the response (a body on HEAD / 204 / 304, more
+        than Content-Length): the next request on it, another client's, would read them
+        as its own response (SPEC 4, "never shared between clients")."""
+        if self._conn.trailing_data[0]:
+            return False
+        return super().start_next_cycle()
