@@ -68,3 +68,65 @@ def test_a_connection_with_bytes_past_the_response_is_never_pooled(engine, metho
 @pytest.mark.parametrize("chunk", [0, 1], ids=["whole", "byte-by-byte"])
 def test_a_clean_response_leaves_the_connection_poolable(engine, method, raw, chunk):
     assert client_exchange(engine, method, raw, chunk)[1] is True
+
+
+# -- framing an upstream may read differently: 400, nothing forwarded
+
+
+def server_verdict(factory: EngineFactory, raw: bytes):
+    """The request head ``raw`` parses to, or the refusal's status."""
+    engine = factory.server(65536)
+    engine.feed(raw)
+    try:
+        return engine.next_event()
+    except HTTPError as exc:
+        return exc.status
+
+
+@pytest.mark.parametrize(
+    "length",
+    [b"9007199254740992", b"9007199254740993", b"18446744073709551616", b"99999999999999999999"],
+)
+def test_content_length_of_2_to_the_53_or_more_is_refused(engine, length):
+    raw = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: " + length + b"\r\n\r\n"
+    assert server_verdict(engine, raw) == 400
+
+
+def test_content_length_just_below_2_to_the_53_is_accepted(engine):
+    raw = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 9007199254740991\r\n\r\n"
+    assert server_verdict(engine, raw).content_length == (1 << 53) - 1
+
+
+@pytest.mark.parametrize(
+    "name", [b"Content_Length", b"content_length", b"Transfer_Encoding", b"TRANSFER_ENCODING", b"tRaNsFeR_eNcOdInG"]
+)
+def test_framing_names_spelled_with_underscores_are_refused(engine, name):
+    raw = b"POST / HTTP/1.1\r\nHost: a\r\n" + name + b": 3\r\nContent-Length: 3\r\n\r\nabc"
+    assert server_verdict(engine, raw) == 400
+
+
+@pytest.mark.parametrize("name", [b"X_Forwarded_Thing", b"Content_Type", b"_host", b"Host_Name"])
+def test_other_names_with_underscores_are_forwarded(engine, name):
+    raw = b"GET / HTTP/1.1\r\nHost: a\r\n" + name + b": 1\r\n\r\n"
+    assert server_verdict(engine, raw).header(name.lower()) == b"1"
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"", b"a/b", b"a@b", b"user:pass@a", b"a b", b"a:1:2", b"a:", b"a:x", b"a:65536", b"a:-1", b"[::1", b"::1]",
+     b"::1", b"[::1]x", b"[::1]:", b"[a.example]", b"[::1%25eth0]", b"a,b", b"a;b", b"%61", b"a?b", b"a#b", b"a\\b",
+     b'"a"'],
+)
+def test_a_host_that_is_not_host_port_is_refused(engine, host):
+    raw = b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+    assert server_verdict(engine, raw) == 400
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"a", b"A.Example.COM", b"a.example:8443", b"127.0.0.1", b"127.0.0.1:1", b"[::1]", b"[::1]:65535",
+     b"[2001:db8::1]:443", b"xn--bcher-kva.example", b"under_score.example", b"trailing.dot.", b"a:0"],
+)
+def test_a_plain_host_is_accepted(engine, host):
+    raw = b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+    assert server_verdict(engine, raw).header(b"host") == host
