@@ -130,3 +130,53 @@ def test_a_host_that_is_not_host_port_is_refused(engine, host):
 def test_a_plain_host_is_accepted(engine, host):
     raw = b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
     assert server_verdict(engine, raw).header(b"host") == host
+
+
+# -- a refused HEAD request still gets its answer, without a body
+
+REFUSED_HEADS = {
+    "bad-host": b"HEAD / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+    "ctl-in-value": b"HEAD / HTTP/1.1\r\nHost: a\r\nX: a\x01b\r\n\r\n",
+    "te-underscore": b"HEAD / HTTP/1.1\r\nHost: a\r\nTransfer_Encoding: chunked\r\n\r\n",
+    "bad-host-delegated": b"HEAD / HTTP/1.1\r\nHost: a/b\r\nX: a\r\n b\r\n\r\n",  # obs-fold: h11 reads it
+}
+
+
+def answer(engine, status: int, body: bytes) -> bytes:
+    """What the proxy writes for an error (Downstream.send_simple's shape)."""
+    headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body)), (b"connection", b"close")]
+    wire = engine.send_head(ResponseHead(status, headers, b"Refused"))
+    return wire + b"".join(engine.send_body(body)) + engine.send_end()
+
+
+@pytest.mark.parametrize("raw", REFUSED_HEADS.values(), ids=REFUSED_HEADS.keys())
+def test_a_refused_head_request_gets_its_status_line_and_no_body(engine, raw):
+    server = engine.server(65536)
+    server.feed(raw)
+    with pytest.raises(HTTPError) as caught:
+        server.next_event()
+    wire = answer(server, caught.value.status, b"refused\n")
+    assert wire.startswith(b"HTTP/1.1 400 ") and wire.endswith(b"\r\n\r\n")
+    assert b"refused\n" not in wire
+
+
+def test_an_answer_to_an_accepted_head_request_has_no_body(engine):
+    server = engine.server(65536)
+    server.feed(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert server.next_event().method == b"HEAD"
+    wire = answer(server, 404, b"no service\n")
+    assert wire.startswith(b"HTTP/1.1 404 ") and wire.endswith(b"\r\n\r\n") and b"no service" not in wire
+
+
+def test_a_request_refused_after_a_head_request_gets_its_body(engine):
+    server = engine.server(65536)
+    server.feed(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
+    server.next_event()
+    server.next_event()
+    server.send_head(ResponseHead(200, [(b"content-length", b"5")]))
+    server.send_end()
+    assert server.start_next_cycle()
+    server.feed(b"GET / HTTP/1.1\r\nX A: b\r\n\r\n")
+    with pytest.raises(HTTPError):
+        server.next_event()
+    assert answer(server, 400, b"refused\n").endswith(b"\r\n\r\nrefused\n")

@@ -55,6 +55,9 @@ class H11ServerEngine(_H11Cycle, ServerEngine):
     def __init__(self, max_header_bytes: int = 65536) -> None:
         self._max_header_bytes = max_header_bytes or 65536
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_header_bytes)
+        # Of the request being answered, even one the head rules refuse: an answer to
+        # HEAD has no body, whoever built it (b"": none parsed yet, or h11 refused it).
+        self.request_method = b""
 
     def next_event(self) -> Event | None:
         try:
@@ -70,6 +73,7 @@ class H11ServerEngine(_H11Cycle, ServerEngine):
         if type(event) is h11.Data:
             return Body(event.data)
         if type(event) is h11.Request:
+            self.request_method = event.method
             return self._request_head(event)
         if type(event) is h11.EndOfMessage:
             return _END
@@ -85,6 +89,8 @@ class H11ServerEngine(_H11Cycle, ServerEngine):
         return self._send(cls(status_code=head.status, headers=head.headers, reason=head.reason))
 
     def send_body(self, data: bytes) -> Sequence[bytes]:
+        if self.request_method == b"HEAD":
+            return ()  # h11 frames the answer to HEAD without a body, and would raise
         try:
             return self._conn.send_with_data_passthrough(h11.Data(data=data)) or ()
         except h11.LocalProtocolError as exc:
@@ -98,6 +104,10 @@ class H11ServerEngine(_H11Cycle, ServerEngine):
             return self._conn.send(event) or b""
         except h11.LocalProtocolError as exc:
             raise BadGateway(f"upstream response cannot be relayed: {exc}") from None
+
+    def start_next_cycle(self) -> bool:
+        self.request_method = b""
+        return super().start_next_cycle()
 
     @property
     def awaiting_continue(self) -> bool:

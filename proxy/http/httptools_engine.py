@@ -30,7 +30,7 @@ from operator import itemgetter
 
 import httptools
 
-from proxy.errors import BadGateway, BadRequest, HeadersTooLarge
+from proxy.errors import BadGateway, BadRequest, HeadersTooLarge, HTTPError
 from proxy.http.engine import (
     HOP_BY_HOP,
     Body,
@@ -68,6 +68,7 @@ _NO_BODY = 0  # nothing follows the head
 _LENGTH = 1  # Content-Length bytes
 _CHUNKED = 2
 _UNTIL_CLOSE = 3  # a response ended by the upstream closing (HTTP/1.0 style)
+_DISCARD = 4  # the answer to HEAD: any body handed to the writer is not sent
 
 
 class _HeadFields:
@@ -155,6 +156,8 @@ class _BodyWriter:
             return (b"%x\r\n" % len(data), data, b"\r\n") if data else ()
         if framing == _UNTIL_CLOSE:
             return (data,)
+        if framing == _DISCARD:
+            return ()
         if len(data) > self.remaining:  # _LENGTH and _NO_BODY (a length of 0)
             raise error("too much data for declared Content-Length")
         self.remaining -= len(data)
@@ -163,7 +166,7 @@ class _BodyWriter:
     def end(self, error: type) -> bytes:
         if self.framing == _CHUNKED:
             return b"0\r\n\r\n"
-        if self.framing != _UNTIL_CLOSE and self.remaining:
+        if self.framing < _UNTIL_CLOSE and self.remaining:
             raise error("too little data for declared Content-Length")
         return b""
 
@@ -376,7 +379,11 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
     def _delegated_event(self) -> Event | None:
         reader = self._reader
         delegate = reader.delegate
-        event = delegate.next_event()
+        try:
+            event = delegate.next_event()
+        except HTTPError:
+            self._method = delegate.request_method  # a refused HEAD is still answered as one
+            raise
         kind = type(event)
         if event is None or kind is Body:
             if event is not None:
@@ -437,7 +444,7 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         version = raw[end - 5 : end - 2]  # "HTTP/1.x\r\n", as llhttp read it
         if names.count(b"host") != 1 or (b"transfer-encoding" in names and _plain_chunked(headers, version) is None):
             return None
-        method = raw[: raw.index(b" ")]
+        method = self._method = raw[: raw.index(b" ")]  # (also when refused: HEAD's answer has no body)
         head = request_head(method, fields.target, version, headers, self._max_header_bytes, names)
         self._start_request(head, names)
         return head
@@ -504,7 +511,7 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
                     framing = _CHUNKED
                     headers.append((b"transfer-encoding", b"chunked"))
         if method == b"HEAD":
-            framing = _NO_BODY
+            framing = _DISCARD
             writer.remaining = 0
         writer.framing = framing
         if need_close or not self._keep_alive or (b"connection" in names and _has_connection_close(headers, names)):
