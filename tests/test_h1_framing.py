@@ -180,3 +180,39 @@ def test_a_request_refused_after_a_head_request_gets_its_body(engine):
     with pytest.raises(HTTPError):
         server.next_event()
     assert answer(server, 400, b"refused\n").endswith(b"\r\n\r\nrefused\n")
+
+
+# -- hop-by-hop response headers never reach the client (SPEC 4, last bullet)
+
+KEEP_ALIVE_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5, max=100\r\n"
+    b"Content-Length: 2\r\n\r\nok"
+)
+CLIENTS = {
+    "keep-alive": b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "connection-close": b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    "http10": b"GET / HTTP/1.0\r\n\r\n",
+    "http10-keep-alive": b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("request_bytes", CLIENTS.values(), ids=CLIENTS.keys())
+def test_keep_alive_lines_from_the_upstream_never_reach_the_client(engine, request_bytes):
+    from proxy.forwarding.headers import downstream_response_headers
+
+    upstream = engine.client(65536)
+    headers = [(b"host", b"a")]
+    upstream.send_head(RequestHead(b"GET", b"/", headers), headers, b"/")
+    upstream.send_end()
+    upstream.feed(KEEP_ALIVE_RESPONSE)
+    head = upstream.next_event()
+    if not head.raw:  # as the relay does: a head not relayed as received loses its hop-by-hop headers
+        head = ResponseHead(head.status, downstream_response_headers(head.headers), head.reason)
+    server = engine.server(65536)
+    server.feed(request_bytes)
+    while type(server.next_event()) is not EndOfMessage:
+        pass
+    wire = server.send_head(head)
+    sent = wire.lower()
+    assert b"keep-alive:" not in sent and b"connection: keep-alive" not in sent
+    assert b"content-type: text/plain" in sent and b"content-length: 2" in sent

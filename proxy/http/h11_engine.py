@@ -23,6 +23,7 @@ from proxy.http.engine import (
     ResponseHead,
     ServerEngine,
 )
+from proxy.http.h1.hop_by_hop import without_connection_management
 from proxy.http.head_rules import request_head
 
 _NEED = (h11.NEED_DATA, h11.PAUSED)
@@ -86,7 +87,10 @@ class H11ServerEngine(_H11Cycle, ServerEngine):
 
     def send_head(self, head: ResponseHead) -> bytes:
         cls = h11.InformationalResponse if head.status < 200 else h11.Response
-        return self._send(cls(status_code=head.status, headers=head.headers, reason=head.reason))
+        headers = head.headers
+        if head.raw:  # (another engine's head, whose Connection / Keep-Alive lines only its bytes lost)
+            headers = without_connection_management(headers)
+        return self._send(cls(status_code=head.status, headers=headers, reason=head.reason))
 
     def send_body(self, data: bytes) -> Sequence[bytes]:
         if self.request_method == b"HEAD":

@@ -44,6 +44,7 @@ from proxy.http.engine import (
     ServerEngine,
 )
 from proxy.http.h11_engine import H11ClientEngine, H11ServerEngine
+from proxy.http.h1.hop_by_hop import OTHER_HOP_BY_HOP, without_connection_management
 from proxy.http.head_rules import comma_values, request_head
 
 # Where h11 ends a header section; using the same boundary keeps the engines in step.
@@ -61,7 +62,6 @@ _name_of = itemgetter(0)
 # A relayed head loses these lines (values cannot hold CR or LF, so only line starts match).
 _CONNECTION_LINES = re.compile(rb"\r\n(?:connection|keep-alive):[^\r]*", re.IGNORECASE)
 _KEEP_ALIVE_OR_CLOSE = frozenset({b"keep-alive", b"close"})
-_OTHER_HOP_BY_HOP = HOP_BY_HOP - {b"connection", b"keep-alive"}
 
 # Body framings, for reading and for writing.
 _NO_BODY = 0  # nothing follows the head
@@ -479,7 +479,10 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         start = b"HTTP/1.1 %d %s\r\n" % (status, head.reason)
         if status < 200:
             return _serialise_head(start, head.headers)
-        headers = self._frame_response(status, head.headers)  # (never changed in place)
+        headers = head.headers
+        if head.raw:  # re-framed after all (closing, HTTP/1.0, HEAD): its Connection / Keep-Alive go
+            headers = without_connection_management(headers)
+        headers = self._frame_response(status, headers)  # (never changed in place)
         lines = _header_lines(headers)
         if not _sendable(lines, len(headers) + 1):
             raise BadGateway("upstream response cannot be relayed: illegal header")
@@ -568,7 +571,7 @@ def _relayable(raw: bytes, headers: Headers, names: list[bytes]) -> bytes:
     for this hop only (``ClientEngine.next_event``)."""
     if HOP_BY_HOP.isdisjoint(names):
         return raw
-    if not _OTHER_HOP_BY_HOP.isdisjoint(names):
+    if not OTHER_HOP_BY_HOP.isdisjoint(names):
         return b""
     if b"connection" in names and not _KEEP_ALIVE_OR_CLOSE.issuperset(comma_values(headers, b"connection")):
         return b""  # it names headers to drop
