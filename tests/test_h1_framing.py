@@ -216,3 +216,55 @@ def test_keep_alive_lines_from_the_upstream_never_reach_the_client(engine, reque
     sent = wire.lower()
     assert b"keep-alive:" not in sent and b"connection: keep-alive" not in sent
     assert b"content-type: text/plain" in sent and b"content-length: 2" in sent
+
+
+# -- EOF seen while h11 reads a message (httptools hands such messages over) is kept
+
+OBS_FOLD_GET = b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n"  # h11 reads it on both engines
+
+
+def answered(server) -> None:
+    server.send_head(ResponseHead(200, [(b"content-length", b"0")]))
+    server.send_end()
+
+
+def test_eof_during_a_message_read_by_h11_ends_the_connection_after_it(engine):
+    server = engine.server(65536)
+    server.feed(OBS_FOLD_GET)
+    assert type(server.next_event()) is RequestHead
+    server.feed(b"")  # the client closed its side while h11 had the message
+    assert type(server.next_event()) is EndOfMessage
+    answered(server)
+    if server.start_next_cycle():
+        assert type(server.next_event()) is Closed
+
+
+def test_eof_after_a_truncated_pipelined_request_is_a_bad_request(engine):
+    server = engine.server(65536)
+    server.feed(OBS_FOLD_GET + b"GET /2 HTTP/1.1\r\nHo")
+    assert type(server.next_event()) is RequestHead
+    server.feed(b"")
+    assert type(server.next_event()) is EndOfMessage
+    answered(server)
+    assert server.start_next_cycle()
+    with pytest.raises(HTTPError) as caught:
+        server.next_event()
+    assert caught.value.status == 400
+
+
+def test_an_upstream_that_closed_during_a_response_read_by_h11_is_not_pooled(engine):
+    upstream = engine.client(65536)
+    headers = [(b"host", b"a")]
+    upstream.send_head(RequestHead(b"GET", b"/", headers), headers, b"/")
+    upstream.send_end()
+    upstream.feed(b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 2\r\n\r\n")
+    assert type(upstream.next_event()) is ResponseHead
+    upstream.feed(b"ok")
+    upstream.feed(b"")
+    events = []
+    while (event := upstream.next_event()) is not None:
+        events.append(event)
+        if type(event) is EndOfMessage:
+            break
+    assert [type(e) for e in events] == [Body, EndOfMessage]
+    assert upstream.start_next_cycle() is False

@@ -49,6 +49,12 @@ class _H11Cycle:
     def switched_data(self) -> bytes:
         return bytes(self._conn.trailing_data[0])
 
+    def leftover(self) -> tuple[bytes, bool]:
+        """The bytes received past the current message, and whether the peer has
+        closed: what an engine that handed this one a message takes back."""
+        data, closed = self._conn.trailing_data
+        return bytes(data), closed
+
 
 class H11ServerEngine(_H11Cycle, ServerEngine):
     """Client side of a connection: parses requests, writes responses."""
@@ -166,7 +172,9 @@ class H11ClientEngine(_H11Cycle, ClientEngine):
     def start_next_cycle(self) -> bool:
         """Never pooled with bytes past the response (a body on HEAD / 204 / 304, more
         than Content-Length): the next request on it, another client's, would read them
-        as its own response (SPEC 4, "never shared between clients")."""
-        if self._conn.trailing_data[0]:
+        as its own response (SPEC 4, "never shared between clients"). Nor once the
+        upstream has closed."""
+        data, closed = self._conn.trailing_data
+        if data or closed:
             return False
         return super().start_next_cycle()

@@ -308,6 +308,12 @@ class _BufferedInput:
         self._buf = b""
         self._reader.delegate = delegate
 
+    def _take_back(self, delegate: H11ServerEngine | H11ClientEngine) -> None:
+        """After ``delegate`` read its message: the bytes past it, and the EOF if it saw one."""
+        self._buf, closed = delegate.leftover()
+        if closed:
+            self._eof = True
+
     def switched_data(self) -> bytes:
         delegate = self._reader.delegate
         return delegate.switched_data() if delegate is not None else self._buf
@@ -396,7 +402,7 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         if kind is Closed:
             self._closed = True
             return event
-        self._buf = delegate.switched_data()  # a pipelined request, if any
+        self._take_back(delegate)  # a pipelined request, if any
         self._request_done = True
         self._awaiting_continue = False
         return _END
@@ -690,7 +696,7 @@ class HttptoolsClientEngine(_BufferedInput, ClientEngine):
             return event
         if kind is Closed:
             return event
-        self._buf = delegate.switched_data()
+        self._take_back(delegate)
         if not delegate.start_next_cycle():
             self._keep_alive = False
         reader.delegate = None
@@ -774,7 +780,7 @@ class HttptoolsClientEngine(_BufferedInput, ClientEngine):
         return self._delegated_event()
 
     def start_next_cycle(self) -> bool:
-        if not (self._request_done and self._response_done and self._keep_alive) or self._buf:
+        if not (self._request_done and self._response_done and self._keep_alive) or self._buf or self._eof:
             return False
         self._reading_head = True
         self._request_done = self._response_done = False
