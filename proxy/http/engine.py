@@ -28,9 +28,6 @@ __all__ = ["HOP_BY_HOP"]  # (re-exported: its home is proxy.http.h1.hop_by_hop)
 
 Headers = list[tuple[bytes, bytes]]
 
-# Methods a pooled connection may replay on a fresh connection (RFC 9110 9.2.2).
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-
 
 @dataclass(slots=True)
 class RequestHead:
@@ -128,11 +125,6 @@ class ServerEngine(abc.ABC):
     @abc.abstractmethod
     def send_end(self) -> bytes:
         """Finish the response (terminating chunk where the framing needs one)."""
-
-    @property
-    @abc.abstractmethod
-    def awaiting_continue(self) -> bool:
-        """The client sent ``Expect: 100-continue`` and waits before sending the body."""
 
     @property
     @abc.abstractmethod

@@ -120,10 +120,6 @@ class H11ServerEngine(_H11Cycle, ServerEngine):
         return super().start_next_cycle()
 
     @property
-    def awaiting_continue(self) -> bool:
-        return self._conn.they_are_waiting_for_100_continue
-
-    @property
     def request_complete(self) -> bool:
         return self._conn.their_state is h11.DONE
 

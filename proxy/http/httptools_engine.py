@@ -338,7 +338,6 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         self._method = b""
         self._version: bytes | None = None  # None until a request parsed (then assume HTTP/1.0)
         self._keep_alive = True
-        self._awaiting_continue = False
         self._response_started = False
         self._response_done = False
 
@@ -367,12 +366,10 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
             if event is None:
                 return None
             if type(event) is Body:
-                self._awaiting_continue = False
                 return event
             if event is _TRAILERS:
                 return self._delegate_trailers()
         self._request_done = True
-        self._awaiting_continue = False
         return _END
 
     def _delegate_trailers(self) -> Event | None:
@@ -392,8 +389,6 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
             raise
         kind = type(event)
         if event is None or kind is Body:
-            if event is not None:
-                self._awaiting_continue = False
             return event
         if kind is RequestHead:
             self._start_request(event)
@@ -404,7 +399,6 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
             return event
         self._take_back(delegate)  # a pipelined request, if any
         self._request_done = True
-        self._awaiting_continue = False
         return _END
 
     def _next_head(self) -> Event | None:
@@ -467,13 +461,11 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         if names is None:
             names = _names(head.headers)
         self._keep_alive = not _wants_close(head.headers, names, head.http_version)
-        self._awaiting_continue = head.expect_continue
 
     # -- writing responses
 
     def send_head(self, head: ResponseHead) -> bytes:
         status = head.status
-        self._awaiting_continue = False
         if head.raw and self._keep_alive and self._version == b"1.1" and self._method != b"HEAD":
             # Relayed as received: _frame_response would change nothing in it but its
             # spelling (names' case, spaces), which nginx also passes through as sent.
@@ -538,10 +530,6 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
     def send_end(self) -> bytes:
         self._response_done = True
         return self._writer.end(_unrelayable)
-
-    @property
-    def awaiting_continue(self) -> bool:
-        return self._awaiting_continue
 
     @property
     def request_complete(self) -> bool:
