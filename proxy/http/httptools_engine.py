@@ -44,6 +44,7 @@ from proxy.http.engine import (
     ServerEngine,
 )
 from proxy.http.h11_engine import H11ClientEngine, H11ServerEngine
+from proxy.http.h1.receive import ReceiveBuffer
 from proxy.http.h1.hop_by_hop import OTHER_HOP_BY_HOP, without_connection_management
 from proxy.http.head_rules import comma_values, request_head
 
@@ -55,6 +56,7 @@ _PLAIN_STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5][0-9][0-9](?: [\t\x20-\x7e\
 _PARSE_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 # h11's chunk-size line (its ``chunk_header``), so chunked bodies read the same here.
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*\r\n")
+_CRLF = re.compile(rb"\r\n")
 _TRAILERS = object()  # the last chunk is followed by trailer lines: h11 reads them
 _END = EndOfMessage()
 _UNSENDABLE = b"\r\n\x00"
@@ -198,74 +200,68 @@ class _BodyReader:
         self.discard = b""
         self.last_chunk = False
 
-    def sized(self, buf: bytes, eof: bool) -> tuple[Body | None, bytes]:
-        """The next piece of a Content-Length body and the bytes left."""
+    def sized(self, buf: ReceiveBuffer, eof: bool) -> Body | None:
+        """The next piece of a Content-Length body, taken from ``buf``."""
         if not buf:
             if eof:
                 raise _Malformed("peer closed connection without sending complete message body")
-            return None, buf
-        remaining = self.remaining
-        if len(buf) > remaining:
-            data, buf = buf[:remaining], buf[remaining:]
-        else:
-            data, buf = buf, b""
-        self.remaining = remaining - len(data)
+            return None
+        data = buf.take(self.remaining)
+        self.remaining -= len(data)
         if not self.remaining:
             self.framing = _NO_BODY
-        return Body(data), buf
+        return Body(data)
 
-    def chunked(self, buf: bytes, eof: bool, limit: int) -> tuple[object, bytes]:
-        """The next step through a chunked body, read as h11 reads it: (``Body``, the
-        end, None for more data, or ``_TRAILERS``) and the bytes left."""
+    def chunked(self, buf: ReceiveBuffer, eof: bool, limit: int) -> object:
+        """The next step through a chunked body, read as h11 reads it: ``Body``, the
+        end, None for more data, or ``_TRAILERS``."""
         while True:
             if self.discard:
                 size = min(len(self.discard), len(buf))
-                if buf[:size] != self.discard[:size]:
+                if buf.peek(size) != self.discard[:size]:
                     raise _Malformed("malformed chunk footer")
                 self.discard = self.discard[size:]
-                buf = buf[size:]
+                buf.take(size)
                 if self.discard:
                     return _need_more(buf, eof, limit)
             if self.last_chunk:
-                if buf[:1] == b"\n":
-                    return _END, buf[1:]
-                if buf[:2] == b"\r\n":
-                    return _END, buf[2:]
-                if not buf or (buf == b"\r" and not eof):
+                if buf.startswith(b"\n"):
+                    buf.take(1)
+                    return _END
+                if buf.startswith(b"\r\n"):
+                    buf.take(2)
+                    return _END
+                if not buf or (len(buf) == 1 and buf.startswith(b"\r") and not eof):
                     return _need_more(buf, eof, limit)
-                return _TRAILERS, buf
+                return _TRAILERS
             if not self.remaining:
-                end = buf.find(b"\r\n")
+                end = buf.find(_CRLF, 1)
                 if end < 0:
                     return _need_more(buf, eof, limit)
-                match = _CHUNK_SIZE_LINE.fullmatch(buf, 0, end + 2)
+                match = buf.match(_CHUNK_SIZE_LINE, end)
                 if match is None:
                     raise _Malformed("illegal chunk header")
-                buf = buf[end + 2 :]
                 self.remaining = int(match.group(1), 16)
+                buf.take(end)
                 if not self.remaining:
                     self.last_chunk = True
                     continue
             if not buf:
                 return _need_more(buf, eof, limit)
-            size = self.remaining
-            if len(buf) > size:
-                data, buf = buf[:size], buf[size:]
-            else:
-                data, buf = buf, b""
-            self.remaining = size - len(data)
+            data = buf.take(self.remaining)
+            self.remaining -= len(data)
             if not self.remaining:
                 self.discard = b"\r\n"
-            return Body(data), buf
+            return Body(data)
 
 
-def _need_more(buf: bytes, eof: bool, limit: int) -> tuple[None, bytes]:
+def _need_more(buf: ReceiveBuffer, eof: bool, limit: int) -> None:
     """h11's rules while waiting for more of a body: too much unparsed -> 431, EOF -> error."""
     if len(buf) > limit:
         raise _Malformed("receive buffer too long", 431)
     if eof:
         raise _Malformed("peer closed connection without sending complete message body")
-    return None, buf
+    return None
 
 
 def _plain_chunked(headers: Headers, http_version: bytes) -> bool | None:
@@ -285,7 +281,7 @@ class _BufferedInput:
 
     def __init__(self, max_header_bytes: int) -> None:
         self._max_header_bytes = max_header_bytes or 65536
-        self._buf = b""
+        self._buf = ReceiveBuffer()
         self._eof = False
         self._reader = _BodyReader()
         self._writer = _BodyWriter()
@@ -295,7 +291,7 @@ class _BufferedInput:
         if delegate is not None:
             delegate.feed(data)
         elif data:
-            self._buf = self._buf + data if self._buf else data
+            self._buf.feed(data)
         else:
             self._eof = True
 
@@ -305,26 +301,24 @@ class _BufferedInput:
         delegate.feed(data)
         if self._eof:
             delegate.feed(b"")
-        self._buf = b""
         self._reader.delegate = delegate
 
     def _take_back(self, delegate: H11ServerEngine | H11ClientEngine) -> None:
         """After ``delegate`` read its message: the bytes past it, and the EOF if it saw one."""
-        self._buf, closed = delegate.leftover()
+        data, closed = delegate.leftover()
+        self._buf.feed(data)
         if closed:
             self._eof = True
 
     def switched_data(self) -> bytes:
         delegate = self._reader.delegate
-        return delegate.switched_data() if delegate is not None else self._buf
+        return delegate.switched_data() if delegate is not None else self._buf.take_all()
 
     def _read_framed_body(self, framing: object) -> object:
         """The next event of a Content-Length or chunked body (raises _Malformed)."""
         if framing == _LENGTH:
-            event, self._buf = self._reader.sized(self._buf, self._eof)
-        else:
-            event, self._buf = self._reader.chunked(self._buf, self._eof, self._max_header_bytes)
-        return event
+            return self._reader.sized(self._buf, self._eof)
+        return self._reader.chunked(self._buf, self._eof, self._max_header_bytes)
 
 
 class HttptoolsServerEngine(_BufferedInput, ServerEngine):
@@ -375,7 +369,8 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
     def _delegate_trailers(self) -> Event | None:
         """h11 reads the trailer section (after the head and last chunk it would have seen)."""
         delegate = H11ServerEngine(self._max_header_bytes)
-        self._hand_over(delegate, b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + self._buf)
+        made_up = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+        self._hand_over(delegate, made_up + self._buf.take_all())
         delegate.next_event()  # that head
         return self._delegated_event()
 
@@ -408,18 +403,17 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
                 self._closed = True
                 return Closed()
             return None
-        if buf[0] < 0x21:  # h11 refuses this at once (blank line, whitespace, TLS bytes)
+        if buf.first() < 0x21:  # h11 refuses this at once (blank line, whitespace, TLS bytes)
             return self._delegate_request()
-        match = _HEAD_END.search(buf)
-        if match is None:
+        end = buf.find(_HEAD_END, 2)
+        if end < 0:
             if len(buf) > self._max_header_bytes or self._eof:
                 return self._delegate_request()  # h11 raises 431 / "peer closed"
             return None
-        end = match.end()
-        head = self._plain_request(buf[:end])
+        raw = buf.take(end)
+        head = self._plain_request(raw)
         if head is None:
-            return self._delegate_request()
-        self._buf = buf[end:]
+            return self._delegate_request(raw)
         reader = self._reader
         if head.chunked:
             reader.start_chunked()
@@ -449,9 +443,10 @@ class HttptoolsServerEngine(_BufferedInput, ServerEngine):
         self._start_request(head, names)
         return head
 
-    def _delegate_request(self) -> Event | None:
-        """Hand this request to the h11 engine: its head (or its refusal) and its body."""
-        self._hand_over(H11ServerEngine(self._max_header_bytes), self._buf)
+    def _delegate_request(self, head: bytes = b"") -> Event | None:
+        """Hand this request to the h11 engine: its head (or its refusal) and its body
+        (``head``: its bytes, when already taken from the buffer)."""
+        self._hand_over(H11ServerEngine(self._max_header_bytes), head + self._buf.take_all())
         return self._delegated_event()
 
     def _start_request(self, head: RequestHead, names: list[bytes] | None = None) -> None:
@@ -652,8 +647,7 @@ class HttptoolsClientEngine(_BufferedInput, ClientEngine):
                 return self._delegate_trailers()
         elif framing == _UNTIL_CLOSE:
             if self._buf:
-                data, self._buf = self._buf, b""
-                return Body(data)
+                return Body(self._buf.take_all())
             if not self._eof:
                 return None
         self._response_done = True
@@ -661,10 +655,10 @@ class HttptoolsClientEngine(_BufferedInput, ClientEngine):
 
     def _delegate_trailers(self) -> Event | None:
         """h11 reads the trailer section (after the head and last chunk it would have seen)."""
-        self._buf = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + self._buf
+        made_up = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
         method, self._method = self._method, b"GET"
         try:
-            self._delegate_response()  # that head
+            self._delegate_response(made_up)  # that head
         finally:
             self._method = method
         return self._delegated_event()
@@ -697,17 +691,15 @@ class HttptoolsClientEngine(_BufferedInput, ClientEngine):
             if self._eof:
                 return self._delegate_response()  # h11 decides what an early close means
             return None
-        match = _HEAD_END.search(buf)
-        if match is None:
-            if len(buf) > self._max_header_bytes or self._eof or buf[0] < 0x21:
+        end = buf.find(_HEAD_END, 2)
+        if end < 0:
+            if len(buf) > self._max_header_bytes or self._eof or buf.first() < 0x21:
                 return self._delegate_response()
             return None
-        end = match.end()
-        raw = buf[:end]
+        raw = buf.take(end)
         head = self._plain_response(raw)
         if head is None:
-            return self._delegate_response()
-        self._buf = buf[end:]
+            return self._delegate_response(raw)
         return self._start_response(head, raw)
 
     def _plain_response(self, raw: bytes) -> ResponseHead | None:
@@ -756,15 +748,16 @@ class HttptoolsClientEngine(_BufferedInput, ClientEngine):
                 self._keep_alive = False
         return head
 
-    def _delegate_response(self) -> Event | None:
+    def _delegate_response(self, head: bytes = b"") -> Event | None:
         """Hand this response to the h11 engine (its verdict, its events), primed with
-        the request it answers so it frames HEAD / Upgrade answers the same way."""
+        the request it answers so it frames HEAD / Upgrade answers the same way
+        (``head``: bytes to put before the unread ones)."""
         delegate = H11ClientEngine(self._max_header_bytes)
         host = [(b"host", self._request_host)]
         upgrade = [(b"upgrade", b"x"), (b"connection", b"upgrade")] if self._upgrade_asked else []
         delegate.send_head(RequestHead(self._method, b"/", host), [*host, *upgrade], b"/")
         delegate.send_end()
-        self._hand_over(delegate, self._buf)
+        self._hand_over(delegate, head + self._buf.take_all())
         return self._delegated_event()
 
     def start_next_cycle(self) -> bool:
