@@ -268,3 +268,56 @@ def test_an_upstream_that_closed_during_a_response_read_by_h11_is_not_pooled(eng
             break
     assert [type(e) for e in events] == [Body, EndOfMessage]
     assert upstream.start_next_cycle() is False
+
+
+# -- the httptools engine's states move only as its transition tables say
+
+
+def test_the_httptools_engine_states_move_only_along_their_tables():
+    from test_engine_parity import REQUESTS, RESPONSES
+
+    from proxy.http import httptools_engine as engine_module
+
+    moves = set()
+
+    def recording(cls):
+        class Recording(cls):
+            def __setattr__(self, name, value):
+                if name in ("_reading", "_writing") and name in self.__dict__:
+                    moves.add((name, self.__dict__[name], value))
+                super().__setattr__(name, value)
+
+        return Recording
+
+    server_class = recording(engine_module.HttptoolsServerEngine)
+    client_class = recording(engine_module.HttptoolsClientEngine)
+    for raw in REQUESTS.values():
+        server = server_class(65536)
+        for piece in (raw, b""):
+            server.feed(piece)
+            try:
+                while (event := server.next_event()) is not None:
+                    if type(event) is EndOfMessage:
+                        server.send_head(ResponseHead(200, [(b"content-length", b"0")]))
+                        server.send_end()
+                        server.start_next_cycle()
+            except HTTPError:
+                break
+    for method, raw in RESPONSES.values():
+        client = client_class(65536)
+        headers = [(b"host", b"a")]
+        client.send_head(RequestHead(method, b"/", headers), headers, b"/")
+        client.send_end()
+        for piece in (raw, b""):
+            client.feed(piece)
+            try:
+                while (event := client.next_event()) is not None:
+                    if type(event) is EndOfMessage:
+                        client.start_next_cycle()
+            except HTTPError:
+                break
+    tables = {"_reading": engine_module.READ_TRANSITIONS, "_writing": engine_module.WRITE_TRANSITIONS}
+    illegal = {(name, old, new) for name, old, new in moves if old is not new and new not in tables[name][old]}
+    assert not illegal
+    seen_reads = {(old, new) for name, old, new in moves if name == "_reading" and old is not new}
+    assert len(seen_reads) >= 8  # the corpus exercises most of the table

@@ -1,6 +1,6 @@
 """The HTTP engine on h11 (see ``proxy.http.engine`` for the interface).
 
-h11 does the framing; ``proxy.http.head_rules`` adds what a proxy needs on top of it
+h11 does the framing; ``proxy.http.h1.heads`` adds what a proxy needs on top of it
 and h11 leaves to the application (the httptools engine applies the same rules), and
 h11's exceptions become ``BadRequest`` / ``HeadersTooLarge`` / ``BadGateway``.
 """
@@ -24,7 +24,7 @@ from proxy.http.engine import (
     ServerEngine,
 )
 from proxy.http.h1.hop_by_hop import without_connection_management
-from proxy.http.head_rules import request_head
+from proxy.http.h1.heads import request_head
 
 _NEED = (h11.NEED_DATA, h11.PAUSED)
 _END = EndOfMessage()

@@ -9,6 +9,8 @@ custom.
 
 from __future__ import annotations
 
+import re
+
 Headers = list[tuple[bytes, bytes]]  # (as in proxy.http.engine, which imports this module)
 
 HOP_BY_HOP = frozenset(
@@ -24,3 +26,26 @@ def without_connection_management(headers: Headers) -> Headers:
     """``headers`` less Connection and Keep-Alive: for a head whose raw bytes are not
     sent as they are (the only hop-by-hop headers such a head can carry)."""
     return [(name, value) for name, value in headers if name not in CONNECTION_MANAGEMENT]
+
+
+# A relayed head loses these lines (values cannot hold CR or LF, so only line starts match).
+_CONNECTION_LINES = re.compile(rb"\r\n(?:connection|keep-alive):[^\r]*", re.IGNORECASE)
+_KEEP_ALIVE_OR_CLOSE = frozenset({b"keep-alive", b"close"})
+
+
+def relayable(raw: bytes, headers: Headers, names: list[bytes]) -> bytes:
+    """A response head's bytes ``raw`` as a client may get them: without its Connection
+    and Keep-Alive lines (most servers send ``Connection: keep-alive``), or b"" when
+    anything else in it is for this hop only (``ClientEngine.next_event``)."""
+    if HOP_BY_HOP.isdisjoint(names):
+        return raw
+    if not OTHER_HOP_BY_HOP.isdisjoint(names):
+        return b""
+    if b"connection" in names:
+        for name, value in headers:
+            if name == b"connection":
+                for token in value.lower().split(b","):
+                    token = token.strip()
+                    if token and token not in _KEEP_ALIVE_OR_CLOSE:
+                        return b""  # it names headers to drop
+    return _CONNECTION_LINES.sub(b"", raw)

@@ -55,8 +55,29 @@ class ReceiveBuffer:
         if end >= len(buf):
             self._data = b""
             self._start = self._searched = 0
-            if not start and type(buf) is bytes:
-                return buf
+            if type(buf) is bytes:
+                return buf[start:] if start else buf
+            return bytes(memoryview(buf)[start:])
+        self._start = end
+        self._searched = 0
+        return buf[start:end] if type(buf) is bytes else bytes(memoryview(buf)[start:end])
+
+    def take_through(self, pattern: re.Pattern, overlap: int) -> bytes | None:
+        """The unread bytes up to and including ``pattern``'s first match, or None
+        (``find`` then ``take`` in one call: the fast path reads every head this way)."""
+        buf = self._data
+        start = self._start
+        pos = self._searched - overlap
+        match = pattern.search(buf, pos if pos > start else start)
+        if match is None:
+            self._searched = len(buf)
+            return None
+        end = match.end()
+        if end == len(buf):
+            self._data = b""
+            self._start = self._searched = 0
+            if type(buf) is bytes:
+                return buf[start:] if start else buf
             return bytes(memoryview(buf)[start:])
         self._start = end
         self._searched = 0
