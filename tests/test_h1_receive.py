@@ -49,6 +49,16 @@ def test_bytes_come_out_as_they_went_in():
     assert not buffer and buffer.take(5) == b""
 
 
+def test_data_is_empty_exactly_when_nothing_is_unread():
+    buffer = ReceiveBuffer()
+    for step in (lambda: buffer.feed(b"abc"), lambda: buffer.take(1), lambda: buffer.feed(b"d"),
+                 lambda: buffer.take(2), lambda: buffer.take(1), lambda: buffer.feed(b""), lambda: buffer.feed(b"e"),
+                 lambda: buffer.take_through(CRLF, 1), lambda: buffer.feed(b"\r\n"), lambda: buffer.take_through(CRLF, 1)):
+        step()
+        assert bool(buffer.data) == (len(buffer) > 0)
+    assert not buffer.data
+
+
 def test_a_lone_read_taken_whole_is_not_copied():
     buffer = ReceiveBuffer()
     data = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -83,7 +93,7 @@ def test_a_head_trickled_one_byte_at_a_time_is_scanned_in_linear_time():
     storage = set()
     for i in range(len(head)):
         buffer.feed(head[i : i + 1])
-        storage.add(id(buffer._data))
+        storage.add(id(buffer.data))
         if buffer.find(counting, 2) >= 0:
             break
     assert counting.searches == len(head)

@@ -148,6 +148,9 @@ class HttptoolsServerEngine(_Side, ServerEngine):
     def next_event(self) -> Event | None:
         reading = self._reading
         if reading is BODY:
+            if self._reader.framing == NO_BODY:  # (most requests: no call to the reader)
+                self._reading = DONE
+                return END
             try:
                 event = self._reader.read(self._buf, self._eof, self._max_header_bytes)
             except Malformed as exc:
@@ -165,20 +168,20 @@ class HttptoolsServerEngine(_Side, ServerEngine):
             return self._next_head()
         if reading is H11:
             return self._h11_event()
-        if reading is DONE and self._eof and not self._buf:
+        if reading is DONE and self._eof and not self._buf.data:
             self._reading = CLOSED
             return Closed()
         return None  # DONE: a pipelined request waits until the response is done; CLOSED
 
     def _next_head(self) -> Event | None:
         buf = self._buf
+        if not buf.data:  # (the relay asks once before reading: no call for that)
+            if self._eof:
+                self._reading = CLOSED
+                return Closed()
+            return None
         raw = buf.take_through(_HEAD_END, HEAD_END_OVERLAP)
         if raw is None:
-            if not buf:
-                if self._eof:
-                    self._reading = CLOSED
-                    return Closed()
-                return None
             if len(buf) > self._max_header_bytes or self._eof or buf.first() < 0x21:
                 return self._to_h11()  # h11 raises 431 / "peer closed" / refuses at once
             return None
@@ -333,6 +336,9 @@ class HttptoolsClientEngine(_Side, ClientEngine):
     def next_event(self) -> Event | None:
         reading = self._reading
         if reading is BODY:
+            if self._reader.framing == NO_BODY:  # (a body read to its end, or none)
+                self._reading = DONE
+                return END
             try:
                 event = self._reader.read(self._buf, self._eof, self._max_header_bytes)
             except Malformed as exc:
@@ -353,10 +359,10 @@ class HttptoolsClientEngine(_Side, ClientEngine):
 
     def _next_head(self) -> Event | None:
         buf = self._buf
+        if not buf.data:  # (the relay asks once before reading: no call for that)
+            return self._to_h11() if self._eof else None  # h11 decides what an early close means
         raw = buf.take_through(_HEAD_END, HEAD_END_OVERLAP)
         if raw is None:
-            if not buf:
-                return self._to_h11() if self._eof else None  # h11 decides what an early close means
             if len(buf) > self._max_header_bytes or self._eof or buf.first() < 0x21:
                 return self._to_h11()
             return None
@@ -422,7 +428,7 @@ class HttptoolsClientEngine(_Side, ClientEngine):
     def start_next_cycle(self) -> bool:
         if self._reading is not DONE or self._writing is not SENT or not self._keep_alive:
             return False
-        if self._buf or self._eof:
+        if self._buf.data or self._eof:
             return False  # bytes past the response, or a closed upstream: never pooled
         self._reading = HEAD
         self._writing = IDLE

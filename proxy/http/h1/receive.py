@@ -18,24 +18,27 @@ import re
 class ReceiveBuffer:
     """Unread bytes from one peer."""
 
-    __slots__ = ("_data", "_start", "_searched")
+    __slots__ = ("data", "_start", "_searched")
 
     def __init__(self) -> None:
-        self._data: bytes | bytearray = b""  # a lone read as it came, or reads appended
-        self._start = 0  # read offset: _data[:_start] is taken
-        self._searched = 0  # _data[:_searched] holds no match of the search in progress
+        # A lone read as it came, or reads appended; empty exactly when nothing is unread
+        # (every take that empties the buffer resets it), so ``if buffer.data`` is a test
+        # without a method call for the hot paths. Read it through take / take_through.
+        self.data: bytes | bytearray = b""
+        self._start = 0  # read offset: data[:_start] is taken
+        self._searched = 0  # data[:_searched] holds no match of the search in progress
 
     def __len__(self) -> int:
-        return len(self._data) - self._start
+        return len(self.data) - self._start
 
     def __bool__(self) -> bool:
-        return len(self._data) > self._start
+        return len(self.data) > self._start
 
     def feed(self, data: bytes) -> None:
-        buf = self._data
+        buf = self.data
         start = self._start
         if start == len(buf):  # empty: keep the read as it came
-            self._data = data
+            self.data = data
             self._start = self._searched = 0
             return
         if type(buf) is bytes:  # a second read: from now on, append in place
@@ -45,15 +48,15 @@ class ReceiveBuffer:
         self._searched = max(0, self._searched - start)
         self._start = 0
         buf += data
-        self._data = buf
+        self.data = buf
 
     def take(self, count: int) -> bytes:
         """The next ``count`` bytes (all there are, if fewer)."""
-        buf = self._data
+        buf = self.data
         start = self._start
         end = start + count
         if end >= len(buf):
-            self._data = b""
+            self.data = b""
             self._start = self._searched = 0
             if type(buf) is bytes:
                 return buf[start:] if start else buf
@@ -65,7 +68,7 @@ class ReceiveBuffer:
     def take_through(self, pattern: re.Pattern, overlap: int) -> bytes | None:
         """The unread bytes up to and including ``pattern``'s first match, or None
         (``find`` then ``take`` in one call: the fast path reads every head this way)."""
-        buf = self._data
+        buf = self.data
         start = self._start
         pos = self._searched - overlap
         match = pattern.search(buf, pos if pos > start else start)
@@ -74,7 +77,7 @@ class ReceiveBuffer:
             return None
         end = match.end()
         if end == len(buf):
-            self._data = b""
+            self.data = b""
             self._start = self._searched = 0
             if type(buf) is bytes:
                 return buf[start:] if start else buf
@@ -84,19 +87,19 @@ class ReceiveBuffer:
         return buf[start:end] if type(buf) is bytes else bytes(memoryview(buf)[start:end])
 
     def take_all(self) -> bytes:
-        return self.take(len(self._data))
+        return self.take(len(self.data))
 
     def startswith(self, prefix: bytes) -> bool:
-        return self._data.startswith(prefix, self._start)
+        return self.data.startswith(prefix, self._start)
 
     def first(self) -> int:
         """The first unread byte's value (the buffer must not be empty)."""
-        return self._data[self._start]
+        return self.data[self._start]
 
     def peek(self, count: int) -> bytes:
         """A copy of the next ``count`` bytes (or fewer), left unread."""
         start = self._start
-        return bytes(self._data[start : start + count])
+        return bytes(self.data[start : start + count])
 
     def find(self, pattern: re.Pattern, overlap: int) -> int:
         """The offset in the unread bytes just past ``pattern``'s first match, or -1.
@@ -105,7 +108,7 @@ class ReceiveBuffer:
         bytes arrive) starts there less ``overlap``: the longest match, minus one byte,
         that the end of the buffer could hold the start of. Taking bytes starts afresh.
         """
-        buf = self._data
+        buf = self.data
         start = self._start
         pos = self._searched - overlap
         match = pattern.search(buf, pos if pos > start else start)
@@ -117,4 +120,4 @@ class ReceiveBuffer:
     def match(self, pattern: re.Pattern, end: int) -> re.Match | None:
         """``pattern`` matched against exactly the next ``end`` unread bytes."""
         start = self._start
-        return pattern.fullmatch(self._data, start, start + end)
+        return pattern.fullmatch(self.data, start, start + end)
