@@ -46,6 +46,7 @@ from proxy.http.h1.heads import (
     HEAD_END,
     HEAD_END_OVERLAP,
     comma_values,
+    content_lengths,
     frame_response,
     has_connection_close,
     plain_request,
@@ -53,7 +54,6 @@ from proxy.http.h1.heads import (
     request_wire,
     response_wire,
     wants_close,
-    content_lengths,
 )
 from proxy.http.h1.hop_by_hop import relayable, without_connection_management
 from proxy.http.h1.receive import ReceiveBuffer
@@ -108,7 +108,7 @@ class _Side:
         self._method = b""  # of the request being answered
 
     def feed(self, data: bytes) -> None:
-        if self._reading is H11:
+        if self._fallback is not None:  # (H11, or CLOSED after a 101 h11 read: its bytes follow it)
             self._fallback.feed(data)
         elif data:
             self._buf.feed(data)
