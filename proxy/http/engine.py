@@ -22,16 +22,11 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from proxy.http.h1.hop_by_hop import HOP_BY_HOP
+
+__all__ = ["HOP_BY_HOP"]  # (re-exported: its home is proxy.http.h1.hop_by_hop)
+
 Headers = list[tuple[bytes, bytes]]
-
-# Headers about one connection, never relayed (RFC 9110 7.6.1; Keep-Alive and
-# Proxy-Connection by custom): framing and connection management are per hop.
-HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
-)
-
-# Methods a pooled connection may replay on a fresh connection (RFC 9110 9.2.2).
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 @dataclass(slots=True)
@@ -130,11 +125,6 @@ class ServerEngine(abc.ABC):
     @abc.abstractmethod
     def send_end(self) -> bytes:
         """Finish the response (terminating chunk where the framing needs one)."""
-
-    @property
-    @abc.abstractmethod
-    def awaiting_continue(self) -> bool:
-        """The client sent ``Expect: 100-continue`` and waits before sending the body."""
 
     @property
     @abc.abstractmethod

@@ -1,6 +1,6 @@
 """The HTTP engine on h11 (see ``proxy.http.engine`` for the interface).
 
-h11 does the framing; ``proxy.http.head_rules`` adds what a proxy needs on top of it
+h11 does the framing; ``proxy.http.h1.heads`` adds what a proxy needs on top of it
 and h11 leaves to the application (the httptools engine applies the same rules), and
 h11's exceptions become ``BadRequest`` / ``HeadersTooLarge`` / ``BadGateway``.
 """
@@ -23,7 +23,8 @@ from proxy.http.engine import (
     ResponseHead,
     ServerEngine,
 )
-from proxy.http.head_rules import request_head
+from proxy.http.h1.hop_by_hop import without_connection_management
+from proxy.http.h1.heads import request_head
 
 _NEED = (h11.NEED_DATA, h11.PAUSED)
 _END = EndOfMessage()
@@ -48,6 +49,12 @@ class _H11Cycle:
     def switched_data(self) -> bytes:
         return bytes(self._conn.trailing_data[0])
 
+    def leftover(self) -> tuple[bytes, bool]:
+        """The bytes received past the current message, and whether the peer has
+        closed: what an engine that handed this one a message takes back."""
+        data, closed = self._conn.trailing_data
+        return bytes(data), closed
+
 
 class H11ServerEngine(_H11Cycle, ServerEngine):
     """Client side of a connection: parses requests, writes responses."""
@@ -55,6 +62,9 @@ class H11ServerEngine(_H11Cycle, ServerEngine):
     def __init__(self, max_header_bytes: int = 65536) -> None:
         self._max_header_bytes = max_header_bytes or 65536
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_header_bytes)
+        # Of the request being answered, even one the head rules refuse: an answer to
+        # HEAD has no body, whoever built it (b"": none parsed yet, or h11 refused it).
+        self.request_method = b""
 
     def next_event(self) -> Event | None:
         try:
@@ -70,6 +80,7 @@ class H11ServerEngine(_H11Cycle, ServerEngine):
         if type(event) is h11.Data:
             return Body(event.data)
         if type(event) is h11.Request:
+            self.request_method = event.method
             return self._request_head(event)
         if type(event) is h11.EndOfMessage:
             return _END
@@ -82,9 +93,14 @@ class H11ServerEngine(_H11Cycle, ServerEngine):
 
     def send_head(self, head: ResponseHead) -> bytes:
         cls = h11.InformationalResponse if head.status < 200 else h11.Response
-        return self._send(cls(status_code=head.status, headers=head.headers, reason=head.reason))
+        headers = head.headers
+        if head.raw:  # (another engine's head, whose Connection / Keep-Alive lines only its bytes lost)
+            headers = without_connection_management(headers)
+        return self._send(cls(status_code=head.status, headers=headers, reason=head.reason))
 
     def send_body(self, data: bytes) -> Sequence[bytes]:
+        if self.request_method == b"HEAD":
+            return ()  # h11 frames the answer to HEAD without a body, and would raise
         try:
             return self._conn.send_with_data_passthrough(h11.Data(data=data)) or ()
         except h11.LocalProtocolError as exc:
@@ -99,9 +115,9 @@ class H11ServerEngine(_H11Cycle, ServerEngine):
         except h11.LocalProtocolError as exc:
             raise BadGateway(f"upstream response cannot be relayed: {exc}") from None
 
-    @property
-    def awaiting_continue(self) -> bool:
-        return self._conn.they_are_waiting_for_100_continue
+    def start_next_cycle(self) -> bool:
+        self.request_method = b""
+        return super().start_next_cycle()
 
     @property
     def request_complete(self) -> bool:
@@ -149,3 +165,12 @@ class H11ClientEngine(_H11Cycle, ClientEngine):
             return _END
         return Closed()
 
+    def start_next_cycle(self) -> bool:
+        """Never pooled with bytes past the response (a body on HEAD / 204 / 304, more
+        than Content-Length): the next request on it, another client's, would read them
+        as its own response (SPEC 4, "never shared between clients"). Nor once the
+        upstream has closed."""
+        data, closed = self._conn.trailing_data
+        if data or closed:
+            return False
+        return super().start_next_cycle()
