@@ -82,8 +82,9 @@ class UpstreamPool:
         self._sweeper: asyncio.TimerHandle | None = None
         self.connects = 0  # fresh connections opened (for tests and metrics)
 
-    def configure(self, *, connect_timeout: float, idle_timeout: float) -> None:
-        """New timeouts (a reload); pooled connections stay."""
+    def configure(self, *, engines: EngineFactory, connect_timeout: float, idle_timeout: float) -> None:
+        """A reload's engines (for new connections) and timeouts; pooled connections stay."""
+        self._engines = engines
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
 
