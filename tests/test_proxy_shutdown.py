@@ -126,7 +126,6 @@ def test_a_cancelled_relay_stays_cancelled_while_the_body_pump_stops(http_engine
 
         pump = BodyPump.__new__(BodyPump)
         pump._task = asyncio.get_running_loop().create_task(slow_to_stop())
-        pump.failure = None
         await asyncio.sleep(0)
         stopper = asyncio.get_running_loop().create_task(pump.stop())
         await pump_stopping.wait()
