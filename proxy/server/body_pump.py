@@ -66,10 +66,6 @@ class BodyPump:
             conn.failure = exc  # the request cannot complete: the relay raises this
             conn.abort()  # and stops waiting for the response
 
-    @property
-    def running(self) -> bool:
-        return not self._task.done()
-
     async def stop(self) -> None:
         """Cancel the pump if it still runs and wait until it has ended.
 

@@ -141,6 +141,8 @@ class RunningProxy:
         log.info("reloaded the configuration (%d services)", len(config.services))
         if self._expiry is not None:
             self._expiry.check()  # the gauge and the warnings follow the new certificates
+        if self._file_watch is not None:
+            self._file_watch.refresh()  # the new generation's files, as they are now
         return True
 
     def watch_files(self, interval: float = WATCH_INTERVAL) -> None:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from proxy.config.model import ProxyConfig
-from proxy.forwarding.routing import Router
 from proxy.http.engines import EngineFactory
 from proxy.server.access_log import AccessLog
 from proxy.server.downstream import Downstream
@@ -51,10 +50,6 @@ class ServerState:
     @property
     def tls(self) -> ServerTLS:
         return self.generation.tls
-
-    @property
-    def router(self) -> Router:
-        return self.generation.router
 
     @property
     def engines(self) -> EngineFactory:
