@@ -41,12 +41,19 @@ async def serve_connection(down: Downstream, state: ServerState) -> None:
         try:
             while not state.closing:
                 timeouts = state.generation.config.timeouts
-                tracked.idle = True  # shutdown may close it now: nothing of a request yet
-                try:
-                    if not await _request_begins(down, timeouts.request_header if first else timeouts.idle):
+                # Idle (shutdown may close it now) until the first byte of the next request
+                # arrives; bytes the client pipelined are already in the engine: no wait.
+                if not down.engine.switched_data():
+                    tracked.idle = True
+                    try:
+                        data = await down.channel.read(timeouts.request_header if first else timeouts.idle)
+                    except TimeoutError:
                         return
-                finally:
-                    tracked.idle = False
+                    finally:
+                        tracked.idle = False
+                    if not data:
+                        return
+                    down.engine.feed(data)
                 first = False
                 try:
                     # The head's first byte is here: the rest within request_header of
@@ -64,20 +71,6 @@ async def serve_connection(down: Downstream, state: ServerState) -> None:
                     return
         finally:
             await down.channel.close_and_wait(CLOSE_WAIT)
-
-
-async def _request_begins(down: Downstream, timeout: float) -> bool:
-    """Wait up to ``timeout`` for the first byte of the next request (fed to the
-    engine); False when the client closed or stayed quiet. Bytes the client pipelined
-    behind the last request are already in the engine: no wait then."""
-    if down.engine.switched_data():
-        return True
-    try:
-        data = await down.channel.read(timeout)
-    except TimeoutError:
-        return False
-    down.engine.feed(data)
-    return bool(data)
 
 
 async def handle_request(down: Downstream, head: RequestHead, state: ServerState) -> bool:

@@ -4,7 +4,7 @@ Bytes both ways, unparsed, with half-close (STYLE "Half-close in tunnels", as
 ghostunnel's ``copyData``): when one side ends its direction (EOF), the other side is
 told — ``write_eof()`` on TCP, ``close_notify`` on TLS — and the other direction keeps
 flowing until it ends too. The tunnel ends when both directions have ended, when
-either side breaks (reset, a write that cannot go out within ``idle``), or when
+either side is gone (reset, a write that cannot go out within ``idle``), or when
 nothing has moved either way for ``idle`` seconds.
 """
 
@@ -69,6 +69,8 @@ async def _pipe(source: Channel, sink: Channel, down: Downstream, counter: str, 
                 continue  # the other direction moved meanwhile
             raise
         if not data:
+            if source.closed:  # gone both ways (reset, or we aborted): nobody left to answer
+                raise ConnectionResetError("tunnel peer closed")
             break
         activity.last = loop.time()
         setattr(down, counter, getattr(down, counter) + len(data))
