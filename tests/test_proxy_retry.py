@@ -170,3 +170,49 @@ def test_slow_request_body_releases_the_upstream_after_request_header_timeout(pk
 
 async def _idle_upstreams(px):
     return px.running.state.pool.idle_count()
+
+
+def test_a_client_waiting_for_a_late_100_continue_is_not_timed_out(pki, tmp_path):
+    """request_header bounds the client's pauses in its body, not the upstream's delay
+    before it says ``100 Continue`` (that is upstream_response's)."""
+    go = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(WAIT)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            go.wait(WAIT)
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            body = data.partition(b"\r\n\r\n")[2]
+            while len(body) < 5:
+                body += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body[:5])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    timeouts = Timeouts(request_header=0.2)
+    up = Upstream(f"http://127.0.0.1:{port}", "127.0.0.1", port)
+    try:
+        with ProxyThread(proxy_config(pki, service("app", up), tmp_path, timeouts=timeouts)) as px:
+            context = ssl.create_default_context(cafile=str(pki.ca_pem))
+            with socket.create_connection(("127.0.0.1", px.port), timeout=WAIT) as raw:
+                with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                    tls.sendall(b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+                    time.sleep(1.0)  # the time under test: several request_header periods pass
+                    go.set()
+                    interim = tls.recv(65536)
+                    assert interim.startswith(b"HTTP/1.1 100 "), interim
+                    tls.sendall(b"hello")
+                    answer = b""
+                    while not answer.endswith(b"hello"):
+                        answer += tls.recv(65536)
+                    assert answer.startswith(b"HTTP/1.1 200 ")
+    finally:
+        go.set()
+        listener.close()
+        thread.join(WAIT)

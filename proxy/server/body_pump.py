@@ -6,7 +6,8 @@ the next is read from the client only after the upstream's write buffer drained.
 
 Bounds: the client gets ``timeouts.request_header`` between two pieces of body (SPEC
 section 4: a slow body holds its upstream connection that long at most), then ``408``
-(or the connection closes if a response already started); the upstream gets
+(or the connection closes if a response already started) — except while the client
+waits for a ``100 Continue`` that the upstream has not sent yet. The upstream gets
 ``timeouts.idle`` to take a piece. A failure is recorded on the ``UpstreamConnection`` (``failure``) and
 that connection aborted, so the relay, waiting for the response, wakes up at once and
 raises the recorded failure — the real cause — instead of "upstream closed".
@@ -48,6 +49,8 @@ class BodyPump:
                 try:
                     event = await down.next_body_event(read_timeout)
                 except TimeoutError:
+                    if down.engine.awaiting_continue:
+                        continue  # the client waits for the upstream's 100 (bounded by upstream_response)
                     raise HTTPError(
                         f"the request body stalled for more than {read_timeout:g}s", status=REQUEST_TIMEOUT
                     ) from None
