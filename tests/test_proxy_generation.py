@@ -151,3 +151,27 @@ def test_the_not_after_gauge_follows_the_certificates_of_a_reload(pki, upstream,
         after = parse_exposition(metrics.render())["tlsproxy_certificate_not_after_seconds"]["samples"]
         assert [(labels["path"], value) for _name, labels, value in after] == [(str(short[0]), not_after.timestamp())]
         assert waiter.seen.is_set(), waiter.messages  # the 10-day certificate is warned about at once
+
+
+@pytest.mark.parametrize("revoke_alice", [True, False], ids=["alice-revoked", "bob-revoked"])
+def test_a_reloaded_crl_applies_to_open_connections(pki, upstream, tmp_path, alice, revoke_alice):
+    """A certificate revoked by a reloaded CRL is refused on the next request of a
+    connection whose handshake accepted it; revoking someone else changes nothing."""
+    bob = pki.leaf("bob", client=True, cn="bob")
+    config = config_for(pki, upstream, tmp_path, allow("alice"))
+    with ProxyThread(config) as px:
+        client = Client(pki, px.port, alice)
+        try:
+            assert client.get("/echo")[0] == 200
+            crl = pki.crl([alice[0] if revoke_alice else bob[0]])
+            revoked = dataclasses.replace(config, client_auth=dataclasses.replace(config.client_auth, crl=crl))
+            with proxy_log_waiter("no longer accepted") as waiter:
+                assert px.call(_reload(px, revoked)) is True
+                status, body = client.get("/echo")
+        finally:
+            client.close()
+    if revoke_alice:
+        assert status == 403 and b"certificate" in body
+        assert any("revoked" in message for message in waiter.messages), waiter.messages
+    else:
+        assert status == 200 and not waiter.seen.is_set()

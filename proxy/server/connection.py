@@ -161,10 +161,13 @@ def _check_client(info: ClientInfo, service: Service, host: str | None, path: st
     What the connection decided is cached in ``info`` for ``generation`` only: the
     first request under a new generation renders the identity headers and decides
     admissions afresh (a reload that narrowed an allow-list refuses the next request)."""
-    if info.generation is not generation:
-        info.generation = generation
-        info.decisions = {}
-        info.identity_headers = generation.identity_headers(info.identity)
+    if info.generation is not generation:  # a reload since this connection's last request
+        identity = info.identity
+        if identity is not None and (reason := generation.still_trusts(identity)) is not None:
+            log.info("client %s: its certificate is no longer accepted after a reload: %s", info.address, reason)
+            identity = None
+        info.generation, info.trusted_identity, info.decisions = generation, identity, {}
+        info.identity_headers = generation.identity_headers(identity)
     listener = generation.config.client_auth
     sni = info.sni
     if sni is not None and host is not None and normalize_host(host) != normalize_host(sni):
@@ -177,7 +180,7 @@ def _check_client(info: ClientInfo, service: Service, host: str | None, path: st
             )
     decision = info.decisions.get(service.name)
     if decision is None:
-        decision = info.decisions[service.name] = generation.authorize(info.identity, service)
+        decision = info.decisions[service.name] = generation.authorize(info.trusted_identity, service)
     if not decision.allowed:
         raise Forbidden(decision.reason)
 

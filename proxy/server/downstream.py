@@ -31,6 +31,7 @@ class ClientInfo:
     # Cached per config generation (``proxy.server.generation``): valid only while
     # ``generation`` is the one a request reads; a reload makes them stale by construction.
     generation: object | None = None
+    trusted_identity: ClientIdentity | None = None  # ``identity`` if that generation accepts it
     identity_headers: tuple[tuple[bytes, bytes], ...] = ()  # rendered in its forward mode
     decisions: dict[str, Decision] = field(default_factory=dict)  # service name -> admitted?
     address: str = field(init=False)  # "ip:port", "[v6]:port": once, every access-log line has it

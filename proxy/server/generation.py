@@ -8,8 +8,10 @@ certificate files and builds SSL contexts); ``ServerState.generation`` is the on
 reference a reload replaces. Each request reads that reference once, at its start, and
 decides everything with the generation it got. What a connection caches about its
 client (authorization decisions, rendered identity headers) is kept per generation
-(``ClientInfo.view``), so a reload invalidates it by construction: the next request on
-a connection opened before the reload is decided by the new rules.
+(``ClientInfo.generation``), so a reload invalidates it by construction: the next
+request on a connection opened before the reload is decided by the new rules — its
+certificate checked again against the new client CAs and CRL (``still_trusts``), then
+the new allow-lists.
 
 Settings bound to sockets and processes (``FIXED``) cannot change without a restart:
 a new config that changes them is published with the running values and the change is
@@ -23,9 +25,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from cryptography import x509
+
 from proxy.config.model import ProxyConfig, Service, ServiceClientAuth
+from proxy.errors import PKIError
 from proxy.forwarding.routing import Router
 from proxy.http.engines import EngineFactory, engine_factory
+from proxy.pki.store import load_crl
+from proxy.pki.verify import verify_certificate
 from proxy.tls.authz import Decision, authorize_request
 from proxy.tls.context import ServerTLS
 from proxy.tls.identity import ClientIdentity, identity_headers
@@ -47,6 +54,26 @@ class Generation:
     router: Router
     engines: EngineFactory
     policies: Mapping[str, ServiceClientAuth | None]  # service name -> its client_auth
+    crl: x509.CertificateRevocationList | None  # client_auth.crl, parsed
+
+    def still_trusts(self, identity: ClientIdentity) -> str | None:
+        """None when this generation's client CAs (and CRL) accept the certificate a
+        connection verified in its handshake under an earlier generation; else why not
+        (revoked, CA no longer trusted, expired since). Then the connection's client
+        counts as presenting no certificate."""
+        if self.config.client_auth.mode == "none":
+            return None  # no client certificates in this generation: nothing to check
+        try:
+            verify_certificate(
+                x509.load_der_x509_certificate(identity.leaf_der),
+                list(self.tls.client_cas),
+                intermediates=[x509.load_der_x509_certificate(der) for der in identity.chain_der],
+                purpose="client",
+                crl=self.crl,
+            )
+        except (PKIError, ValueError) as exc:
+            return str(exc)
+        return None
 
     def authorize(self, identity: ClientIdentity | None, service: Service) -> Decision:
         """Listener policy AND the service's policy in this generation."""
@@ -68,6 +95,7 @@ def build_generation(config: ProxyConfig) -> Generation:
         router=Router(config.services),
         engines=engine_factory(config.http_engine),
         policies=MappingProxyType({service.name: service.client_auth for service in config.services}),
+        crl=load_crl(config.client_auth.crl) if config.client_auth.crl is not None else None,
     )
 
 

@@ -1,7 +1,8 @@
 """An accepted socket on a TLS listener: sniff the first byte, run the handshake with
 the current generation's TLS contexts, read the client's identity once (the verified
-certificate), then serve its requests. How that identity is rendered for upstreams
-depends on the config: ``connection`` renders it per config generation."""
+certificate) and render it for upstreams under the handshake's generation (a request
+under a later one checks and renders it again: ``connection._check_client``), then
+serve its requests."""
 
 from __future__ import annotations
 
@@ -69,5 +70,8 @@ async def serve_tls_socket(sock: socket.socket, peer: tuple, state: ServerState)
         log.warning("client certificate from %s cannot be used: %s", _address(peer), exc)
         channel.abort()
         return
+    # What the handshake's generation makes of this client; a reload makes requests redo it.
+    info.generation, info.trusted_identity = generation, info.identity
+    info.identity_headers = generation.identity_headers(info.identity)
     engine = generation.engines.server(generation.config.limits.max_header_bytes)
     await serve_connection(Downstream(channel, engine, info, write_timeout=timeouts.idle), state)
