@@ -135,3 +135,18 @@ def test_a_cancelled_relay_stays_cancelled_while_the_body_pump_stops(http_engine
         return stopper.cancelled()
 
     assert asyncio.run(scenario())
+
+
+def test_zero_shutdown_grace_stops_at_once(pki, upstream, tmp_path):
+    """``shutdown_grace: 0`` means "stop at once" (config/proxy.yaml), not "wait forever"."""
+    px = ProxyThread(proxy_config(pki, service("app", upstream), tmp_path))
+    try:
+        with tls_socket(pki, px.port) as tls:
+            tls.sendall(b"GET /hang HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            wait_for(px, lambda state: any(r["target"] == "/hang" for r in upstream.requests))
+            started = time.monotonic()
+            px.call(px.running.close(0), WAIT)
+            assert time.monotonic() - started < WAIT / 2
+            assert read_until_closed(tls) == b""  # cancelled: the connection is dropped
+    finally:
+        px.close()

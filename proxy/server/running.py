@@ -221,7 +221,7 @@ class RunningProxy:
         grace = self.state.config.timeouts.shutdown_grace if grace is None else grace
         pending = set(self.connection_tasks)
         if pending:
-            _done, pending = await asyncio.wait(pending, timeout=grace or None)
+            _done, pending = await asyncio.wait(pending, timeout=grace)  # 0: at once
         for task in pending:
             task.cancel()
         if pending:
