@@ -184,18 +184,18 @@ def test_a_client_waiting_for_a_late_100_continue_is_not_timed_out(pki, tmp_path
         with conn:
             conn.settimeout(WAIT)
             data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(65536)
+            while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+                data += chunk
             go.wait(WAIT)
             conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = data.partition(b"\r\n\r\n")[2]
-            while len(body) < 5:
-                body += conn.recv(65536)
+            while len(body) < 5 and (chunk := conn.recv(65536)):
+                body += chunk
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body[:5])
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    timeouts = Timeouts(request_header=0.2)
+    timeouts = Timeouts(request_header=1.0)  # the client's own pause below must stay well inside it
     up = Upstream(f"http://127.0.0.1:{port}", "127.0.0.1", port)
     try:
         with ProxyThread(proxy_config(pki, service("app", up), tmp_path, timeouts=timeouts)) as px:
@@ -203,15 +203,15 @@ def test_a_client_waiting_for_a_late_100_continue_is_not_timed_out(pki, tmp_path
             with socket.create_connection(("127.0.0.1", px.port), timeout=WAIT) as raw:
                 with context.wrap_socket(raw, server_hostname="localhost") as tls:
                     tls.sendall(b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
-                    time.sleep(1.0)  # the time under test: several request_header periods pass
+                    time.sleep(2.5)  # the time under test: more than two request_header periods pass
                     go.set()
                     interim = tls.recv(65536)
                     assert interim.startswith(b"HTTP/1.1 100 "), interim
                     tls.sendall(b"hello")
                     answer = b""
-                    while not answer.endswith(b"hello"):
-                        answer += tls.recv(65536)
-                    assert answer.startswith(b"HTTP/1.1 200 ")
+                    while not answer.endswith(b"hello") and (chunk := tls.recv(65536)):
+                        answer += chunk
+                    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"hello"), answer
     finally:
         go.set()
         listener.close()

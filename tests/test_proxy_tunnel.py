@@ -70,8 +70,8 @@ def test_upstream_data_after_the_client_half_closed_still_reaches_the_client(pki
                 with context.wrap_socket(raw, server_hostname="localhost") as tls:
                     tls.sendall(UPGRADE)
                     head = b""
-                    while b"\r\n\r\n" not in head:
-                        head += tls.recv(65536)
+                    while b"\r\n\r\n" not in head and (chunk := tls.recv(65536)):
+                        head += chunk
                     assert head.startswith(b"HTTP/1.1 101 ")
                     tls.sendall(b"question")
                     socket.socket.shutdown(tls, socket.SHUT_WR)  # TCP half-close under TLS
