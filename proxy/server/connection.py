@@ -1,6 +1,8 @@
 """One client connection after the TLS handshake: the keep-alive request loop.
 
-For each request: route it, check the client (SNI/Host agreement -> 421, the
+Each request reads the current config generation once, at its start, and is decided
+with it whole (a reload in between applies to the next request). For each request:
+route it, check the client (SNI/Host agreement -> 421, the
 certificate against the listener's and the service's policy -> 403), apply the
 limits, rewrite the headers (identity headers from the handshake only), hand it to the
 ``Relay``, write one access-log record. Every failure arrives here as a
@@ -22,9 +24,10 @@ from proxy.forwarding.paths import RequestPath, normalize_target
 from proxy.forwarding.routing import normalize_host, upstream_target
 from proxy.server.channel import ConnectionLost
 from proxy.server.downstream import ClientInfo, Downstream
+from proxy.server.generation import Generation
 from proxy.server.relay import Relay
 from proxy.server.state import ServerState
-from proxy.tls.authz import authorize_request, misdirected
+from proxy.tls.authz import misdirected
 
 log = logging.getLogger("tlsproxy")
 
@@ -34,27 +37,39 @@ CLOSE_WAIT = 1.0
 
 async def serve_connection(down: Downstream, state: ServerState) -> None:
     """Serve requests on ``down`` until either side ends the connection."""
-    timeouts = state.config.timeouts
-    first_wait = timeouts.request_header
+    first = True
     with state.track(down) as tracked:
         try:
             while not state.closing:
-                tracked.idle = True
+                timeouts = state.generation.config.timeouts
+                # Idle (shutdown may close it now) until the first byte of the next request
+                # arrives; bytes the client pipelined are already in the engine: no wait.
+                if not down.engine.switched_data():
+                    tracked.idle = True
+                    try:
+                        data = await down.channel.read(timeouts.request_header if first else timeouts.idle)
+                    except TimeoutError:
+                        return
+                    finally:
+                        tracked.idle = False
+                    if not data:
+                        return
+                    down.engine.feed(data)
+                first = False
                 try:
-                    head = await down.read_head(first_wait, timeouts.request_header)
+                    # The head's first byte is here: the rest within request_header of
+                    # the next chunk (read_head's deadline starts at that chunk).
+                    head = await down.read_head(timeouts.request_header, timeouts.request_header)
                 except HTTPError as exc:  # unframeable request: answer, log and close
                     started = time.monotonic()
                     down.bytes_in = down.bytes_out = 0
                     _answer_error(down, exc, close=True)
                     _record(state, down, started, time.time(), None, exc.status)
                     return
-                finally:
-                    tracked.idle = False
                 if head is None:
                     return
                 if not await handle_request(down, head, state):
                     return
-                first_wait = timeouts.idle
         finally:
             await down.channel.close_and_wait(CLOSE_WAIT)
 
@@ -64,6 +79,8 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
     started = time.monotonic()
     stamp = time.time()
     info = down.info
+    generation = state.generation  # this request's config, whatever a reload does meanwhile
+    config = generation.config
     service = None
     relay = None
     request_id = None
@@ -73,11 +90,11 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
         host = head.header(b"host")
         host_text = host.decode("latin-1") if host is not None else None
         path = normalize_target(head.target)  # once: what is routed is what goes upstream
-        service = state.router.route(host_text, path)
+        service = generation.router.route(host_text, path)
         if service is None:
             raise NotFound(f"no service for host {host_text or '(none)'!r} and path {path.path!r}")
-        _check_client(info, service, host_text, path, state)
-        limit = state.config.limits.max_body_bytes
+        _check_client(info, service, host_text, path, generation)
+        limit = config.limits.max_body_bytes
         if limit and head.content_length is not None and head.content_length > limit:
             raise PayloadTooLarge(f"request body of {head.content_length} bytes is larger than {limit} bytes")
         headers, request_id = upstream_request_headers(
@@ -85,7 +102,7 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
             identity_headers=info.identity_headers, upgrade=head.upgrade,
         )
         relay = Relay(
-            down, head, service, state.pool, state.config.timeouts,
+            down, head, service, state.pool, config.timeouts,
             max_body_bytes=limit, closing=lambda: state.closing,
         )
         status = await relay.run(headers, upstream_target(service, path))
@@ -138,13 +155,26 @@ def _record(
     )
 
 
-def _check_client(info: ClientInfo, service: Service, host: str | None, path: RequestPath, state: ServerState) -> None:
+def _check_client(
+    info: ClientInfo, service: Service, host: str | None, path: RequestPath, generation: Generation
+) -> None:
     """421 when SNI and Host reach services with different client-certificate
-    policies; 403 when the verified certificate (or its absence) is not admitted."""
-    listener = state.config.client_auth
+    policies; 403 when the verified certificate (or its absence) is not admitted.
+
+    What the connection decided is cached in ``info`` for ``generation`` only: the
+    first request under a new generation renders the identity headers and decides
+    admissions afresh (a reload that narrowed an allow-list refuses the next request)."""
+    if info.generation is not generation:  # a reload since this connection's last request
+        identity = info.identity
+        if identity is not None and (reason := generation.still_trusts(identity)) is not None:
+            log.info("client %s: its certificate is no longer accepted after a reload: %s", info.address, reason)
+            identity = None
+        info.generation, info.trusted_identity, info.decisions = generation, identity, {}
+        info.identity_headers = generation.identity_headers(identity)
+    listener = generation.config.client_auth
     sni = info.sni
     if sni is not None and host is not None and normalize_host(host) != normalize_host(sni):
-        sni_service = state.router.route(sni, path)
+        sni_service = generation.router.route(sni, path)
         if misdirected(sni_service, service, listener):
             raise MisdirectedRequest(
                 f"this connection was set up for {sni!r} (service {sni_service.name!r}); Host {host!r} "
@@ -153,9 +183,7 @@ def _check_client(info: ClientInfo, service: Service, host: str | None, path: Re
             )
     decision = info.decisions.get(service.name)
     if decision is None:
-        decision = info.decisions[service.name] = authorize_request(
-            info.identity, listener, service.client_auth, service.name
-        )
+        decision = info.decisions[service.name] = generation.authorize(info.trusted_identity, service)
     if not decision.allowed:
         raise Forbidden(decision.reason)
 

@@ -28,10 +28,12 @@ class ClientInfo:
     sni: str | None = None
     ssl_object: object | None = None
     identity: ClientIdentity | None = None  # verified client certificate, once per connection
-    identity_headers: tuple[tuple[bytes, bytes], ...] = ()  # rendered in the forward mode
-    # service name -> whether this client may use it: the same for all of a connection's
-    # requests (identity, listener and service policy are fixed), so decided once each.
-    decisions: dict[str, Decision] = field(default_factory=dict)
+    # Cached per config generation (``proxy.server.generation``): valid only while
+    # ``generation`` is the one a request reads; a reload makes them stale by construction.
+    generation: object | None = None
+    trusted_identity: ClientIdentity | None = None  # ``identity`` if that generation accepts it
+    identity_headers: tuple[tuple[bytes, bytes], ...] = ()  # rendered in its forward mode
+    decisions: dict[str, Decision] = field(default_factory=dict)  # service name -> admitted?
     address: str = field(init=False)  # "ip:port", "[v6]:port": once, every access-log line has it
 
     def __post_init__(self) -> None:

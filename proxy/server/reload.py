@@ -6,7 +6,8 @@ not a write to the file itself: a Kubernetes Secret update is one rename of a ``
 symlink, cert-manager or certbot replace files atomically. Comparing (mtime, size,
 inode) of every path through its symlinks catches all of them and costs a few
 ``stat`` calls per interval. What a reload replaces and keeps is in
-``RunningProxy.reload``.
+``RunningProxy.reload_async``; ``on_change`` only starts it, and the reload calls
+``refresh()`` once the new generation is published (its set of files may differ).
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class FileWatch:
     def start(self) -> None:
         self._signature = files_signature(self._paths())
         self._schedule()
+
+    def refresh(self) -> None:
+        """Take the files as they are now as the unchanged state (after a reload)."""
+        self._signature = files_signature(self._paths())
 
     def stop(self) -> None:
         if self._timer is not None:

@@ -7,20 +7,22 @@ accepted, so a bad start leaves nothing running. Alongside the proxy: the admin
 listener (``admin.listen``: /healthz, /readyz, /metrics, /ca.pem) and the daily
 certificate-expiry warning.
 
-Reload (``RunningProxy.reload``; SIGHUP, or changed certificate files when a config
-source is given): build everything that depends on the config anew, and only when
-all of it built, swap it in. A failure is logged and the old config keeps serving.
+Reload (``RunningProxy.reload_async``; SIGHUP, or changed certificate files when a
+config source is given): build a new ``Generation`` (``proxy.server.generation``) off
+the event loop, and only when all of it built, publish it with one assignment. A
+failure is logged and the old generation keeps serving. ``reload`` does the same on the
+caller's thread.
 
 Shutdown order (as uvicorn does it): stop accepting, close idle keep-alive
 connections, let requests in flight finish for up to ``shutdown_grace``, cancel the
-rest, then close pooled upstream connections, the log and the admin listener.
+rest (waiting at most ``CANCEL_WAIT`` for them to end), then close pooled upstream
+connections, the log and the admin listener.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import signal
@@ -29,11 +31,10 @@ from collections.abc import Callable
 
 from proxy.config.model import ProxyConfig
 from proxy.errors import TlsProxyError
-from proxy.http.engines import engine_factory
-from proxy.forwarding.routing import Router
 from proxy.server.access_log import AccessLog
 from proxy.server.admin import AdminServer, start_admin
 from proxy.server.expiry import ExpiryWatch, certificates_in_files
+from proxy.server.generation import Generation, build_generation, pin_fixed_settings
 from proxy.server.listeners import BoundListeners, accept_loop
 from proxy.server.metrics import ProxyMetrics
 from proxy.server.redirect import serve_redirect_socket
@@ -41,9 +42,12 @@ from proxy.server.reload import WATCH_INTERVAL, FileWatch
 from proxy.server.state import ServerState
 from proxy.server.tls_accept import serve_tls_socket
 from proxy.server.upstream_pool import UpstreamPool
-from proxy.tls.context import ServerTLS
 
 log = logging.getLogger("tlsproxy")
+
+# After cancelling the connections still busy at the end of the grace period, how long
+# to wait for them to end: a task that ignores its cancellation must not hang shutdown.
+CANCEL_WAIT = 5.0
 
 
 class RunningProxy:
@@ -64,56 +68,88 @@ class RunningProxy:
         self._expiry: ExpiryWatch | None = None
         self._file_watch: FileWatch | None = None
         self.config_source: Callable[[], ProxyConfig] | None = None
-
-    # Settings bound to sockets and processes: a reload cannot change them.
-    _FIXED = ("listen", "redirect_http", "admin", "workers")
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task] = set()  # reload_soon's tasks, kept until done
 
     def reload(self, config: ProxyConfig | None = None) -> bool:
-        """Replace the config (``config``, else a fresh one from ``config_source``).
+        """Replace the config (``config``, else a fresh one from ``config_source``),
+        building the new generation on the caller's thread; see ``reload_async``."""
+        try:
+            prepared = self._prepare(config)
+        except Exception as exc:
+            return self._failed(exc)
+        return self._publish(*prepared)
+
+    async def reload_async(self, config: ProxyConfig | None = None) -> bool:
+        """Replace the config: the new generation is built in an executor thread (it
+        reads files and builds SSL contexts), then published on the loop.
 
         Replaced: TLS contexts (certificates, client CAs, CRL), services and routing,
-        timeouts, limits (except max_connections), the access log. Kept: the listening
-        sockets and workers (a change there is logged: it needs a restart), every open
-        connection and tunnel (requests already read finish as they started; the next
-        request on a keep-alive connection is routed with the new services).
-        True if the new config is in use."""
+        client-certificate policies and identity headers, timeouts, limits, the access
+        log. Kept: what ``generation.FIXED`` names (a change there is logged: it takes a
+        restart), every open connection and tunnel (requests already read finish as
+        they started; the next request on any connection is decided by the new
+        generation). True if the new config is in use."""
+        async with self._reload_lock:  # one at a time: each pins against the one before
+            try:
+                prepared = await asyncio.get_running_loop().run_in_executor(None, self._prepare, config)
+            except Exception as exc:
+                return self._failed(exc)
+            return self._publish(*prepared)
+
+    def reload_soon(self) -> None:
+        """Start ``reload_async`` (from a signal handler or the file watch)."""
+        task = asyncio.get_running_loop().create_task(self.reload_async())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    def _prepare(self, config: ProxyConfig | None) -> tuple[Generation, list[str], AccessLog | None]:
+        """Everything a reload builds, nothing published: (generation, fixed settings
+        that changed, the new access log when its settings changed)."""
+        if config is None:
+            if self.config_source is None:
+                raise TlsProxyError("no config source to reload from")
+            config = self.config_source()
+        running = self.state.generation.config
+        config, fixed = pin_fixed_settings(running, config)
+        generation = build_generation(config)
+        access_log = AccessLog.open(config.access_log) if config.access_log != running.access_log else None
+        return generation, fixed, access_log
+
+    def _failed(self, exc: Exception) -> bool:
+        reason = str(exc) if isinstance(exc, TlsProxyError) else repr(exc)
+        log.error("reload failed, still serving the previous configuration: %s", reason)
+        self.state.metrics.record_reload(False)
+        return False
+
+    def _publish(self, generation: Generation, fixed: list[str], access_log: AccessLog | None) -> bool:
         state = self.state
-        old = state.config
-        try:
-            if config is None:
-                if self.config_source is None:
-                    raise TlsProxyError("no config source to reload from")
-                config = self.config_source()
-            tls = ServerTLS.from_config(config)
-            router = Router(config.services)
-            access_log = state.access_log
-            if config.access_log != old.access_log:
-                access_log = AccessLog.open(config.access_log)
-        except Exception as exc:  # whatever went wrong, the old config keeps serving
-            reason = str(exc) if isinstance(exc, TlsProxyError) else repr(exc)
-            log.error("reload failed, still serving the previous configuration: %s", reason)
-            state.metrics.record_reload(False)
-            return False
-        fixed = [name for name in self._FIXED if getattr(config, name) != getattr(old, name)]
+        config = generation.config
         if fixed:
             log.warning("reload: %s changed; that takes a restart", ", ".join(fixed))
-            config = dataclasses.replace(config, **{name: getattr(old, name) for name in fixed})
-        if access_log is not state.access_log:
+        if access_log is not None:
             state.access_log.close()
-        state.config, state.tls, state.router, state.access_log = config, tls, router, access_log
+            state.access_log = access_log
+        state.generation = generation  # the one assignment every next request sees
         state.pool.configure(
-            connect_timeout=config.timeouts.upstream_connect, idle_timeout=config.timeouts.idle
+            engines=generation.engines,
+            connect_timeout=config.timeouts.upstream_connect,
+            idle_timeout=config.timeouts.idle,
         )
         state.metrics.add_services(service.name for service in config.services)
         state.metrics.record_reload(True)
         log.info("reloaded the configuration (%d services)", len(config.services))
+        if self._expiry is not None:
+            self._expiry.check()  # the gauge and the warnings follow the new certificates
+        if self._file_watch is not None:
+            self._file_watch.refresh()  # the new generation's files, as they are now
         return True
 
     def watch_files(self, interval: float = WATCH_INTERVAL) -> None:
         """Reload when certificate files change or an auto certificate is due."""
         state = self.state
         self._file_watch = FileWatch(
-            lambda: state.tls.files, lambda: self.reload(), due=lambda: state.tls.renewal_due, interval=interval
+            lambda: state.tls.files, self.reload_soon, due=lambda: state.tls.renewal_due, interval=interval
         )
         self._file_watch.start()
 
@@ -131,8 +167,11 @@ class RunningProxy:
                 ready=lambda: not state.closing,
                 ca_pem=lambda: _local_ca_pem(state.config),
             )
-        paths = [loaded.path for loaded in state.tls.certificates]
-        self._expiry = ExpiryWatch(lambda: certificates_in_files(paths, log), log, metrics=state.metrics)
+        self._expiry = ExpiryWatch(
+            lambda: certificates_in_files([loaded.path for loaded in state.tls.certificates], log),
+            log,
+            metrics=state.metrics,
+        )
         self._expiry.start()
 
     def _start_accepting(self) -> None:
@@ -182,11 +221,13 @@ class RunningProxy:
         grace = self.state.config.timeouts.shutdown_grace if grace is None else grace
         pending = set(self.connection_tasks)
         if pending:
-            _done, pending = await asyncio.wait(pending, timeout=grace or None)
+            _done, pending = await asyncio.wait(pending, timeout=grace)  # 0: at once
         for task in pending:
             task.cancel()
         if pending:
-            await asyncio.wait(pending)
+            _done, stuck = await asyncio.wait(pending, timeout=CANCEL_WAIT)
+            if stuck:
+                log.warning("shutdown: %d connections did not end %gs after being cancelled", len(stuck), CANCEL_WAIT)
         self.state.pool.close()
         self.state.access_log.close()
         if self.admin is not None:
@@ -223,8 +264,8 @@ async def start_proxy(
     ``listeners``: sockets bound already (a worker's, inherited from its parent);
     ``admin=False``: no admin listener (workers other than the first).
     Raises ConfigError (bad TLS files) or OSError (cannot bind) before accepting."""
-    tls = ServerTLS.from_config(config)
-    engines = engine_factory(config.http_engine)
+    generation = build_generation(config)
+    engines = generation.engines
     timeouts = config.timeouts
     metrics = ProxyMetrics()
     metrics.add_services(service.name for service in config.services)
@@ -243,12 +284,9 @@ async def start_proxy(
             access_log.close()
             raise
     state = ServerState(
-        config=config,
-        tls=tls,
-        router=Router(config.services),
+        generation=generation,
         pool=pool,
         access_log=access_log,
-        engines=engines,
         https_port=listeners.tls[0].getsockname()[1] if listeners.tls else 443,
         metrics=metrics,
     )
@@ -309,7 +347,7 @@ async def _serve_until_signal(
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
     if config_source is not None:
-        loop.add_signal_handler(signal.SIGHUP, running.reload)
+        loop.add_signal_handler(signal.SIGHUP, running.reload_soon)
         signals.append(signal.SIGHUP)
     def reopen_access_log() -> None:  # SIGUSR1, after a rotator moved the file away (as nginx)
         try:

@@ -1,8 +1,9 @@
 """ServerState: what every connection of one running proxy shares.
 
-Built once per start (the config slices, the router, the TLS contexts, the upstream
-pool, the access log, the metrics), plus the live connections, so shutdown can close the idle ones
-at once and let busy ones finish their current response.
+The current config ``Generation`` (config, TLS contexts, router, engines, policies;
+replaced as a whole by a reload, see ``proxy.server.generation``), the upstream pool,
+the access log, the metrics, plus the live connections, so shutdown can close the idle
+ones at once and let busy ones finish their current response.
 """
 
 from __future__ import annotations
@@ -13,17 +14,18 @@ from dataclasses import dataclass, field
 
 from proxy.config.model import ProxyConfig
 from proxy.http.engines import EngineFactory
-from proxy.forwarding.routing import Router
 from proxy.server.access_log import AccessLog
 from proxy.server.downstream import Downstream
+from proxy.server.generation import Generation
+from proxy.server.metrics import ProxyMetrics
 from proxy.server.upstream_pool import UpstreamPool
 from proxy.tls.context import ServerTLS
-from proxy.server.metrics import ProxyMetrics
 
 
 @dataclass(slots=True, eq=False)
 class TrackedConnection:
-    """A live client connection; ``idle`` while it waits for the next request."""
+    """A live client connection; ``idle`` while no byte of a next request has been
+    received (closing it then loses nothing)."""
 
     down: Downstream
     idle: bool = True
@@ -31,16 +33,27 @@ class TrackedConnection:
 
 @dataclass
 class ServerState:
-    config: ProxyConfig
-    tls: ServerTLS
-    router: Router
+    generation: Generation  # published by one assignment; read once per request
     pool: UpstreamPool
     access_log: AccessLog
-    engines: EngineFactory
     https_port: int = 443  # the first TLS listener's port, for redirect_http
     closing: bool = False
     metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
     connections: set[TrackedConnection] = field(default_factory=set)
+
+    # The current generation's parts, for code outside a request (start-up, admin,
+    # redirect). A request reads ``generation`` once instead, so it sees one config.
+    @property
+    def config(self) -> ProxyConfig:
+        return self.generation.config
+
+    @property
+    def tls(self) -> ServerTLS:
+        return self.generation.tls
+
+    @property
+    def engines(self) -> EngineFactory:
+        return self.generation.engines
 
     @contextlib.contextmanager
     def track(self, down: Downstream) -> Iterator[TrackedConnection]:
@@ -52,9 +65,10 @@ class ServerState:
             self.connections.discard(tracked)
 
     def begin_shutdown(self) -> None:
-        """Stop keep-alive: idle connections close now, busy ones after their response."""
+        """Stop keep-alive: idle connections close now, busy ones (a request in flight,
+        or part of one received) after their response."""
         self.closing = True
         self.metrics.draining.set(1)
         for tracked in list(self.connections):
-            if tracked.idle:  # no request in flight: nothing to finish
+            if tracked.idle:
                 tracked.down.channel.abort()

@@ -1,5 +1,8 @@
-"""An accepted socket on a TLS listener: sniff the first byte, run the handshake, read
-the client's identity once (the verified certificate), then serve its requests."""
+"""An accepted socket on a TLS listener: sniff the first byte, run the handshake with
+the current generation's TLS contexts, read the client's identity once (the verified
+certificate) and render it for upstreams under the handshake's generation (a request
+under a later one checks and renders it again: ``connection._check_client``), then
+serve its requests."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from proxy.server.listeners import LINGER_SECONDS, PLAIN_HTTP_RESPONSE
 from proxy.server.state import ServerState
 from proxy.server.tls_channel import NothingReceived, PlainHTTP, TLSChannel
 from proxy.tls.handshake import describe_handshake_failure
-from proxy.tls.identity import client_identity, identity_headers
+from proxy.tls.identity import client_identity
 
 log = logging.getLogger("tlsproxy")
 
@@ -25,11 +28,12 @@ def _address(peer: tuple) -> str:
 
 
 async def serve_tls_socket(sock: socket.socket, peer: tuple, state: ServerState) -> None:
-    timeouts = state.config.timeouts
+    generation = state.generation  # the handshake's: its contexts, CAs and engines
+    timeouts = generation.config.timeouts
     server_port = sock.getsockname()[1]
     # No separate MSG_PEEK wait: the channel's first received chunk decides TLS or
     # plain HTTP (PlainHTTP below); a client that sends nothing is closed silently.
-    channel = TLSChannel(state.tls.context)
+    channel = TLSChannel(generation.tls.context)
     try:
         await asyncio.get_running_loop().connect_accepted_socket(lambda: channel, sock)
     except OSError:
@@ -57,16 +61,17 @@ async def serve_tls_socket(sock: socket.socket, peer: tuple, state: ServerState)
         port=peer[1],
         server_port=server_port,
         tls_version=ssl_object.version(),
-        sni=state.tls.server_name(ssl_object),
+        sni=generation.tls.server_name(ssl_object),
         ssl_object=ssl_object,
     )
     try:
-        info.identity = client_identity(ssl_object, state.tls.client_cas)
+        info.identity = client_identity(ssl_object, generation.tls.client_cas)
     except PKIError as exc:  # verified by OpenSSL yet unparseable: refuse the connection
         log.warning("client certificate from %s cannot be used: %s", _address(peer), exc)
         channel.abort()
         return
-    if info.identity is not None:
-        info.identity_headers = tuple(identity_headers(info.identity, state.config.client_auth.forward))
-    engine = state.engines.server(state.config.limits.max_header_bytes)
+    # What the handshake's generation makes of this client; a reload makes requests redo it.
+    info.generation, info.trusted_identity = generation, info.identity
+    info.identity_headers = generation.identity_headers(info.identity)
+    engine = generation.engines.server(generation.config.limits.max_header_bytes)
     await serve_connection(Downstream(channel, engine, info, write_timeout=timeouts.idle), state)

@@ -5,9 +5,10 @@ last; a connection idle longer than ``idle_timeout`` is closed (on the next acqu
 that upstream, and by a periodic sweep so quiet upstreams do not keep sockets open).
 
 A pooled connection the upstream has already closed is recognised when it is lent
-(EOF or unexpected bytes seen while idle) and dropped; the relay retries the
-remaining race (the upstream closes just as the request goes out) on a fresh
-connection when that is safe — see ``proxy.server.relay``.
+(EOF or unexpected bytes seen while idle) and dropped. The remaining race (the
+upstream closes just as the request goes out) is the relay's to handle: it sends the
+request again on a fresh connection only when that cannot duplicate it — the rules
+are in one place, ``proxy.server.relay.may_send_again``.
 
 A service with several upstreams uses them round-robin; an upstream that refuses the
 connection (or does not accept it within ``upstream_connect``) is skipped, and only
@@ -34,7 +35,7 @@ MAX_IDLE_PER_UPSTREAM = 64
 class UpstreamConnection:
     """One connection to an upstream with its HTTP engine; lent to one request at a time."""
 
-    __slots__ = ("upstream", "channel", "engine", "reused", "idle_since", "authority")
+    __slots__ = ("upstream", "channel", "engine", "reused", "idle_since", "authority", "failure")
 
     def __init__(self, upstream: Upstream, channel: Channel, engine: ClientEngine) -> None:
         self.upstream = upstream
@@ -42,8 +43,11 @@ class UpstreamConnection:
         self.authority = f"{host}:{upstream.port}".encode()  # Host for requests that lack one
         self.channel = channel
         self.engine = engine
-        self.reused = False
+        self.reused = False  # lent from the pool: the upstream may have closed it meanwhile
         self.idle_since = 0.0
+        # Why the request on it failed on the request side (the body pump), recorded before
+        # the connection is aborted: the relay raises it instead of "upstream closed".
+        self.failure: BaseException | None = None
 
     @property
     def usable(self) -> bool:
@@ -82,8 +86,9 @@ class UpstreamPool:
         self._sweeper: asyncio.TimerHandle | None = None
         self.connects = 0  # fresh connections opened (for tests and metrics)
 
-    def configure(self, *, connect_timeout: float, idle_timeout: float) -> None:
-        """New timeouts (a reload); pooled connections stay."""
+    def configure(self, *, engines: EngineFactory, connect_timeout: float, idle_timeout: float) -> None:
+        """A reload's engines (for new connections) and timeouts; pooled connections stay."""
+        self._engines = engines
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
 
