@@ -147,6 +147,12 @@ class ServerEngine(abc.ABC):
         """After a ``101`` went out: bytes the client sent beyond the request (the
         start of the tunnelled protocol)."""
 
+    @abc.abstractmethod
+    def has_unread(self) -> bool:
+        """Bytes past the current request were received already (a pipelined request):
+        the next head can be parsed without reading. Unlike ``switched_data`` it takes
+        nothing out."""
+
 
 class ClientEngine(abc.ABC):
     """The upstream-facing side of one pooled connection."""

@@ -49,6 +49,9 @@ class _H11Cycle:
     def switched_data(self) -> bytes:
         return bytes(self._conn.trailing_data[0])
 
+    def has_unread(self) -> bool:
+        return bool(self._conn.trailing_data[0])
+
     def leftover(self) -> tuple[bytes, bool]:
         """The bytes received past the current message, and whether the peer has
         closed: what an engine that handed this one a message takes back."""

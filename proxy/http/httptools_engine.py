@@ -134,6 +134,11 @@ class _Side:
             return self._fallback.switched_data()
         return self._buf.take_all()
 
+    def has_unread(self) -> bool:
+        if self._fallback is not None:
+            return self._fallback.has_unread()
+        return bool(self._buf.data)
+
 
 class HttptoolsServerEngine(_Side, ServerEngine):
     """Client side of a connection: parses requests, writes responses."""

@@ -16,6 +16,7 @@ raises the recorded failure — the real cause — instead of "upstream closed".
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from proxy.errors import HTTPError, PayloadTooLarge
 from proxy.http.engine import Body
@@ -29,11 +30,19 @@ REQUEST_TIMEOUT = 408
 class BodyPump:
     """Pumps one request's body; ``events`` counts what was taken from the client."""
 
-    __slots__ = ("_task", "events")
+    __slots__ = ("_task", "events", "_awaiting_continue")
 
     def __init__(
-        self, down: Downstream, conn: UpstreamConnection, *, limit: int, read_timeout: float, drain_timeout: float
+        self,
+        down: Downstream,
+        conn: UpstreamConnection,
+        *,
+        limit: int,
+        read_timeout: float,
+        drain_timeout: float,
+        awaiting_continue: Callable[[], bool] = lambda: False,
     ) -> None:
+        self._awaiting_continue = awaiting_continue
         self.events = 0  # body events consumed from the client: 0 = the request can be sent again whole
         self._task: asyncio.Task = asyncio.get_running_loop().create_task(
             self._run(down, conn, limit, read_timeout, drain_timeout)
@@ -49,7 +58,7 @@ class BodyPump:
                 try:
                     event = await down.next_body_event(read_timeout)
                 except TimeoutError:
-                    if down.engine.awaiting_continue:
+                    if self.events == 0 and self._awaiting_continue():
                         continue  # the client waits for the upstream's 100 (bounded by upstream_response)
                     raise HTTPError(
                         f"the request body stalled for more than {read_timeout:g}s", status=REQUEST_TIMEOUT

@@ -44,7 +44,7 @@ async def serve_connection(down: Downstream, state: ServerState) -> None:
                 timeouts = state.generation.config.timeouts
                 # Idle (shutdown may close it now) until the first byte of the next request
                 # arrives; bytes the client pipelined are already in the engine: no wait.
-                if not down.engine.switched_data():
+                if not down.engine.has_unread():
                     tracked.idle = True
                     try:
                         data = await down.channel.read(timeouts.request_header if first else timeouts.idle)

@@ -67,7 +67,7 @@ class Relay:
 
     __slots__ = (
         "down", "head", "service", "pool", "timeouts", "max_body_bytes", "closing", "upstream_url", "status",
-        "_pump",
+        "_pump", "_answered",
     )
 
     def __init__(
@@ -91,6 +91,7 @@ class Relay:
         self.upstream_url: str | None = None
         self.status = 0
         self._pump: BodyPump | None = None
+        self._answered = False  # a response head (100 Continue included) went to the client
 
     async def run(self, headers: Headers, target: bytes) -> int:
         conn = await self.pool.acquire(self.service)
@@ -121,6 +122,7 @@ class Relay:
                 self._pump = BodyPump(
                     self.down, conn, limit=self.max_body_bytes,
                     read_timeout=self.timeouts.request_header, drain_timeout=self.timeouts.idle,
+                    awaiting_continue=self._awaiting_continue,
                 )
             await self._relay_response(conn)
         except BaseException:
@@ -199,6 +201,11 @@ class Relay:
                 down.write_end()
                 return
 
+    def _awaiting_continue(self) -> bool:
+        """The client sent ``Expect: 100-continue`` and has had no answer yet, so its
+        silence is the upstream's delay, not a stalled body."""
+        return self.head.expect_continue and not self._answered
+
     def _relay_head(self, head: ResponseHead) -> bool:
         """Pass a response head on; True when it is a 101 that starts a tunnel."""
         switching = head.status == SWITCHING_PROTOCOLS
@@ -206,6 +213,7 @@ class Relay:
             raise BadGateway(f"service {self.service.name!r}: upstream switched protocols unasked")
         if head.status < 200 and not switching and self.head.http_version == b"1.0":
             return False  # HTTP/1.0 clients get no interim responses (RFC 9110 15.2)
+        self._answered = True
         if head.raw and not self.closing():  # the engine found nothing to change in it
             self.status = head.status
             self.down.write_head(head)
