@@ -141,7 +141,6 @@ class Relay:
                 self._raise_pump_failure()
                 raise
             if event is None:
-                down.flush()  # whatever is ready goes out before we wait
                 try:
                     data = await channel.read(read_timeout)
                 except TimeoutError:

@@ -12,10 +12,12 @@ asyncio use internally, with the same OpenSSL work per record.
 Also, closing sends close_notify and then closes TCP at once, without waiting for
 the client's close_notify (which idle HTTP clients never send).
 
-Writes are encrypted at once and queued as TLS records in the outgoing buffer, sent as
-``Channel`` sends its queue (at the end of the loop iteration, large amounts at once):
-a response followed by closing the connection (``Connection: close``) then leaves in
-one send() with the close_notify, instead of two (a send is a few % of a handshake's CPU).
+Writes queue as plaintext in ``Channel``'s write queue (the one coalescing layer) and are
+encrypted when it sends them (at the end of the loop iteration, large amounts at once):
+what was queued small is joined into one TLS record, and a response followed by closing
+the connection (``Connection: close``) leaves in one send() with the close_notify,
+instead of two (a send is a few % of a handshake's CPU). The outgoing TLS buffer is
+emptied into the transport at every send, so it holds nothing between them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from proxy.server.channel import READ_LIMIT, WRITE_LIMIT, Channel
+from proxy.server.channel import READ_LIMIT, SEND_NOW, WRITE_LIMIT, Channel
 
 _RECORD = 16 * 1024 + 256  # room for one TLS record's plaintext
 TLS_HANDSHAKE_RECORD = 0x16
@@ -130,7 +132,12 @@ class TLSChannel(Channel):
 
     # -- protocol callbacks from the TCP transport -------------------------------------
 
-    def data_received(self, data: bytes) -> None:
+    def buffer_updated(self, nbytes: int) -> None:
+        # No bytes object: the TLS buffer copies straight from the receive buffer.
+        self.data_received(self._receive_view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """Bytes from TCP (``Channel.data_received`` takes the decrypted ones)."""
         if self._handshake_error is not None:
             return  # failed: the alert is on its way out (or plain HTTP), the rest is ignored
         if not self._first_byte_at:
@@ -170,18 +177,18 @@ class TLSChannel(Channel):
         try:
             self.ssl_object.do_handshake()
         except ssl.SSLWantReadError:
-            self._send_queued()
+            self._send_records()
             return
         except (ssl.SSLError, OSError) as exc:
             self._fail_handshake(exc)
             return
         self._handshaken = True
-        self._send_queued()  # our Finished (and TLS 1.3 session tickets)
+        self._send_records()  # our Finished (and TLS 1.3 session tickets)
         self._wake_handshake()
 
     def _fail_handshake(self, exc: BaseException) -> None:
         self._handshake_error = exc
-        self._send_queued()  # the alert OpenSSL wrote: this is the point of this class
+        self._send_records()  # the alert OpenSSL wrote: this is the point of this class
         self.closed = True
         self._eof = True
         if self.transport is not None:
@@ -212,30 +219,46 @@ class TLSChannel(Channel):
         except ssl.SSLZeroReturnError:  # close_notify
             eof = True
         except ssl.SSLError:
-            self._send_queued()
+            self._send_records()
             self.abort()
             return
-        self._send_queued()  # e.g. a TLS 1.3 key update answer
+        if self._outgoing.pending:
+            self._send_records()  # e.g. a TLS 1.3 key update answer
         if pieces:
             super().data_received(pieces[0] if len(pieces) == 1 else b"".join(pieces))
         if eof:
             super().eof_received()
 
-    # -- the write queue is the outgoing TLS buffer (see Channel) ---------------------------
-
-    def _queue(self, data: bytes) -> None:
-        self.ssl_object.write(data)
-
-    def _queued_bytes(self) -> int:
-        return self._outgoing.pending
+    # -- sending: the plaintext queue is encrypted as it goes out ------------------------
 
     def _send_queued(self) -> None:
+        self._encrypt_queued()
+        self._send_records()
+
+    def _encrypt_queued(self) -> None:
+        unsent, size = self._unsent, self._unsent_bytes
+        if not unsent:
+            return
+        self._drop_queued()
+        if not self._handshaken or self.closed:
+            return
+        write = self.ssl_object.write
+        try:
+            if len(unsent) == 1:
+                write(unsent[0])
+            elif size < SEND_NOW:
+                write(b"".join(unsent))  # one record for a small response, not one per piece
+            else:
+                for piece in unsent:  # large pieces are whole records anyway: no joined copy
+                    write(piece)
+        except ssl.SSLError:
+            self.abort()
+
+    def _send_records(self) -> None:
+        """Hand the outgoing TLS buffer (records, alerts, close_notify) to the transport."""
         data = self._outgoing.read()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
-
-    def _drop_queued(self) -> None:
-        pass  # the records are dropped with the SSL object
 
     async def close_and_wait(self, timeout: float) -> None:
         """As ``Channel.close_and_wait``, except that when closing left nothing unsent
@@ -255,11 +278,12 @@ class TLSChannel(Channel):
         if transport is None or transport.is_closing():
             return
         if self._handshaken and not self.closed:
+            self._encrypt_queued()
             try:
                 self.ssl_object.unwrap()
             except ssl.SSLError:
                 pass  # SSLWantReadError: the peer's close_notify is not awaited
-            self._send_queued()
+            self._send_records()
         transport.close()
 
 
