@@ -15,8 +15,6 @@ import ssl
 import sys
 from pathlib import Path
 
-import pytest
-
 from upstream import WAIT, ProxyThread, TestUpstream, proxy_log_waiter, proxy_config, service
 
 from proxy.config.model import AccessLogSettings

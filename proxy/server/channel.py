@@ -140,11 +140,6 @@ class Channel(asyncio.BufferedProtocol):
     # -- for the relay -----------------------------------------------------------------
 
     @property
-    def at_eof(self) -> bool:
-        """The peer closed its side and everything it sent has been read."""
-        return self._eof and not self._chunks
-
-    @property
     def quiet(self) -> bool:
         """Open both ways and nothing received unread (an idle pooled connection)."""
         return not (self.closed or self._eof or self._chunks or self.transport.is_closing())

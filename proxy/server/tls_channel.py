@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from proxy.server.channel import READ_LIMIT, SEND_NOW, WRITE_LIMIT, Channel
+from proxy.server.channel import READ_LIMIT, SEND_NOW, WRITE_LIMIT, Channel, _time_out
 
 _RECORD = 16 * 1024 + 256  # room for one TLS record's plaintext
 TLS_HANDSHAKE_RECORD = 0x16
@@ -285,8 +285,3 @@ class TLSChannel(Channel):
                 pass  # SSLWantReadError: the peer's close_notify is not awaited
             self._send_records()
         transport.close()
-
-
-def _time_out(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
