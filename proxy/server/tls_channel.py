@@ -28,6 +28,9 @@ import ssl
 from proxy.server.channel import READ_LIMIT, SEND_NOW, WRITE_LIMIT, Channel, _time_out
 
 _RECORD = 16 * 1024 + 256  # room for one TLS record's plaintext
+# A MemoryBIO keeps the largest size it ever held, for its life (as RSS): bytes go in and
+# out of both TLS buffers a record's worth at a time, so neither grows past ~2 records.
+_BIO_STEP = 16 * 1024
 TLS_HANDSHAKE_RECORD = 0x16
 
 
@@ -147,12 +150,22 @@ class TLSChannel(Channel):
                 self._handshake_error = PlainHTTP("plain HTTP on the TLS port")
                 self._wake_handshake()
                 return
-        self._incoming.write(data)
         if not self._handshaken:
+            self._incoming.write(data)
             self._continue_handshake()
             if not self._handshaken:
                 return
-        self._decrypt()
+            self._decrypt()
+        elif len(data) <= _BIO_STEP:
+            self._incoming.write(data)
+            self._decrypt()
+        else:
+            view = memoryview(data)
+            for start in range(0, len(view), _BIO_STEP):
+                if self.closed:
+                    return
+                self._incoming.write(view[start:start + _BIO_STEP])
+                self._decrypt()
 
     def eof_received(self) -> bool:
         if self.plain_http:
@@ -232,27 +245,47 @@ class TLSChannel(Channel):
     # -- sending: the plaintext queue is encrypted as it goes out ------------------------
 
     def _send_queued(self) -> None:
-        self._encrypt_queued()
-        self._send_records()
+        records = self._encrypt_queued() if self._unsent else []
+        if self._outgoing.pending:
+            records.append(self._outgoing.read())
+        self._write_records(records)
 
-    def _encrypt_queued(self) -> None:
+    def _encrypt_queued(self) -> list[bytes]:
+        """Empty the plaintext queue into TLS records (small pieces joined into one)."""
         unsent, size = self._unsent, self._unsent_bytes
-        if not unsent:
-            return
         self._drop_queued()
-        if not self._handshaken or self.closed:
-            return
+        if not unsent or not self._handshaken or self.closed:
+            return []
+        if size < SEND_NOW and len(unsent) > 1:
+            unsent = [b"".join(unsent)]  # one record for a small response, not one per piece
         write = self.ssl_object.write
+        outgoing = self._outgoing
+        records = []
         try:
-            if len(unsent) == 1:
-                write(unsent[0])
-            elif size < SEND_NOW:
-                write(b"".join(unsent))  # one record for a small response, not one per piece
-            else:
-                for piece in unsent:  # large pieces are whole records anyway: no joined copy
+            for piece in unsent:
+                if len(piece) <= _BIO_STEP:
                     write(piece)
+                    if outgoing.pending >= _BIO_STEP:
+                        records.append(outgoing.read())
+                    continue
+                view = memoryview(piece)
+                for start in range(0, len(view), _BIO_STEP):
+                    write(view[start:start + _BIO_STEP])
+                    records.append(outgoing.read())
         except ssl.SSLError:
             self.abort()
+            return []
+        if outgoing.pending:
+            records.append(outgoing.read())
+        return records
+
+    def _write_records(self, records: list[bytes]) -> None:
+        transport = self.transport
+        if records and transport is not None and not transport.is_closing():
+            if len(records) == 1:
+                transport.write(records[0])
+            else:
+                transport.writelines(records)  # one send (uvloop: writev), no joined copy
 
     def _send_records(self) -> None:
         """Hand the outgoing TLS buffer (records, alerts, close_notify) to the transport."""
@@ -278,10 +311,11 @@ class TLSChannel(Channel):
         if transport is None or transport.is_closing():
             return
         if self._handshaken and not self.closed:
-            self._encrypt_queued()
+            records = self._encrypt_queued()
             try:
                 self.ssl_object.unwrap()
             except ssl.SSLError:
                 pass  # SSLWantReadError: the peer's close_notify is not awaited
-            self._send_records()
+            records.append(self._outgoing.read())
+            self._write_records(records)
         transport.close()
