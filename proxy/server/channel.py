@@ -101,7 +101,15 @@ class Channel(asyncio.BufferedProtocol):
         return self._receive_view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._receive_view[:nbytes].tobytes())
+        # data_received, inlined: this runs once per receive on every upstream connection.
+        self._chunks.append(self._receive_view[:nbytes].tobytes())
+        self._buffered += nbytes
+        if self._buffered >= self._read_limit and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -109,7 +117,9 @@ class Channel(asyncio.BufferedProtocol):
         if self._buffered >= self._read_limit and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
-        self._wake_reader()
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def eof_received(self) -> bool:
         self._eof = True
