@@ -136,8 +136,13 @@ class TLSChannel(Channel):
     # -- protocol callbacks from the TCP transport -------------------------------------
 
     def buffer_updated(self, nbytes: int) -> None:
-        # No bytes object: the TLS buffer copies straight from the receive buffer.
-        self.data_received(self._receive_view[:nbytes])
+        # No bytes object: the TLS buffer copies straight from the receive buffer. The
+        # usual case (a request, after the handshake) skips data_received's checks.
+        if self._handshaken and nbytes <= _BIO_STEP and self._handshake_error is None:
+            self._incoming.write(self._receive_view[:nbytes])
+            self._decrypt()
+        else:
+            self.data_received(self._receive_view[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
         """Bytes from TCP (``Channel.data_received`` takes the decrypted ones)."""
