@@ -86,7 +86,7 @@ def test_read_waits_for_data_and_sees_eof():
         channel.data_received(b"hello")
         assert await pending == b"hello"
         channel.eof_received()
-        assert await channel.read() == b"" and channel.at_eof
+        assert await channel.read() == b"" and await channel.read() == b""
 
     asyncio.run(scenario())
 

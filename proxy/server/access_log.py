@@ -13,16 +13,28 @@ LINE_ESTIMATE per record), on a loop timer FLUSH_INTERVAL after the first unwrit
 record, and on close. A file is opened O_APPEND and each batch is one ``os.write``, so several worker
 processes appending to the same file do not tear each other's lines. ``reopen`` lets
 a log rotator move the file away (hook it to SIGUSR1, as nginx does).
+
+Stdout is usually a pipe (a container runtime, a log shipper), and a reader that stops
+reading would block a ``write`` — and with it the event loop and every connection. So
+batches for stdout go through ``PipeWriter``: a thread of its own does the blocking
+writes, and the loop only appends to its queue, bounded by MAX_QUEUED_BYTES. When the
+queue is full, batches are dropped and counted (``dropped_lines``), and a warning says
+so when it starts and how many were lost once lines get through again: as with nginx's
+buffered log, losing lines is better than freezing the proxy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import math
 import os
 import sys
+import threading
 import time
+from collections import deque
 from functools import lru_cache
 from json.encoder import encode_basestring_ascii
 from typing import Any
@@ -49,6 +61,10 @@ FLUSH_BYTES = 64 * 1024
 LINE_ESTIMATE = 320  # bytes per queued record, for FLUSH_BYTES (a typical JSON line)
 FLUSH_INTERVAL = 0.2
 FILE_MODE = 0o640
+MAX_QUEUED_BYTES = 4 * 1024 * 1024  # stdout batches waiting for a slow reader
+CLOSE_WAIT = 2.0  # how long close() waits for a stdout reader to take the rest
+
+log = logging.getLogger("tlsproxy")
 
 # Text lines stay one line and unambiguous whatever a client put in its request.
 _TEXT_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
@@ -66,6 +82,7 @@ class AccessLog:
         self._pending_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._stdout: PipeWriter | None = None  # made at the first batch for stdout
 
     @classmethod
     def open(cls, settings: AccessLogSettings, *, source: object = "<config>") -> AccessLog:
@@ -100,17 +117,40 @@ class AccessLog:
             self._timer = None
         if not self._pending:
             return
+        lines = len(self._pending)
         data = "".join(map(self._format, self._pending))
         self._pending.clear()
         self._pending_bytes = 0
         try:
-            if self._fd is None:
+            if self._fd is not None:
+                _write_all(self._fd, data.encode("utf-8"))
+                return
+            writer = self._stdout_writer()
+            if writer is not None:
+                writer.put(data.encode("utf-8"), lines)
+            else:  # no descriptor (a test's captured stdout): it cannot block
                 sys.stdout.write(data)
                 sys.stdout.flush()
-            else:
-                _write_all(self._fd, data.encode("utf-8"))
         except OSError as exc:  # disk full, closed pipe: requests must go on regardless
             print(f"tlsproxy: access log {self.settings.path}: cannot write: {exc}", file=sys.stderr)
+
+    @property
+    def dropped_lines(self) -> int:
+        """Lines dropped because stdout was not read fast enough."""
+        return self._stdout.dropped_lines if self._stdout is not None else 0
+
+    def _stdout_writer(self) -> PipeWriter | None:
+        try:
+            fd = sys.stdout.fileno()
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            return None
+        writer = self._stdout
+        if writer is None or writer.fd != fd:  # (tests swap sys.stdout)
+            if writer is not None:
+                writer.close(CLOSE_WAIT)
+            sys.stdout.flush()  # whatever was printed before goes first
+            writer = self._stdout = PipeWriter(fd)
+        return writer
 
     def reopen(self) -> None:
         """Flush, then open the path again (after a log rotator renamed it)."""
@@ -125,6 +165,74 @@ class AccessLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._stdout is not None:
+            self._stdout.close(CLOSE_WAIT)
+
+
+class PipeWriter:
+    """Writes batches to a descriptor from a thread of its own (see the module docstring):
+    ``put`` never blocks; at most MAX_QUEUED_BYTES wait (the batch being written included)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.dropped_lines = 0
+        self._reported = 0  # dropped_lines when a warning last said it
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._closing = False
+        self._failed = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="tlsproxy access log", daemon=True)
+        self._thread.start()
+
+    def put(self, data: bytes, lines: int) -> None:
+        with self._changed:
+            if self._failed:
+                return
+            dropped, reported = self.dropped_lines, self._reported
+            if self._queued + len(data) > MAX_QUEUED_BYTES:
+                self.dropped_lines += lines
+            else:
+                self._queue.append(data)
+                self._queued += len(data)
+                self._changed.notify()
+                self._reported = dropped
+        # Said outside the lock: the log's own output may be slow too.
+        if self.dropped_lines != dropped and dropped == reported:
+            log.warning("access log: stdout is not being read; dropping lines until it is")
+        elif dropped != reported and self._reported == dropped:
+            log.warning("access log: stdout is read again; %d lines dropped in all", dropped)
+
+    def close(self, timeout: float) -> None:
+        """Let the thread write what is queued, for up to ``timeout`` seconds."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify()
+        self._thread.join(timeout)
+        with self._changed:
+            unwritten = sum(data.count(b"\n") for data in self._queue)
+        if self.dropped_lines or unwritten:
+            log.warning("access log: %d lines could not be written to stdout", self.dropped_lines + unwritten)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._queue or self._closing)
+                if not self._queue:
+                    return
+                data = self._queue[0]
+            try:
+                _write_all(self.fd, data)
+            except OSError as exc:  # the reader is gone (EPIPE): nothing more can be written
+                print(f"tlsproxy: access log to stdout: cannot write: {exc}", file=sys.stderr)
+                with self._changed:
+                    self._failed = True
+                    self._queue.clear()
+                    self._queued = 0
+                return
+            with self._changed:
+                self._queue.popleft()
+                self._queued -= len(data)
 
 
 def format_time(value: float | None = None) -> str:

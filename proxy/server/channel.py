@@ -1,18 +1,23 @@
 """Channel: one connection's bytes as awaitable reads and writes, bounded both ways.
 
-An ``asyncio.Protocol`` (so it works with plain and TLS transports alike, and with
+An ``asyncio.BufferedProtocol`` (so it works with plain and TLS transports alike, and with
 ``connect_accepted_socket``) that turns the callback API into ``await read()`` and
 ``await drain()`` for the relay, with explicit flow control:
 
-* reading: received chunks queue up to ``read_limit`` bytes, then the transport is
-  paused until the relay has consumed half of them;
+* reading: the transport receives into one READ_SIZE buffer per thread (so one receive
+  hands over at most READ_SIZE bytes, and an idle connection holds no buffer); received
+  chunks queue up to ``read_limit`` bytes, then the transport is paused until the relay
+  has consumed half of them;
 * writing: the transport's high-water mark is ``write_limit``; ``drain()`` blocks while
   the transport is above it, which is what stops the relay from reading the other side.
 
-Chunks are handed out as received (no joining, no copying).
+So a proxied exchange holds, per direction, at most READ_LIMIT - 1 + READ_SIZE received
+bytes on one side and WRITE_LIMIT + one write (a read's worth plus what was queued,
+under SEND_NOW) on the other: 256 KiB (SPEC 4, "Memory is bounded per connection").
 
-Small writes are queued and sent at the end of the loop iteration, large ones (from
-SEND_NOW bytes queued) at once, so backpressure sees them as before. Measured with
+Writes are queued here, the one write-coalescing layer (the response writer and the TLS
+channel add none): small writes are sent at the end of the loop iteration, large ones
+(from SEND_NOW bytes queued) at once, so backpressure sees them as before. Measured with
 bench/run.py's keep-alive load (paired runs, same core): sending each connection's
 bytes in a batch with the other connections' sends, instead of from inside every task
 step, is 7-10 % more requests per CPU second each way (TLS to clients, plain to
@@ -23,13 +28,16 @@ upstreams) — the kernel's and the interpreter's code each stay hot in the CPU 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
 from collections.abc import Iterable
 
-# Per connection at most READ_LIMIT (+ one read) received and WRITE_LIMIT (+ one write)
-# unsent bytes are held, each way: a proxied request holds under ~2 MiB in the worst case.
-READ_LIMIT = 256 * 1024
-WRITE_LIMIT = 512 * 1024
+# The most one receive hands over; then (see the module docstring) received bytes held
+# <= READ_LIMIT - 1 + READ_SIZE and unsent bytes <= WRITE_LIMIT + one write, per direction:
+# 48 + 64 + 64 + (64 + 16) = 256 KiB.
+READ_SIZE = 64 * 1024
+READ_LIMIT = 48 * 1024
+WRITE_LIMIT = 64 * 1024
 # Loops may run a timer up to their clock resolution early; that early is on time.
 _TIMER_SLACK = 0.001
 # Queued writes reaching this many bytes are sent at once instead of at the end of the
@@ -41,7 +49,20 @@ class ConnectionLost(ConnectionError):
     """The peer went away (or we aborted) while we still wanted to write."""
 
 
-class Channel(asyncio.Protocol):
+_receive_buffers = threading.local()
+
+
+def _receive_buffer() -> memoryview:
+    """This thread's receive buffer: a loop fills it and hands it on synchronously
+    (``get_buffer``, recv, ``buffer_updated``), so its connections can share one. One
+    per thread, not per process: a loop releases the GIL around its receives."""
+    view = getattr(_receive_buffers, "view", None)
+    if view is None:
+        view = _receive_buffers.view = memoryview(bytearray(READ_SIZE))
+    return view
+
+
+class Channel(asyncio.BufferedProtocol):
     """Bounded, awaitable byte stream over one transport."""
 
     def __init__(self, read_limit: int = READ_LIMIT, write_limit: int = WRITE_LIMIT) -> None:
@@ -61,18 +82,34 @@ class Channel(asyncio.Protocol):
         self._read_deadline = 0.0
         self._read_timer: asyncio.TimerHandle | None = None
         self._drain_waiter: asyncio.Future | None = None
-        self._writing_paused = False
+        self.writing_paused = False  # the transport is above its high-water mark: drain()
         self._closed_waiter: asyncio.Future | None = None
         self._unsent: list[bytes] = []  # queued writes (see the module docstring)
         self._unsent_bytes = 0
         self._send_scheduled = False
+        self._receive_view: memoryview | None = None
 
     # -- protocol callbacks ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.loop = asyncio.get_running_loop()
+        self._receive_view = _receive_buffer()
         transport.set_write_buffer_limits(high=self._write_limit)  # type: ignore[attr-defined]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._receive_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # data_received, inlined: this runs once per receive on every upstream connection.
+        self._chunks.append(self._receive_view[:nbytes].tobytes())
+        self._buffered += nbytes
+        if self._buffered >= self._read_limit and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -80,7 +117,9 @@ class Channel(asyncio.Protocol):
         if self._buffered >= self._read_limit and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
-        self._wake_reader()
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -102,22 +141,13 @@ class Channel(asyncio.Protocol):
             self._closed_waiter.set_result(None)
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
+        self.writing_paused = True
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
+        self.writing_paused = False
         self._wake_drainer()
 
     # -- for the relay -----------------------------------------------------------------
-
-    @property
-    def at_eof(self) -> bool:
-        """The peer closed its side and everything it sent has been read."""
-        return self._eof and not self._chunks
-
-    @property
-    def has_data(self) -> bool:
-        return bool(self._chunks)
 
     @property
     def quiet(self) -> bool:
@@ -160,25 +190,21 @@ class Channel(asyncio.Protocol):
         if self.closed or self.transport.is_closing():
             raise ConnectionLost("connection closed")
         if data:
-            self._queue(data)
+            self._unsent.append(data)
+            self._unsent_bytes += len(data)
             self._send_soon()
 
     def writelines(self, pieces: Iterable[bytes]) -> None:
         if self.closed or self.transport.is_closing():
             raise ConnectionLost("connection closed")
+        unsent = self._unsent
         for piece in pieces:
             if piece:
-                self._queue(piece)
+                unsent.append(piece)
+                self._unsent_bytes += len(piece)
         self._send_soon()
 
-    # The write queue; TLSChannel keeps its queue as encrypted bytes in its TLS buffer.
-
-    def _queue(self, data: bytes) -> None:
-        self._unsent.append(data)
-        self._unsent_bytes += len(data)
-
-    def _queued_bytes(self) -> int:
-        return self._unsent_bytes
+    # The write queue (plaintext on a TLSChannel too: it encrypts when it sends).
 
     def _send_queued(self) -> None:
         """Hand everything queued to the transport now."""
@@ -198,7 +224,7 @@ class Channel(asyncio.Protocol):
         self._unsent_bytes = 0
 
     def _send_soon(self) -> None:
-        if self._queued_bytes() >= SEND_NOW:
+        if self._unsent_bytes >= SEND_NOW:
             self._send_queued()
         elif not self._send_scheduled:
             self._send_scheduled = True
@@ -211,9 +237,9 @@ class Channel(asyncio.Protocol):
     async def drain(self, timeout: float = 0) -> None:
         """Wait while the transport's write buffer is above the high-water mark;
         ``timeout`` (0 = none) bounds the wait for a peer that stopped reading."""
-        if self._writing_paused and not self.closed:
+        if self.writing_paused and not self.closed:
             async with asyncio.timeout(timeout or None):
-                while self._writing_paused and not self.closed:
+                while self.writing_paused and not self.closed:
                     self._drain_waiter = asyncio.get_running_loop().create_future()
                     try:
                         await self._drain_waiter

@@ -14,8 +14,6 @@ from proxy.server.channel import Channel
 from proxy.tls.authz import Decision
 from proxy.tls.identity import ClientIdentity
 
-COALESCE_BYTES = 16 * 1024  # about one TLS record
-
 
 @dataclass(slots=True)
 class ClientInfo:
@@ -43,9 +41,7 @@ class ClientInfo:
 class Downstream:
     """The client connection as the relay sees it."""
 
-    __slots__ = (
-        "channel", "engine", "info", "bytes_in", "bytes_out", "method", "write_timeout", "_pending", "_pending_bytes"
-    )
+    __slots__ = ("channel", "engine", "info", "bytes_in", "bytes_out", "method", "write_timeout")
 
     def __init__(self, channel: Channel, engine: ServerEngine, info: ClientInfo, write_timeout: float = 0) -> None:
         self.channel = channel
@@ -55,8 +51,6 @@ class Downstream:
         self.bytes_in = 0  # request body bytes of the current request
         self.bytes_out = 0  # response body bytes of the current request
         self.method = b""  # of the current request (a HEAD response has no body)
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
 
     async def read_head(self, first_byte_timeout: float, header_timeout: float) -> RequestHead | None:
         """The next request head, or None when the client closed or went quiet.
@@ -102,47 +96,28 @@ class Downstream:
                 return event  # type: ignore[return-value]
             engine.feed(await self.channel.read(timeout))
 
-    # Response writes are collected and sent together at flush points (end of the
-    # response, before waiting for the upstream, or past COALESCE_BYTES), so a small
-    # response is one TLS record and one send() instead of three.
+    # Response writes go to the channel's write queue, which sends what a loop iteration
+    # queued together (a small response is one TLS record and one send()) and large
+    # amounts at once: no collecting here.
 
     def write_head(self, head: ResponseHead) -> None:
-        self._pending.append(self.engine.send_head(head))
-        self._pending_bytes += 1024
-        if head.status < 200:
-            self.flush()  # 100 Continue: the client is waiting for it
+        self.channel.write(self.engine.send_head(head))
 
     def write_body(self, data: bytes) -> bool:
-        """Queue a piece of body; True when that sent the queue, and the caller must
-        ``await drain()`` before the next piece (a plain method, not a coroutine: most
-        responses fit in one coalesced write and never wait)."""
+        """Queue a piece of body; True when the client's side is above its high-water
+        mark and the caller must ``await drain()`` before the next piece (a plain method,
+        not a coroutine: most responses never wait)."""
         self.bytes_out += len(data)
-        self._pending.extend(self.engine.send_body(data))
-        self._pending_bytes += len(data)
-        if self._pending_bytes <= COALESCE_BYTES:
-            return False
-        self.flush()
-        return True
+        channel = self.channel
+        channel.writelines(self.engine.send_body(data))
+        return channel.writing_paused
 
     async def drain(self) -> None:
         """Wait until the client has taken enough of what was sent (``write_timeout``)."""
         await self.channel.drain(self.write_timeout)
 
     def write_end(self) -> None:
-        self._pending.append(self.engine.send_end())
-        self.flush()
-
-    def flush(self) -> None:
-        """Send everything collected so far."""
-        pending = self._pending
-        if not pending:
-            return
-        if self._pending_bytes <= COALESCE_BYTES:
-            self.channel.write(b"".join(pending))
-        else:
-            self.channel.writelines(pending)
-        pending.clear()
-        self._pending_bytes = 0
+        self.channel.write(self.engine.send_end())
 
     def send_error(self, status: int, message: str, *, close: bool = False) -> None:
         """A complete plain-text response; ``close`` also ends the connection after it."""
@@ -162,7 +137,7 @@ class Downstream:
             self.bytes_out += len(body)
             pieces.extend(engine.send_body(body))
         pieces.append(engine.send_end())
-        self.channel.write(b"".join(pieces))
+        self.channel.writelines(pieces)
 
 
 _PHRASES = {status.value: status.phrase.encode() for status in HTTPStatus}

@@ -11,6 +11,13 @@ its alert). The first chunk the client sends decides (``tls_accept``):
 
 ``max_connections`` is a semaphore taken before ``accept()``: above the limit the
 proxy stops accepting and new clients wait in the kernel's backlog.
+
+A failed ``accept()`` is logged and the loop goes on: errors that concern one pending
+connection (a client that reset it first, a firewall's EPERM, EPROTO...) at once; out of
+descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) after ACCEPT_BACKOFF, with the
+listener unwatched meanwhile (the pending connection would wake the loop all along), as
+nginx does. Only a listener that is itself unusable (EBADF, EINVAL, ENOTSOCK) ends the
+loop, quietly: whoever awaits it (``RunningProxy.close``) still drains.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ PLAIN_HTTP_RESPONSE = (
 # After refusing plain HTTP, how long to wait for the client to close first (closing
 # with unread bytes would make the kernel send a reset that can destroy the 400).
 LINGER_SECONDS = 2.0
+ACCEPT_BACKOFF = 0.5  # seconds without accepting after running out of descriptors
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_LISTENER_UNUSABLE = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EFAULT})
 
 SocketHandler = Callable[[socket.socket, tuple], Awaitable[None]]
 
@@ -159,19 +168,35 @@ async def accept_loop(
             except BaseException as exc:
                 if limiter is not None:
                     limiter.release()
-                if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
-                    log.error("cannot accept connections: %s", exc.strerror)
+                if not isinstance(exc, OSError):
+                    raise  # cancelled: the proxy is closing
+                code = exc.errno
+                if code in _LISTENER_UNUSABLE:
+                    log.error("stopped accepting connections on %s: %s", _name(sock), exc.strerror or exc)
+                    return
+                if code in _OUT_OF_RESOURCES:
+                    log.error("cannot accept connections on %s: %s; retrying in %gs",
+                              _name(sock), exc.strerror or exc, ACCEPT_BACKOFF)
                     if watching:  # the pending connection would wake the loop all along
                         loop.remove_reader(listen_fd)
                         watching = False
-                    await asyncio.sleep(0.5)  # back off until descriptors are freed
-                    continue
-                if isinstance(exc, ConnectionAbortedError):
-                    continue
-                raise
+                    await asyncio.sleep(ACCEPT_BACKOFF)
+                elif code == errno.ECONNABORTED:  # routine: the client gave up first
+                    log.debug("accept() on %s: %s", _name(sock), exc.strerror or exc)
+                else:
+                    log.warning("accept() on %s failed: %s; still accepting", _name(sock), exc.strerror or exc)
+                continue
             task = loop.create_task(handler(conn, peer))
             tasks.add(task)
             task.add_done_callback(finished)
     finally:
         if watching:
             loop.remove_reader(listen_fd)
+
+
+def _name(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return "a closed listener"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -161,7 +161,6 @@ class Relay:
                     raise conn.failure from None
                 raise
             if event is None:
-                down.flush()  # whatever is ready goes out before we wait
                 try:
                     data = await channel.read(read_timeout)
                 except TimeoutError:

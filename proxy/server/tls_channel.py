@@ -12,10 +12,12 @@ asyncio use internally, with the same OpenSSL work per record.
 Also, closing sends close_notify and then closes TCP at once, without waiting for
 the client's close_notify (which idle HTTP clients never send).
 
-Writes are encrypted at once and queued as TLS records in the outgoing buffer, sent as
-``Channel`` sends its queue (at the end of the loop iteration, large amounts at once):
-a response followed by closing the connection (``Connection: close``) then leaves in
-one send() with the close_notify, instead of two (a send is a few % of a handshake's CPU).
+Writes queue as plaintext in ``Channel``'s write queue (the one coalescing layer) and are
+encrypted when it sends them (at the end of the loop iteration, large amounts at once):
+what was queued small is joined into one TLS record, and a response followed by closing
+the connection (``Connection: close``) leaves in one send() with the close_notify,
+instead of two (a send is a few % of a handshake's CPU). The outgoing TLS buffer is
+emptied into the transport at every send, so it holds nothing between them.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from proxy.server.channel import READ_LIMIT, WRITE_LIMIT, Channel
+from proxy.server.channel import READ_LIMIT, SEND_NOW, WRITE_LIMIT, Channel, _time_out
 
 _RECORD = 16 * 1024 + 256  # room for one TLS record's plaintext
+# A MemoryBIO keeps the largest size it ever held, for its life (as RSS): bytes go in and
+# out of both TLS buffers a record's worth at a time, so neither grows past ~2 records.
+_BIO_STEP = 16 * 1024
 TLS_HANDSHAKE_RECORD = 0x16
 
 
@@ -130,7 +135,17 @@ class TLSChannel(Channel):
 
     # -- protocol callbacks from the TCP transport -------------------------------------
 
-    def data_received(self, data: bytes) -> None:
+    def buffer_updated(self, nbytes: int) -> None:
+        # No bytes object: the TLS buffer copies straight from the receive buffer. The
+        # usual case (a request, after the handshake) skips data_received's checks.
+        if self._handshaken and nbytes <= _BIO_STEP and self._handshake_error is None:
+            self._incoming.write(self._receive_view[:nbytes])
+            self._decrypt()
+        else:
+            self.data_received(self._receive_view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """Bytes from TCP (``Channel.data_received`` takes the decrypted ones)."""
         if self._handshake_error is not None:
             return  # failed: the alert is on its way out (or plain HTTP), the rest is ignored
         if not self._first_byte_at:
@@ -140,12 +155,22 @@ class TLSChannel(Channel):
                 self._handshake_error = PlainHTTP("plain HTTP on the TLS port")
                 self._wake_handshake()
                 return
-        self._incoming.write(data)
         if not self._handshaken:
+            self._incoming.write(data)
             self._continue_handshake()
             if not self._handshaken:
                 return
-        self._decrypt()
+            self._decrypt()
+        elif len(data) <= _BIO_STEP:
+            self._incoming.write(data)
+            self._decrypt()
+        else:
+            view = memoryview(data)
+            for start in range(0, len(view), _BIO_STEP):
+                if self.closed:
+                    return
+                self._incoming.write(view[start:start + _BIO_STEP])
+                self._decrypt()
 
     def eof_received(self) -> bool:
         if self.plain_http:
@@ -170,18 +195,18 @@ class TLSChannel(Channel):
         try:
             self.ssl_object.do_handshake()
         except ssl.SSLWantReadError:
-            self._send_queued()
+            self._send_records()
             return
         except (ssl.SSLError, OSError) as exc:
             self._fail_handshake(exc)
             return
         self._handshaken = True
-        self._send_queued()  # our Finished (and TLS 1.3 session tickets)
+        self._send_records()  # our Finished (and TLS 1.3 session tickets)
         self._wake_handshake()
 
     def _fail_handshake(self, exc: BaseException) -> None:
         self._handshake_error = exc
-        self._send_queued()  # the alert OpenSSL wrote: this is the point of this class
+        self._send_records()  # the alert OpenSSL wrote: this is the point of this class
         self.closed = True
         self._eof = True
         if self.transport is not None:
@@ -212,30 +237,66 @@ class TLSChannel(Channel):
         except ssl.SSLZeroReturnError:  # close_notify
             eof = True
         except ssl.SSLError:
-            self._send_queued()
+            self._send_records()
             self.abort()
             return
-        self._send_queued()  # e.g. a TLS 1.3 key update answer
+        if self._outgoing.pending:
+            self._send_records()  # e.g. a TLS 1.3 key update answer
         if pieces:
             super().data_received(pieces[0] if len(pieces) == 1 else b"".join(pieces))
         if eof:
             super().eof_received()
 
-    # -- the write queue is the outgoing TLS buffer (see Channel) ---------------------------
-
-    def _queue(self, data: bytes) -> None:
-        self.ssl_object.write(data)
-
-    def _queued_bytes(self) -> int:
-        return self._outgoing.pending
+    # -- sending: the plaintext queue is encrypted as it goes out ------------------------
 
     def _send_queued(self) -> None:
+        records = self._encrypt_queued() if self._unsent else []
+        if self._outgoing.pending:
+            records.append(self._outgoing.read())
+        self._write_records(records)
+
+    def _encrypt_queued(self) -> list[bytes]:
+        """Empty the plaintext queue into TLS records (small pieces joined into one)."""
+        unsent, size = self._unsent, self._unsent_bytes
+        self._drop_queued()
+        if not unsent or not self._handshaken or self.closed:
+            return []
+        if size < SEND_NOW and len(unsent) > 1:
+            unsent = [b"".join(unsent)]  # one record for a small response, not one per piece
+        write = self.ssl_object.write
+        outgoing = self._outgoing
+        records = []
+        try:
+            for piece in unsent:
+                if len(piece) <= _BIO_STEP:
+                    write(piece)
+                    if outgoing.pending >= _BIO_STEP:
+                        records.append(outgoing.read())
+                    continue
+                view = memoryview(piece)
+                for start in range(0, len(view), _BIO_STEP):
+                    write(view[start:start + _BIO_STEP])
+                    records.append(outgoing.read())
+        except ssl.SSLError:
+            self.abort()
+            return []
+        if outgoing.pending:
+            records.append(outgoing.read())
+        return records
+
+    def _write_records(self, records: list[bytes]) -> None:
+        transport = self.transport
+        if records and transport is not None and not transport.is_closing():
+            if len(records) == 1:
+                transport.write(records[0])
+            else:
+                transport.writelines(records)  # one send (uvloop: writev), no joined copy
+
+    def _send_records(self) -> None:
+        """Hand the outgoing TLS buffer (records, alerts, close_notify) to the transport."""
         data = self._outgoing.read()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
-
-    def _drop_queued(self) -> None:
-        pass  # the records are dropped with the SSL object
 
     async def close_and_wait(self, timeout: float) -> None:
         """As ``Channel.close_and_wait``, except that when closing left nothing unsent
@@ -255,14 +316,11 @@ class TLSChannel(Channel):
         if transport is None or transport.is_closing():
             return
         if self._handshaken and not self.closed:
+            records = self._encrypt_queued()
             try:
                 self.ssl_object.unwrap()
             except ssl.SSLError:
                 pass  # SSLWantReadError: the peer's close_notify is not awaited
-            self._send_queued()
+            records.append(self._outgoing.read())
+            self._write_records(records)
         transport.close()
-
-
-def _time_out(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
