@@ -84,6 +84,7 @@ class Channel(asyncio.BufferedProtocol):
         self._drain_waiter: asyncio.Future | None = None
         self.writing_paused = False  # the transport is above its high-water mark: drain()
         self._closed_waiter: asyncio.Future | None = None
+        self.write_shut = False  # shutdown_write() ended our direction
         self._unsent: list[bytes] = []  # queued writes (see the module docstring)
         self._unsent_bytes = 0
         self._send_scheduled = False
@@ -187,7 +188,7 @@ class Channel(asyncio.BufferedProtocol):
         return chunk
 
     def write(self, data: bytes) -> None:
-        if self.closed or self.transport.is_closing():
+        if self.closed or self.write_shut or self.transport.is_closing():
             raise ConnectionLost("connection closed")
         if data:
             self._unsent.append(data)
@@ -195,7 +196,7 @@ class Channel(asyncio.BufferedProtocol):
             self._send_soon()
 
     def writelines(self, pieces: Iterable[bytes]) -> None:
-        if self.closed or self.transport.is_closing():
+        if self.closed or self.write_shut or self.transport.is_closing():
             raise ConnectionLost("connection closed")
         unsent = self._unsent
         for piece in pieces:
@@ -247,6 +248,17 @@ class Channel(asyncio.BufferedProtocol):
                         self._drain_waiter = None
         if self.closed:
             raise ConnectionLost("connection closed")
+
+    def shutdown_write(self) -> None:
+        """End our direction after what is queued (a FIN), keeping the other one open: a
+        tunnel passing on its peer's half-close. Later writes raise ``ConnectionLost``."""
+        transport = self.transport
+        if transport is None or self.closed or transport.is_closing() or self.write_shut:
+            return
+        self._send_queued()
+        self.write_shut = True
+        if transport.can_write_eof():
+            transport.write_eof()
 
     def close(self) -> None:
         """Close after what is queued and the transport's write buffer are sent."""

@@ -309,13 +309,31 @@ class TLSChannel(Channel):
             return
         await super().close_and_wait(timeout)
 
+    def shutdown_write(self) -> None:
+        """What is queued, then close_notify, then a FIN: the TLS half-close (the peer
+        may go on sending; ``ssl`` reads after our close_notify as before)."""
+        transport = self.transport
+        if transport is None or self.closed or transport.is_closing() or self.write_shut:
+            return
+        if self._handshaken:
+            records = self._encrypt_queued()
+            try:
+                self.ssl_object.unwrap()
+            except ssl.SSLError:
+                pass  # SSLWantReadError: the peer's close_notify is not awaited
+            records.append(self._outgoing.read())
+            self._write_records(records)
+        self.write_shut = True
+        if transport.can_write_eof():
+            transport.write_eof()
+
     def close(self) -> None:
         """Send what is pending and close_notify together, then close TCP once the
         write buffer is out."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self._handshaken and not self.closed:
+        if self._handshaken and not self.closed and not self.write_shut:
             records = self._encrypt_queued()
             try:
                 self.ssl_object.unwrap()

@@ -11,7 +11,6 @@ nothing has moved either way for ``idle`` seconds.
 from __future__ import annotations
 
 import asyncio
-import ssl
 
 from proxy.server.channel import Channel
 from proxy.server.downstream import Downstream
@@ -76,27 +75,4 @@ async def _pipe(source: Channel, sink: Channel, down: Downstream, counter: str, 
         setattr(down, counter, getattr(down, counter) + len(data))
         sink.write(data)
         await sink.drain(idle)
-    shutdown_write(sink)
-
-
-def shutdown_write(channel: Channel) -> None:
-    """End our direction of ``channel`` after what is queued, keeping the other open:
-    TLS sends close_notify, TCP a FIN (``write_eof``)."""
-    transport = channel.transport
-    if transport is None or channel.closed or transport.is_closing():
-        return
-    ssl_object = getattr(channel, "ssl_object", None)
-    if ssl_object is not None:
-        try:
-            ssl_object.unwrap()  # close_notify into the outgoing TLS buffer, after the data
-        except ssl.SSLError:
-            pass  # SSLWantReadError: the peer's close_notify is not waited for
-        channel.writelines(())  # sends what is queued (the close_notify too), soon
-    if transport.can_write_eof():
-        # After the channel's queued send, which was scheduled first (call_soon is FIFO).
-        channel.loop.call_soon(_write_eof, transport)
-
-
-def _write_eof(transport: asyncio.Transport) -> None:
-    if not transport.is_closing():
-        transport.write_eof()
+    sink.shutdown_write()  # TLS: close_notify then FIN; TCP: FIN
