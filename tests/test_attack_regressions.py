@@ -1,0 +1,191 @@
+"""Regressions found by attacking the proxy from outside (branch ``attack``).
+
+The README's layout throughout: service ``ledger`` (``path_prefix: /ledger``) admits only
+the ``billing`` client certificate, service ``public`` (``/``) is open, both on ONE
+upstream. Every test talks real TLS to a ``ProxyThread`` and uses a raw-socket upstream
+that records exactly what reached it; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from upstream import WAIT, ProxyThread, proxy_config, service
+
+from proxy.config.model import AllowEntry, ClientAuthSettings, ServiceClientAuth, Upstream
+
+pytestmark = pytest.mark.both_engines
+
+SECRET = b"LEDGER-BALANCE-SECRET"
+BILLING_ONLY = ServiceClientAuth(require=True, allow=(AllowEntry("cn", "billing"),))
+
+
+class RawUpstream:
+    """A TCP upstream on 127.0.0.1 running ``handler(sock, received)`` per connection;
+    ``received`` (one bytearray per connection) is everything the proxy sent it."""
+
+    def __init__(self, handler: Callable[[socket.socket, bytearray], None]) -> None:
+        self.handler = handler
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received: list[bytearray] = []
+        self._threads: list[threading.Thread] = []
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    def model(self) -> Upstream:
+        return Upstream(f"http://127.0.0.1:{self.port}", "127.0.0.1", self.port)
+
+    def all_received(self) -> bytes:
+        return b"".join(bytes(chunk) for chunk in self.received)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            received = bytearray()
+            self.received.append(received)
+            thread = threading.Thread(target=self._serve, args=(conn, received), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket, received: bytearray) -> None:
+        conn.settimeout(WAIT)
+        with conn:
+            try:
+                self.handler(conn, received)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+        self._accepting.join(WAIT)
+        for thread in self._threads:
+            thread.join(WAIT)
+
+
+def read_head(conn: socket.socket, received: bytearray) -> bytes | None:
+    """Receive until ``received`` holds a whole head; the head, or None at EOF."""
+    while b"\r\n\r\n" not in received:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        received += data
+    return bytes(received[: received.index(b"\r\n\r\n") + 4])
+
+
+@pytest.fixture
+def billing(pki):
+    return pki.leaf("billing", "spiffe://test.local/billing", client=True, cn="billing")
+
+
+def ledger_layout(pki, raw: RawUpstream, tmp_path: Path, **overrides) -> ProxyThread:
+    services = [
+        service("ledger", raw.model(), path_prefix="/ledger", client_auth=BILLING_ONLY),
+        service("public", raw.model()),
+    ]
+    client_auth = ClientAuthSettings(mode="optional", ca=pki.ca_pem)
+    return ProxyThread(proxy_config(pki, services, tmp_path, client_auth=client_auth, **overrides))
+
+
+def connect(pki, port: int, cert=None) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=str(pki.ca_pem))
+    if cert:
+        context.load_cert_chain(str(cert[0]), str(cert[1]))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    return context.wrap_socket(sock, server_hostname="localhost")
+
+
+def read_response_head(tls: ssl.SSLSocket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = tls.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def read_until_close(tls: ssl.SSLSocket) -> bytes:
+    chunks = []
+    try:
+        while chunk := tls.recv(65536):
+            chunks.append(chunk)
+    except (ConnectionResetError, ssl.SSLError):
+        pass
+    return b"".join(chunks)
+
+
+# -- 1. h2c upgrade: a tunnel straight to the upstream, past routing and the allow-list
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes((kind, flags)) + struct.pack(">I", stream) + payload
+
+
+# HTTP/2 connection preface, empty SETTINGS, then HEADERS (END_STREAM|END_HEADERS) for
+# GET http://localhost/ledger/balance (HPACK: :method GET, :scheme http, literal :path,
+# literal :authority; no Huffman).
+H2_LEDGER_REQUEST = (
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    + _frame(4, 0, 0, b"")
+    + _frame(1, 5, 1, b"\x82\x86\x04\x0f/ledger/balance\x01\x09localhost")
+)
+
+
+def h2c_upstream(conn: socket.socket, received: bytearray) -> None:
+    """Like any h2c-capable server (Go's h2c handler, Jetty, Tomcat, hyper...): an
+    ``Upgrade: h2c`` request is answered 101, and the HTTP/2 streams that follow are
+    served by path; /ledger/balance gets the ledger body. Anything else: 200 "ok"."""
+    head = read_head(conn, received)
+    if head is None:
+        return
+    if b"\r\nupgrade: h2c" not in head.lower():
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        return
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+    while b"/ledger/balance" not in received[len(head):]:
+        data = conn.recv(65536)
+        if not data:
+            return
+        received += data
+    conn.sendall(b"(HTTP/2 stream 1) " + SECRET)
+
+
+def test_h2c_upgrade_is_not_tunnelled_past_the_allow_list(pki, tmp_path):
+    """A client without a certificate asks the open service for ``Upgrade: h2c``; if the
+    proxy tunnels it, every HTTP/2 request that follows goes straight to the shared
+    upstream, unrouted and unauthorised (the "h2c smuggling" bypass). h2c is cleartext
+    HTTP/2 only (RFC 9113 deprecates the upgrade): over TLS it is never legitimate, so
+    the Upgrade must not be forwarded."""
+    raw = RawUpstream(h2c_upstream)
+    try:
+        with ledger_layout(pki, raw, tmp_path) as px:
+            with connect(pki, px.port) as tls:
+                tls.sendall(
+                    b"GET /public HTTP/1.1\r\nHost: localhost\r\n"
+                    b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                    b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+                )
+                head = read_response_head(tls)
+                got = head
+                if head.startswith(b"HTTP/1.1 101"):
+                    tls.sendall(H2_LEDGER_REQUEST)
+                    tls.settimeout(5)
+                    try:
+                        got += tls.recv(65536)
+                    except TimeoutError:
+                        pass
+            assert SECRET not in got, "the ledger answered through an h2c tunnel without a certificate"
+            assert not head.startswith(b"HTTP/1.1 101"), head
+            assert b"upgrade: h2c" not in raw.all_received().lower()
+    finally:
+        raw.close()
