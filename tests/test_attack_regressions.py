@@ -66,6 +66,10 @@ class RawUpstream:
                 pass
 
     def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (Linux)
+        except OSError:
+            pass
         self.sock.close()
         self._accepting.join(WAIT)
         for thread in self._threads:
