@@ -193,3 +193,54 @@ def test_h2c_upgrade_is_not_tunnelled_past_the_allow_list(pki, tmp_path):
             assert b"upgrade: h2c" not in raw.all_received().lower()
     finally:
         raw.close()
+
+
+# -- 2. memory per slow client: SPEC section 4 bounds it at 256 KiB of response data
+
+
+def _response_bytes_held(channel_type) -> int:
+    """Bytes sitting in the proxy's open channels: received and not yet relayed, plus
+    written and not yet taken by the kernel (both directions, every connection)."""
+    import gc
+
+    held = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, channel_type) and obj.transport is not None and not obj.closed:
+            held += obj._buffered + obj._unsent_bytes + obj.transport.get_write_buffer_size()
+    return held
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Channel READ_LIMIT (256 KiB + one read of up to 256 KiB) on the upstream side and "
+    "WRITE_LIMIT (512 KiB + one write) on the client side: ~0.9-1.2 MiB per slow client, "
+    "not the 256 KiB SPEC section 4 promises; bounding it needs smaller limits and reads "
+    "(a throughput trade-off to measure with bench/), not a one-line fix",
+)
+def test_a_client_that_stops_reading_holds_at_most_256_kib_in_the_proxy(pki, upstream, tmp_path):
+    from proxy.server.channel import Channel
+
+    with ProxyThread(proxy_config(pki, service("public", upstream), tmp_path)) as px:
+        raw = socket.create_connection(("127.0.0.1", px.port), timeout=WAIT)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client reads nothing
+        context = ssl.create_default_context(cafile=str(pki.ca_pem))
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /download?size=200000000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            # No event says "every buffer on the way is full": wait (bounded) until the
+            # upstream's byte count stops moving, i.e. backpressure reached it.
+            import time
+
+            sent = -1
+            deadline = time.monotonic() + WAIT
+            while time.monotonic() < deadline:
+                time.sleep(0.25)
+                if upstream.download_bytes_sent == sent:
+                    break
+                sent = upstream.download_bytes_sent
+            assert 0 < sent < 200_000_000, "backpressure never reached the upstream"
+            held = px.call(_hold(Channel))
+            assert held <= 256 * 1024 + 64 * 1024, f"{held} bytes of one response held in the proxy"
+
+
+async def _hold(channel_type) -> int:
+    return _response_bytes_held(channel_type)
