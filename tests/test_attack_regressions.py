@@ -123,8 +123,8 @@ def read_until_close(tls: ssl.SSLSocket) -> bytes:
     try:
         while chunk := tls.recv(65536):
             chunks.append(chunk)
-    except (ConnectionResetError, ssl.SSLError):
-        pass
+    except (ConnectionResetError, ssl.SSLError, TimeoutError):
+        pass  # reset, or never closed within the socket's timeout: what came counts
     return b"".join(chunks)
 
 
@@ -244,3 +244,37 @@ def test_a_client_that_stops_reading_holds_at_most_256_kib_in_the_proxy(pki, ups
 
 async def _hold(channel_type) -> int:
     return _response_bytes_held(channel_type)
+
+
+# -- 3. CONNECT: a reverse proxy has no tunnel to offer, and the engines disagreed
+
+
+def connect_upstream(conn: socket.socket, received: bytearray) -> None:
+    """An upstream that accepts CONNECT (a forward proxy, or Node's 'connect' event)."""
+    head = read_head(conn, received)
+    if head is None:
+        return
+    if head.upper().startswith(b"CONNECT "):
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    else:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+
+@pytest.mark.parametrize("method", [b"CONNECT", b"connect"])
+def test_connect_with_a_path_is_refused_and_never_reaches_the_upstream(pki, tmp_path, method):
+    """``CONNECT /x`` (origin-form) went upstream on the open service; the upstream's
+    ``200 Connection established`` came back as a head without framing, after which h11
+    stopped reading the client (the connection hung until its idle timeout) while
+    httptools went on parsing HTTP: the client was told a tunnel opened that did not
+    exist. The proxy must refuse it itself and close."""
+    raw = RawUpstream(connect_upstream)
+    try:
+        with ledger_layout(pki, raw, tmp_path) as px:
+            with connect(pki, px.port) as tls:
+                tls.settimeout(5)  # a correct answer closes at once; bounds the failing case
+                tls.sendall(method + b" /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                response = read_until_close(tls)
+            assert response.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 405 ")), response[:200]
+            assert not any(chunk.upper().startswith(b"CONNECT") for chunk in raw.received), raw.all_received()[:200]
+    finally:
+        raw.close()
