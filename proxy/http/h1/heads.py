@@ -118,6 +118,11 @@ def request_head(
     ``names``: the header names in order, when the caller has them already."""
     # Names and values apart (C-level), so size, control bytes and the few names that
     # matter are each one pass in C rather than a Python loop over every header.
+    if method.upper() == b"CONNECT":
+        # A reverse proxy has no tunnel to offer: forwarded, an upstream's 2xx would tell
+        # the client a tunnel opened (h11 then stops parsing the connection as HTTP,
+        # llhttp does not). Refused like anything else the proxy will not frame.
+        raise BadRequest("malformed request: CONNECT is not served here (this is a reverse proxy)")
     if names is None:
         names, values = zip(*headers) if headers else ((), ())
     else:
