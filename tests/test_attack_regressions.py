@@ -278,3 +278,30 @@ def test_connect_with_a_path_is_refused_and_never_reaches_the_upstream(pki, tmp_
             assert not any(chunk.upper().startswith(b"CONNECT") for chunk in raw.received), raw.all_received()[:200]
     finally:
         raw.close()
+
+
+# -- 4. engine parity on Content-Length spelling
+
+
+def recording_upstream(conn: socket.socket, received: bytearray) -> None:
+    """Answers the first head with 200 "ok" and closes; keeps what arrived."""
+    if read_head(conn, received) is not None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+
+def test_a_content_length_of_more_than_20_digits_is_refused_by_both_engines(pki, tmp_path):
+    """h11 refuses a Content-Length longer than 20 digits; httptools accepted
+    ``00000000000000000000000000004`` and forwarded it verbatim, so the two engines
+    (which the README says refuse exactly the same requests) disagreed, and an upstream
+    with h11's limit answered 400 to what the proxy had accepted."""
+    raw = RawUpstream(recording_upstream)
+    try:
+        with ledger_layout(pki, raw, tmp_path) as px:
+            with connect(pki, px.port) as tls:
+                tls.settimeout(5)
+                tls.sendall(b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: " + b"0" * 28 + b"4\r\n\r\nabcd")
+                response = read_until_close(tls)
+            assert response.startswith(b"HTTP/1.1 400 "), response[:200]
+            assert raw.all_received() == b""
+    finally:
+        raw.close()
