@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover
 _CTL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
 # Largest Content-Length every upstream reads the same (2^53: exact in a double).
 MAX_CONTENT_LENGTH = (1 << 53) - 1
+_CONTENT_LENGTH_MAX_DIGITS = 20  # h11.CONTENT_LENGTH_MAX_DIGITS
 # Framing names an upstream may also match with "_" for "-".
 _FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection"})
 # Host (RFC 9110 7.2, RFC 3986 3.2.2): a reg-name or IPv4 address of unreserved
@@ -140,6 +141,8 @@ def request_head(
     if b"content-length" in names:
         for name, value in headers:
             if name == b"content-length":
+                if len(value) > _CONTENT_LENGTH_MAX_DIGITS:  # h11's limit: both engines refuse alike
+                    raise BadRequest("malformed request: Content-Length longer than 20 digits")
                 content_length = int(value)
         if content_length > MAX_CONTENT_LENGTH:
             raise BadRequest("malformed request: Content-Length of 2^53 or more")
