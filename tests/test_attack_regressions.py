@@ -305,3 +305,52 @@ def test_a_content_length_of_more_than_20_digits_is_refused_by_both_engines(pki,
             assert raw.all_received() == b""
     finally:
         raw.close()
+
+
+# -- 5. pipelined requests from a client that reads nothing: memory without bound
+
+
+def test_pipelined_requests_from_a_client_that_never_reads_are_not_answered_into_memory(pki, upstream, tmp_path):
+    """A client pipelines thousands of small GETs and never reads. Each response is
+    small, so no write reaches the point where the relay waits for the client to drain:
+    the proxy read every request, fetched every response and kept them all (about 93 MB
+    for 720 KB of requests, on one connection). SPEC section 4 bounds what a slowly
+    reading client holds in the proxy; the next request must wait for the client."""
+    from proxy.server.channel import Channel
+
+    count, size = 12000, 8000
+    with ProxyThread(proxy_config(pki, service("public", upstream), tmp_path)) as px:
+        raw = socket.create_connection(("127.0.0.1", px.port), timeout=WAIT)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        context = ssl.create_default_context(cafile=str(pki.ca_pem))
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            requests = b"".join(
+                b"GET /download?size=%d&i=%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % (size, i) for i in range(count)
+            )
+            # Send what the proxy will take; it stops taking once it stops reading.
+            tls.setblocking(False)
+            sent = 0
+            import select
+            import time
+
+            while sent < len(requests):
+                if not select.select([], [tls], [], 2.0)[1]:
+                    break  # the proxy stopped reading requests: backpressure
+                try:
+                    sent += tls.send(requests[sent : sent + 16384])
+                except (ssl.SSLWantWriteError, BlockingIOError):
+                    continue
+            # No event says every buffer on the way is full: wait (bounded) until the
+            # upstream's byte count stops moving.
+            moved = -1
+            deadline = time.monotonic() + WAIT
+            while time.monotonic() < deadline:
+                time.sleep(0.25)
+                if upstream.download_bytes_sent == moved:
+                    break
+                moved = upstream.download_bytes_sent
+            held = px.call(_hold(Channel))
+            assert held <= 2 * 1024 * 1024, (
+                f"{held} bytes held in the proxy for one connection that reads nothing "
+                f"({moved} response bytes fetched from the upstream)"
+            )
