@@ -169,7 +169,8 @@ def request_head(
         # "Upgrade: h2c" is never legitimate, and tunnelling it would let the client's
         # HTTP/2 streams reach the upstream unrouted and unauthorised ("h2c smuggling").
         # Not an upgrade, then: the Upgrade header goes as any hop-by-hop header does.
-        if upgrade and any(item.partition(b"/")[0] == b"h2c" for item in comma_values(headers, b"upgrade")):
+        # Drafts' tokens too ("h2c-14"), and "HTTP/2.0".
+        if upgrade and any(item.startswith((b"h2c", b"http/2")) for item in comma_values(headers, b"upgrade")):
             upgrade = False
     expect_continue = (
         b"expect" in names and http_version >= b"1.1" and b"100-continue" in comma_values(headers, b"expect")
