@@ -70,6 +70,14 @@ async def serve_connection(down: Downstream, state: ServerState) -> None:
                     return
                 if not await handle_request(down, head, state):
                     return
+                # Backpressure between requests: small responses never wait for the
+                # client inside the relay, so a client that pipelines requests and reads
+                # nothing would have every answer fetched and kept. The next request is
+                # read once the client has taken what is queued below the high-water mark.
+                try:
+                    await down.drain()
+                except (ConnectionError, TimeoutError):
+                    return
         finally:
             await down.channel.close_and_wait(CLOSE_WAIT)
 

@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover
 _CTL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
 # Largest Content-Length every upstream reads the same (2^53: exact in a double).
 MAX_CONTENT_LENGTH = (1 << 53) - 1
+_CONTENT_LENGTH_MAX_DIGITS = 20  # h11.CONTENT_LENGTH_MAX_DIGITS
 # Framing names an upstream may also match with "_" for "-".
 _FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection"})
 # Host (RFC 9110 7.2, RFC 3986 3.2.2): a reg-name or IPv4 address of unreserved
@@ -118,6 +119,11 @@ def request_head(
     ``names``: the header names in order, when the caller has them already."""
     # Names and values apart (C-level), so size, control bytes and the few names that
     # matter are each one pass in C rather than a Python loop over every header.
+    if method.upper() == b"CONNECT":
+        # A reverse proxy has no tunnel to offer: forwarded, an upstream's 2xx would tell
+        # the client a tunnel opened (h11 then stops parsing the connection as HTTP,
+        # llhttp does not). Refused like anything else the proxy will not frame.
+        raise BadRequest("malformed request: CONNECT is not served here (this is a reverse proxy)")
     if names is None:
         names, values = zip(*headers) if headers else ((), ())
     else:
@@ -135,6 +141,8 @@ def request_head(
     if b"content-length" in names:
         for name, value in headers:
             if name == b"content-length":
+                if len(value) > _CONTENT_LENGTH_MAX_DIGITS:  # h11's limit: both engines refuse alike
+                    raise BadRequest("malformed request: Content-Length longer than 20 digits")
                 content_length = int(value)
         if content_length > MAX_CONTENT_LENGTH:
             raise BadRequest("malformed request: Content-Length of 2^53 or more")
@@ -157,6 +165,13 @@ def request_head(
             if name == b"connection" and b"upgrade" in value.lower():
                 upgrade = True
                 break
+        # h2c is cleartext HTTP/2 only (RFC 9113 deprecates even that): over TLS an
+        # "Upgrade: h2c" is never legitimate, and tunnelling it would let the client's
+        # HTTP/2 streams reach the upstream unrouted and unauthorised ("h2c smuggling").
+        # Not an upgrade, then: the Upgrade header goes as any hop-by-hop header does.
+        # Drafts' tokens too ("h2c-14"), and "HTTP/2.0".
+        if upgrade and any(item.startswith((b"h2c", b"http/2")) for item in comma_values(headers, b"upgrade")):
+            upgrade = False
     expect_continue = (
         b"expect" in names and http_version >= b"1.1" and b"100-continue" in comma_values(headers, b"expect")
     )
