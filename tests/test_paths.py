@@ -147,3 +147,21 @@ def test_normalising_twice_changes_nothing(target):
 def test_plain_targets_come_back_as_the_same_bytes_object(target):
     raw = target.encode()
     assert normalize_target(raw).target is raw  # the fast path copies nothing
+
+
+def test_recent_targets_are_remembered_within_bounds_and_refusals_never() -> None:
+    from proxy.forwarding import paths
+
+    paths._SEEN.clear()
+    first = normalize_target(b"/a//b")
+    assert normalize_target(b"/a//b") is first  # the remembered object, not a second normalisation
+    for _ in range(2):
+        with pytest.raises(BadRequest):
+            normalize_target(b"/a%2fb")
+    assert b"/a%2fb" not in paths._SEEN
+    long_target = b"/x" * 200
+    normalize_target(long_target)
+    assert long_target not in paths._SEEN
+    for number in range(paths._SEEN_MAX + 10):
+        normalize_target(b"/n/%d" % number)
+    assert len(paths._SEEN) <= paths._SEEN_MAX

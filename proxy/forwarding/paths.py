@@ -54,11 +54,12 @@ class RequestPath:
                 sent: what goes upstream. Both have the same segments, in order.
     """
 
-    __slots__ = ("path", "target")
+    __slots__ = ("path", "target", "lowered")
 
     def __init__(self, path: str, target: bytes) -> None:
         self.path = path
         self.target = target
+        self.lowered = path.lower()  # what prefixes are matched against (case-insensitively)
 
     def __repr__(self) -> str:
         return f"RequestPath({self.path!r}, {self.target!r})"
@@ -67,8 +68,28 @@ class RequestPath:
         return isinstance(other, RequestPath) and (self.path, self.target) == (other.path, other.target)
 
 
+# Targets seen recently -> their RequestPath (immutable): clients repeat the same few
+# URLs, and a dict lookup costs a tenth of normalising again. Bounded in entries and in
+# the length of a target kept; refused targets are never kept (they raise each time).
+_SEEN: dict[bytes, RequestPath] = {}
+_SEEN_MAX = 4096
+_SEEN_TARGET_MAX = 256
+
+
 def normalize_target(target: bytes) -> RequestPath:
     """The ``RequestPath`` for a request target as it arrived, or ``BadRequest``."""
+    seen = _SEEN.get(target)
+    if seen is not None:
+        return seen
+    result = _normalize_target(target)
+    if len(target) <= _SEEN_TARGET_MAX:
+        if len(_SEEN) >= _SEEN_MAX:
+            _SEEN.clear()
+        _SEEN[target] = result
+    return result
+
+
+def _normalize_target(target: bytes) -> RequestPath:
     path, mark, query = target.partition(b"?")
     if _PLAIN_PATH.fullmatch(path) and (not query or _PLAIN_QUERY.fullmatch(query)):
         return RequestPath(path.decode("ascii"), target)  # the fast path: nothing to do

@@ -98,7 +98,7 @@ class Router:
         """The service for this Host header value and normalised request path, or None
         when nothing matches (the caller answers 404)."""
         table = self._table_for(host)
-        lowered = path.path.lower()
+        lowered = path.lowered
         for candidate in table:
             if candidate.matches(lowered):
                 return candidate.service
@@ -158,7 +158,7 @@ def upstream_target(service: Service, path: RequestPath) -> bytes:
     if not service.strip_prefix:
         return target
     prefix = match_prefix(service.path_prefix).rstrip("/")
-    if not prefix or not path.path.lower().startswith(prefix):
+    if not prefix or not path.lowered.startswith(prefix):
         return target  # nothing to strip, or not routed here by prefix: leave it alone
     # routed and forwarded paths have the same segments: drop as many as the prefix has
     end = 0
