@@ -309,6 +309,16 @@ class TLSChannel(Channel):
             return
         await super().close_and_wait(timeout)
 
+    def _send_close_notify(self) -> None:
+        """What is queued and then close_notify, in one write."""
+        records = self._encrypt_queued()
+        try:
+            self.ssl_object.unwrap()
+        except ssl.SSLError:
+            pass  # SSLWantReadError: the peer's close_notify is not awaited
+        records.append(self._outgoing.read())
+        self._write_records(records)
+
     def shutdown_write(self) -> None:
         """What is queued, then close_notify, then a FIN: the TLS half-close (the peer
         may go on sending; ``ssl`` reads after our close_notify as before)."""
@@ -316,13 +326,7 @@ class TLSChannel(Channel):
         if transport is None or self.closed or transport.is_closing() or self.write_shut:
             return
         if self._handshaken:
-            records = self._encrypt_queued()
-            try:
-                self.ssl_object.unwrap()
-            except ssl.SSLError:
-                pass  # SSLWantReadError: the peer's close_notify is not awaited
-            records.append(self._outgoing.read())
-            self._write_records(records)
+            self._send_close_notify()
         self.write_shut = True
         if transport.can_write_eof():
             transport.write_eof()
@@ -334,11 +338,5 @@ class TLSChannel(Channel):
         if transport is None or transport.is_closing():
             return
         if self._handshaken and not self.closed and not self.write_shut:
-            records = self._encrypt_queued()
-            try:
-                self.ssl_object.unwrap()
-            except ssl.SSLError:
-                pass  # SSLWantReadError: the peer's close_notify is not awaited
-            records.append(self._outgoing.read())
-            self._write_records(records)
+            self._send_close_notify()
         transport.close()
