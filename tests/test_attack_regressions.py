@@ -8,17 +8,18 @@ that records exactly what reached it; every wait is bounded.
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import struct
-import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from upstream import WAIT, ProxyThread, proxy_config, service
+from upstream import WAIT, ProxyThread, RawUpstream, proxy_config, recv_head, recv_until_closed, service, tls_connect
 
-from proxy.config.model import AllowEntry, ClientAuthSettings, ServiceClientAuth, Upstream
+from proxy.config.model import AllowEntry, ClientAuthSettings, ServiceClientAuth
 
 pytestmark = pytest.mark.both_engines
 
@@ -26,63 +27,29 @@ SECRET = b"LEDGER-BALANCE-SECRET"
 BILLING_ONLY = ServiceClientAuth(require=True, allow=(AllowEntry("cn", "billing"),))
 
 
-class RawUpstream:
+class RecordingUpstream(RawUpstream):
     """A TCP upstream on 127.0.0.1 running ``handler(sock, received)`` per connection;
     ``received`` (one bytearray per connection) is everything the proxy sent it."""
 
     def __init__(self, handler: Callable[[socket.socket, bytearray], None]) -> None:
+        super().__init__()
         self.handler = handler
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.received: list[bytearray] = []
-        self._threads: list[threading.Thread] = []
-        self._accepting = threading.Thread(target=self._accept, daemon=True)
-        self._accepting.start()
-
-    def model(self) -> Upstream:
-        return Upstream(f"http://127.0.0.1:{self.port}", "127.0.0.1", self.port)
 
     def all_received(self) -> bytes:
         return b"".join(bytes(chunk) for chunk in self.received)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            received = bytearray()
-            self.received.append(received)
-            thread = threading.Thread(target=self._serve, args=(conn, received), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket, received: bytearray) -> None:
-        conn.settimeout(WAIT)
-        with conn:
-            try:
-                self.handler(conn, received)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (Linux)
-        except OSError:
-            pass
-        self.sock.close()
-        self._accepting.join(WAIT)
-        for thread in self._threads:
-            thread.join(WAIT)
+    def _serve(self, conn: socket.socket) -> None:
+        received = bytearray()
+        self.received.append(received)
+        self.handler(conn, received)
 
 
 def read_head(conn: socket.socket, received: bytearray) -> bytes | None:
     """Receive until ``received`` holds a whole head; the head, or None at EOF."""
-    while b"\r\n\r\n" not in received:
-        data = conn.recv(65536)
-        if not data:
-            return None
-        received += data
+    received.extend(recv_head(conn, bytes(received))[len(received):])
+    if b"\r\n\r\n" not in received:
+        return None
     return bytes(received[: received.index(b"\r\n\r\n") + 4])
 
 
@@ -91,7 +58,7 @@ def billing(pki):
     return pki.leaf("billing", "spiffe://test.local/billing", client=True, cn="billing")
 
 
-def ledger_layout(pki, raw: RawUpstream, tmp_path: Path, **overrides) -> ProxyThread:
+def ledger_layout(pki, raw: RecordingUpstream, tmp_path: Path, **overrides) -> ProxyThread:
     services = [
         service("ledger", raw.model(), path_prefix="/ledger", client_auth=BILLING_ONLY),
         service("public", raw.model()),
@@ -100,32 +67,27 @@ def ledger_layout(pki, raw: RawUpstream, tmp_path: Path, **overrides) -> ProxyTh
     return ProxyThread(proxy_config(pki, services, tmp_path, client_auth=client_auth, **overrides))
 
 
-def connect(pki, port: int, cert=None) -> ssl.SSLSocket:
-    context = ssl.create_default_context(cafile=str(pki.ca_pem))
-    if cert:
-        context.load_cert_chain(str(cert[0]), str(cert[1]))
-    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-    return context.wrap_socket(sock, server_hostname="localhost")
-
-
-def read_response_head(tls: ssl.SSLSocket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = tls.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def read_until_close(tls: ssl.SSLSocket) -> bytes:
-    chunks = []
-    try:
-        while chunk := tls.recv(65536):
-            chunks.append(chunk)
-    except (ConnectionResetError, ssl.SSLError, TimeoutError):
-        pass  # reset, or never closed within the socket's timeout: what came counts
-    return b"".join(chunks)
+    # a reset, or never closed within the socket's timeout: what came counts
+    return recv_until_closed(tls, ends=(ConnectionResetError, ssl.SSLError, TimeoutError))
+
+
+def slow_reader(pki, port: int) -> ssl.SSLSocket:
+    """A TLS client that reads nothing, its receive buffer shrunk to 4 KiB."""
+    return tls_connect(pki, port, rcvbuf=4096)
+
+
+def download_bytes_once_still(upstream) -> int:
+    """No event says every buffer on the way is full: wait (bounded) until the
+    upstream's /download byte count stops moving, i.e. backpressure reached it; that count."""
+    sent = -1
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        if upstream.download_bytes_sent == sent:
+            break
+        sent = upstream.download_bytes_sent
+    return sent
 
 
 # -- 1. h2c upgrade: a tunnel straight to the upstream, past routing and the allow-list
@@ -171,29 +133,25 @@ def test_h2c_upgrade_is_not_tunnelled_past_the_allow_list(pki, tmp_path, token):
     upstream, unrouted and unauthorised (the "h2c smuggling" bypass). h2c is cleartext
     HTTP/2 only (RFC 9113 deprecates the upgrade): over TLS it is never legitimate, so
     the Upgrade must not be forwarded."""
-    raw = RawUpstream(h2c_upstream)
-    try:
-        with ledger_layout(pki, raw, tmp_path) as px:
-            with connect(pki, px.port) as tls:
-                tls.sendall(
-                    b"GET /public HTTP/1.1\r\nHost: localhost\r\n"
-                    b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: " + token + b"\r\n"
-                    b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
-                )
-                head = read_response_head(tls)
-                got = head
-                if head.startswith(b"HTTP/1.1 101"):
-                    tls.sendall(H2_LEDGER_REQUEST)
-                    tls.settimeout(5)
-                    try:
-                        got += tls.recv(65536)
-                    except TimeoutError:
-                        pass
-            assert SECRET not in got, "the ledger answered through an h2c tunnel without a certificate"
-            assert not head.startswith(b"HTTP/1.1 101"), head
-            assert b"\r\nupgrade:" not in raw.all_received().lower()
-    finally:
-        raw.close()
+    with RecordingUpstream(h2c_upstream) as raw, ledger_layout(pki, raw, tmp_path) as px:
+        with tls_connect(pki, px.port) as tls:
+            tls.sendall(
+                b"GET /public HTTP/1.1\r\nHost: localhost\r\n"
+                b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: " + token + b"\r\n"
+                b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+            )
+            head = recv_head(tls)
+            got = head
+            if head.startswith(b"HTTP/1.1 101"):
+                tls.sendall(H2_LEDGER_REQUEST)
+                tls.settimeout(5)
+                try:
+                    got += tls.recv(65536)
+                except TimeoutError:
+                    pass
+        assert SECRET not in got, "the ledger answered through an h2c tunnel without a certificate"
+        assert not head.startswith(b"HTTP/1.1 101"), head
+        assert b"\r\nupgrade:" not in raw.all_received().lower()
 
 
 # -- 2. memory per slow client: SPEC section 4 bounds it at 256 KiB of response data
@@ -215,22 +173,9 @@ def test_a_client_that_stops_reading_holds_at_most_256_kib_in_the_proxy(pki, ups
     from proxy.server.channel import Channel
 
     with ProxyThread(proxy_config(pki, service("public", upstream), tmp_path)) as px:
-        raw = socket.create_connection(("127.0.0.1", px.port), timeout=WAIT)
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client reads nothing
-        context = ssl.create_default_context(cafile=str(pki.ca_pem))
-        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+        with slow_reader(pki, px.port) as tls:
             tls.sendall(b"GET /download?size=200000000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            # No event says "every buffer on the way is full": wait (bounded) until the
-            # upstream's byte count stops moving, i.e. backpressure reached it.
-            import time
-
-            sent = -1
-            deadline = time.monotonic() + WAIT
-            while time.monotonic() < deadline:
-                time.sleep(0.25)
-                if upstream.download_bytes_sent == sent:
-                    break
-                sent = upstream.download_bytes_sent
+            sent = download_bytes_once_still(upstream)
             assert 0 < sent < 200_000_000, "backpressure never reached the upstream"
             held = px.call(_hold(Channel))
             assert held <= 256 * 1024 + 64 * 1024, f"{held} bytes of one response held in the proxy"
@@ -261,17 +206,13 @@ def test_connect_with_a_path_is_refused_and_never_reaches_the_upstream(pki, tmp_
     stopped reading the client (the connection hung until its idle timeout) while
     httptools went on parsing HTTP: the client was told a tunnel opened that did not
     exist. The proxy must refuse it itself and close."""
-    raw = RawUpstream(connect_upstream)
-    try:
-        with ledger_layout(pki, raw, tmp_path) as px:
-            with connect(pki, px.port) as tls:
-                tls.settimeout(5)  # a correct answer closes at once; bounds the failing case
-                tls.sendall(method + b" /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
-                response = read_until_close(tls)
-            assert response.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 405 ")), response[:200]
-            assert not any(chunk.upper().startswith(b"CONNECT") for chunk in raw.received), raw.all_received()[:200]
-    finally:
-        raw.close()
+    with RecordingUpstream(connect_upstream) as raw, ledger_layout(pki, raw, tmp_path) as px:
+        with tls_connect(pki, px.port) as tls:
+            tls.settimeout(5)  # a correct answer closes at once; bounds the failing case
+            tls.sendall(method + b" /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            response = read_until_close(tls)
+        assert response.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 405 ")), response[:200]
+        assert not any(chunk.upper().startswith(b"CONNECT") for chunk in raw.received), raw.all_received()[:200]
 
 
 # -- 4. engine parity on Content-Length spelling
@@ -288,17 +229,13 @@ def test_a_content_length_of_more_than_20_digits_is_refused_by_both_engines(pki,
     ``00000000000000000000000000004`` and forwarded it verbatim, so the two engines
     (which the README says refuse exactly the same requests) disagreed, and an upstream
     with h11's limit answered 400 to what the proxy had accepted."""
-    raw = RawUpstream(recording_upstream)
-    try:
-        with ledger_layout(pki, raw, tmp_path) as px:
-            with connect(pki, px.port) as tls:
-                tls.settimeout(5)
-                tls.sendall(b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: " + b"0" * 28 + b"4\r\n\r\nabcd")
-                response = read_until_close(tls)
-            assert response.startswith(b"HTTP/1.1 400 "), response[:200]
-            assert raw.all_received() == b""
-    finally:
-        raw.close()
+    with RecordingUpstream(recording_upstream) as raw, ledger_layout(pki, raw, tmp_path) as px:
+        with tls_connect(pki, px.port) as tls:
+            tls.settimeout(5)
+            tls.sendall(b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: " + b"0" * 28 + b"4\r\n\r\nabcd")
+            response = read_until_close(tls)
+        assert response.startswith(b"HTTP/1.1 400 "), response[:200]
+        assert raw.all_received() == b""
 
 
 # -- 5. pipelined requests from a client that reads nothing: memory without bound
@@ -314,19 +251,13 @@ def test_pipelined_requests_from_a_client_that_never_reads_are_not_answered_into
 
     count, size = 12000, 8000
     with ProxyThread(proxy_config(pki, service("public", upstream), tmp_path)) as px:
-        raw = socket.create_connection(("127.0.0.1", px.port), timeout=WAIT)
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        context = ssl.create_default_context(cafile=str(pki.ca_pem))
-        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+        with slow_reader(pki, px.port) as tls:
             requests = b"".join(
                 b"GET /download?size=%d&i=%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % (size, i) for i in range(count)
             )
             # Send what the proxy will take; it stops taking once it stops reading.
             tls.setblocking(False)
             sent = 0
-            import select
-            import time
-
             while sent < len(requests):
                 if not select.select([], [tls], [], 2.0)[1]:
                     break  # the proxy stopped reading requests: backpressure
@@ -334,15 +265,7 @@ def test_pipelined_requests_from_a_client_that_never_reads_are_not_answered_into
                     sent += tls.send(requests[sent : sent + 16384])
                 except (ssl.SSLWantWriteError, BlockingIOError):
                     continue
-            # No event says every buffer on the way is full: wait (bounded) until the
-            # upstream's byte count stops moving.
-            moved = -1
-            deadline = time.monotonic() + WAIT
-            while time.monotonic() < deadline:
-                time.sleep(0.25)
-                if upstream.download_bytes_sent == moved:
-                    break
-                moved = upstream.download_bytes_sent
+            moved = download_bytes_once_still(upstream)
             held = px.call(_hold(Channel))
             assert held <= 2 * 1024 * 1024, (
                 f"{held} bytes held in the proxy for one connection that reads nothing "

@@ -5,11 +5,13 @@ the certificates the new generation serves."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import http.client
 import json
 import ssl
+from collections.abc import Iterator
 
 import pytest
 from test_metrics import parse_exposition
@@ -57,6 +59,17 @@ class Client:
         self.http.close()
 
 
+@contextlib.contextmanager
+def connected(pki, config, cert) -> Iterator[tuple[ProxyThread, Client]]:
+    """A proxy running ``config`` and one keep-alive ``Client`` to it presenting ``cert``."""
+    with ProxyThread(config) as px:
+        client = Client(pki, px.port, cert)
+        try:
+            yield px, client
+        finally:
+            client.close()
+
+
 async def _reload(px: ProxyThread, config) -> bool:
     return px.running.reload(config)
 
@@ -70,43 +83,31 @@ def test_reload_that_narrows_the_allow_list_refuses_the_next_request_on_an_open_
     pki, upstream, tmp_path, alice, how
 ):
     config = config_for(pki, upstream, tmp_path, allow("alice", "bob"))
-    with ProxyThread(config) as px:
-        client = Client(pki, px.port, alice)
-        try:
-            assert client.get("/echo")[0] == 200
-            assert px.call(how(px, config_for(pki, upstream, tmp_path, allow("bob")))) is True
-            status, body = client.get("/echo")
-            assert status == 403 and b"CN=alice" in body
-        finally:
-            client.close()
+    with connected(pki, config, alice) as (px, client):
+        assert client.get("/echo")[0] == 200
+        assert px.call(how(px, config_for(pki, upstream, tmp_path, allow("bob")))) is True
+        status, body = client.get("/echo")
+        assert status == 403 and b"CN=alice" in body
     assert len(upstream.requests) == 1
 
 
 def test_a_client_still_allowed_after_the_reload_keeps_its_connection(pki, upstream, tmp_path, alice):
     config = config_for(pki, upstream, tmp_path, allow("alice", "bob"))
-    with ProxyThread(config) as px:
-        client = Client(pki, px.port, alice)
-        try:
-            assert client.get("/echo")[0] == 200
-            assert px.call(_reload(px, config_for(pki, upstream, tmp_path, allow("alice")))) is True
-            assert client.get("/echo")[0] == 200
-        finally:
-            client.close()
+    with connected(pki, config, alice) as (px, client):
+        assert client.get("/echo")[0] == 200
+        assert px.call(_reload(px, config_for(pki, upstream, tmp_path, allow("alice")))) is True
+        assert client.get("/echo")[0] == 200
     assert upstream.accepts == 1 and len(upstream.requests) == 2
 
 
 def test_identity_headers_are_rendered_again_after_a_reload_changes_forward(pki, upstream, tmp_path, alice):
     config = config_for(pki, upstream, tmp_path, allow("alice"), forward="xfcc")
-    with ProxyThread(config) as px:
-        client = Client(pki, px.port, alice)
-        try:
-            before = dict(json.loads(client.get("/echo")[1])["headers"])
-            assert "x-forwarded-client-cert" in before
-            reloaded = config_for(pki, upstream, tmp_path, allow("alice"), forward="headers")
-            assert px.call(_reload(px, reloaded)) is True
-            after = dict(json.loads(client.get("/echo")[1])["headers"])
-        finally:
-            client.close()
+    with connected(pki, config, alice) as (px, client):
+        before = dict(json.loads(client.get("/echo")[1])["headers"])
+        assert "x-forwarded-client-cert" in before
+        reloaded = config_for(pki, upstream, tmp_path, allow("alice"), forward="headers")
+        assert px.call(_reload(px, reloaded)) is True
+        after = dict(json.loads(client.get("/echo")[1])["headers"])
     assert "x-forwarded-client-cert" not in after
     assert after["x-client-cert-subject"] == "CN=alice"
 
@@ -159,17 +160,13 @@ def test_a_reloaded_crl_applies_to_open_connections(pki, upstream, tmp_path, ali
     connection whose handshake accepted it; revoking someone else changes nothing."""
     bob = pki.leaf("bob", client=True, cn="bob")
     config = config_for(pki, upstream, tmp_path, allow("alice"))
-    with ProxyThread(config) as px:
-        client = Client(pki, px.port, alice)
-        try:
-            assert client.get("/echo")[0] == 200
-            crl = pki.crl([alice[0] if revoke_alice else bob[0]])
-            revoked = dataclasses.replace(config, client_auth=dataclasses.replace(config.client_auth, crl=crl))
-            with proxy_log_waiter("no longer accepted") as waiter:
-                assert px.call(_reload(px, revoked)) is True
-                status, body = client.get("/echo")
-        finally:
-            client.close()
+    with connected(pki, config, alice) as (px, client):
+        assert client.get("/echo")[0] == 200
+        crl = pki.crl([alice[0] if revoke_alice else bob[0]])
+        revoked = dataclasses.replace(config, client_auth=dataclasses.replace(config.client_auth, crl=crl))
+        with proxy_log_waiter("no longer accepted") as waiter:
+            assert px.call(_reload(px, revoked)) is True
+            status, body = client.get("/echo")
     if revoke_alice:
         assert status == 403 and b"certificate" in body
         assert any("revoked" in message for message in waiter.messages), waiter.messages

@@ -31,7 +31,17 @@ from pathlib import Path
 
 import pytest
 
-from upstream import WAIT, ProxyThread, TestUpstream, pattern, pattern_sha256, proxy_config, service
+from upstream import (
+    WAIT,
+    ProxyThread,
+    TestUpstream,
+    pattern,
+    pattern_sha256,
+    proxy_config,
+    recv_head,
+    service,
+    tls_connect,
+)
 
 pytestmark = pytest.mark.both_engines
 
@@ -141,9 +151,11 @@ class Sender:
         self.thread.join(WAIT)
 
 
-class RawUpstream:
+class StallingUpstream:
     """One-connection upstream on a thread: reads the request head, then either streams a
-    TOTAL-byte response (``respond=True``) or stops reading the request body."""
+    TOTAL-byte response (``respond=True``) or stops reading the request body. (Not an
+    ``upstream.RawUpstream``: its buffer sizes are set on the listener, and its connection
+    outlives the thread that accepted it, the Sender writing on it.)"""
 
     def __init__(self, *, respond: bool) -> None:
         self.listener = socket.socket()
@@ -199,7 +211,7 @@ class RawUpstream:
 
 
 @contextlib.contextmanager
-def proxy_to(pki, tmp_path: Path, up: RawUpstream) -> Iterator[tuple[ProxyThread, list]]:
+def proxy_to(pki, tmp_path: Path, up: StallingUpstream) -> Iterator[tuple[ProxyThread, list]]:
     """A proxy in front of ``up``, recording the upstream connections it lends."""
     from proxy.config.model import Service
 
@@ -215,18 +227,6 @@ def proxy_to(pki, tmp_path: Path, up: RawUpstream) -> Iterator[tuple[ProxyThread
 
         pool.acquire = recording_acquire
         yield px, lent
-
-
-def tls_client(pki, port: int, rcvbuf: int = 0, sndbuf: int = 0) -> ssl.SSLSocket:
-    raw = socket.socket()
-    if rcvbuf:
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    if sndbuf:
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-    raw.settimeout(WAIT)
-    raw.connect(("127.0.0.1", port))
-    context = ssl.create_default_context(cafile=str(pki.ca_pem))
-    return context.wrap_socket(raw, server_hostname="localhost")
 
 
 def inside(px: ProxyThread, lent: list) -> dict:
@@ -249,28 +249,38 @@ def inside(px: ProxyThread, lent: list) -> dict:
     return px.call(look())
 
 
+def stopped_both_ways(px: ProxyThread, lent: list, up: StallingUpstream, sender: Sender, who: str,
+                      paused: tuple[str, str]) -> tuple[dict, int]:
+    """At each stall of ``sender`` (``who`` is sending), once the proxy has reached the
+    upstream: the proxy holds at most BOUND. Returns at the first stall where both
+    ``paused`` flags are set and the sender is still blocked: the look inside then, and
+    the bytes the sender had sent."""
+    seen = 0
+    while True:
+        assert sender.wait_block(seen), f"the {who} never stalled (sent {sender.sent})"
+        seen = sender.blocks
+        if not lent or not up.ready.is_set():
+            continue
+        state = inside(px, lent)
+        assert state["held"] <= BOUND, state
+        if all(state[flag] for flag in paused):
+            with sender.changed:
+                if sender.blocked:
+                    return state, sender.sent
+
+
 def test_a_client_that_stops_reading_stops_the_upstream(pki, tmp_path: Path) -> None:
-    up = RawUpstream(respond=True)
+    up = StallingUpstream(respond=True)
     client = None
     try:
         with proxy_to(pki, tmp_path, up) as (px, lent):
-            client = tls_client(pki, px.port, rcvbuf=SMALL_BUFFER)
+            client = tls_connect(pki, px.port, rcvbuf=SMALL_BUFFER)
             client.sendall(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n")
             received = client.recv(4096)  # the head (and maybe some body): then it stops reading
             assert received.startswith(b"HTTP/1.1 200")
             assert up.ready.wait(WAIT)
-            sender = up.sender
-            seen = 0
-            while True:
-                assert sender.wait_block(seen), f"the upstream never stalled (sent {sender.sent})"
-                seen = sender.blocks
-                state = inside(px, lent)
-                assert state["held"] <= BOUND, state
-                if state["up_reading_paused"] and state["down_writing_paused"]:
-                    with sender.changed:
-                        if sender.blocked:
-                            sent = sender.sent
-                            break
+            state, sent = stopped_both_ways(px, lent, up, up.sender, "upstream",
+                                            ("up_reading_paused", "down_writing_paused"))
             # Every byte the upstream sent is in a kernel queue, read by the client, or
             # inside the proxy: that last part within BOUND.
             in_kernel = outq(up.conn) + state["kernel_proxy"] + inq(client)
@@ -283,28 +293,17 @@ def test_a_client_that_stops_reading_stops_the_upstream(pki, tmp_path: Path) -> 
 
 
 def test_an_upstream_that_stops_reading_stops_the_client(pki, tmp_path: Path) -> None:
-    up = RawUpstream(respond=False)
+    up = StallingUpstream(respond=False)
     client = None
     sender = None
     try:
         with proxy_to(pki, tmp_path, up) as (px, lent):
-            client = tls_client(pki, px.port, sndbuf=SMALL_BUFFER)
+            client = tls_connect(pki, px.port, sndbuf=SMALL_BUFFER)
             client.setblocking(False)
             head = b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % TOTAL
             sender = Sender(client, head, TOTAL).start()
-            seen = 0
-            while True:
-                assert sender.wait_block(seen), f"the client never stalled (sent {sender.sent})"
-                seen = sender.blocks
-                if not lent or not up.ready.is_set():
-                    continue
-                state = inside(px, lent)
-                assert state["held"] <= BOUND, state
-                if state["down_reading_paused"] and state["up_writing_paused"]:
-                    with sender.changed:
-                        if sender.blocked:
-                            sent = sender.sent
-                            break
+            state, sent = stopped_both_ways(px, lent, up, sender, "client",
+                                            ("down_reading_paused", "up_writing_paused"))
             in_kernel = outq(client) + state["kernel_proxy"] + inq(up.conn)
             assert sent - in_kernel - up.body_read <= BOUND, (sent, in_kernel, state)
             assert sent < TOTAL // 2
@@ -319,13 +318,10 @@ def test_an_upstream_that_stops_reading_stops_the_client(pki, tmp_path: Path) ->
 def test_a_reading_client_gets_a_large_response_intact(pki, tmp_path: Path) -> None:
     size = 1024 * KIB + 7
     with TestUpstream() as upstream, ProxyThread(proxy_config(pki, service("app", upstream), tmp_path)) as px:
-        client = tls_client(pki, px.port)
+        client = tls_connect(pki, px.port)
         with client:
             client.sendall(b"GET /download?size=%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % size)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += client.recv(65536)
-            head, _, body = data.partition(b"\r\n\r\n")
+            head, _, body = recv_head(client).partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200") and b"content-length: %d" % size in head.lower()
             digest = hashlib.sha256(body)
             got = len(body)
@@ -340,15 +336,12 @@ def test_a_reading_client_gets_a_large_response_intact(pki, tmp_path: Path) -> N
 def test_a_large_upload_arrives_intact(pki, tmp_path: Path) -> None:
     size = 4 * 1024 * KIB + 3
     with TestUpstream() as upstream, ProxyThread(proxy_config(pki, service("app", upstream), tmp_path)) as px:
-        client = tls_client(pki, px.port)
+        client = tls_connect(pki, px.port)
         with client:
             client.sendall(b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % size)
             for piece in pattern(size):
                 client.sendall(piece)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += client.recv(65536)
-            head, _, body = data.partition(b"\r\n\r\n")
+            head, _, body = recv_head(client).partition(b"\r\n\r\n")
             length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
             while len(body) < length:
                 body += client.recv(65536)

@@ -4,9 +4,7 @@ request body holds its upstream connection for at most ``timeouts.request_header
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import ssl
 import threading
 import time
 from collections import Counter
@@ -14,91 +12,54 @@ from collections import Counter
 import h11
 import pytest
 import requests
-from upstream import WAIT, ProxyThread, TestUpstream, proxy_config, service
+from upstream import (
+    WAIT,
+    ProxyThread,
+    RawUpstream,
+    TestUpstream,
+    next_event,
+    proxy_config,
+    recv_head,
+    recv_until_closed,
+    service,
+    tls_connect,
+)
 
-from proxy.config.model import Timeouts, Upstream
+from proxy.config.model import Timeouts
 from proxy.server.upstream_pool import UpstreamPool
 
 pytestmark = pytest.mark.both_engines
 
 
-class ClosingUpstream:
+class ClosingUpstream(RawUpstream):
     """Answers a connection's first request; on its second, reads it whole, counts it
     and closes without answering (a keep-alive connection that died just then)."""
 
     def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
+        super().__init__()
         self.seen: Counter[str] = Counter()  # method -> copies that reached this upstream
-        self.accepts = 0
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        thread = threading.Thread(target=self._accept, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-    def model(self) -> Upstream:
-        return Upstream(f"http://127.0.0.1:{self.port}", "127.0.0.1", self.port)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self.accepts += 1
-            self._conns.append(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
 
     def _serve(self, conn: socket.socket) -> None:
         http = h11.Connection(h11.SERVER)
-        conn.settimeout(WAIT)
-        try:
-            for index in range(2):
-                request = self._next(conn, http)
-                if not isinstance(request, h11.Request):
-                    return
-                while not isinstance(self._next(conn, http), h11.EndOfMessage):
-                    pass
-                self.seen[request.method.decode()] += 1
-                if index == 1:
-                    return  # read whole, never answered
-                body = b"ok\n"
-                conn.sendall(http.send(h11.Response(status_code=200, headers=[("content-length", str(len(body)))])))
-                conn.sendall(http.send(h11.Data(data=body)) + http.send(h11.EndOfMessage()))
-                http.start_next_cycle()
-        except (OSError, h11.ProtocolError):
-            return
-        finally:
-            conn.close()
-
-    @staticmethod
-    def _next(conn: socket.socket, http: h11.Connection):
-        while True:
-            event = http.next_event()
-            if event is h11.NEED_DATA:
-                http.receive_data(conn.recv(65536))
-                continue
-            return event
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        for conn in self._conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
-            thread.join(WAIT)
+        for index in range(2):
+            request = next_event(conn, http)
+            if not isinstance(request, h11.Request):
+                return
+            while not isinstance(next_event(conn, http), h11.EndOfMessage):
+                pass
+            self.seen[request.method.decode()] += 1
+            if index == 1:
+                return  # read whole, never answered
+            body = b"ok\n"
+            conn.sendall(http.send(h11.Response(status_code=200, headers=[("content-length", str(len(body)))])))
+            conn.sendall(http.send(h11.Data(data=body)) + http.send(h11.EndOfMessage()))
+            http.start_next_cycle()
 
 
 @pytest.fixture
 def closing():
-    up = ClosingUpstream()
-    yield up
-    up.close()
+    with ClosingUpstream() as up:
+        yield up
 
 
 @pytest.fixture
@@ -151,16 +112,11 @@ def test_slow_request_body_releases_the_upstream_after_request_header_timeout(pk
     with TestUpstream() as upstream, ProxyThread(
         proxy_config(pki, service("app", upstream), tmp_path, timeouts=timeouts)
     ) as px:
-        context = ssl.create_default_context(cafile=str(pki.ca_pem))
-        with socket.create_connection(("127.0.0.1", px.port), timeout=5) as raw:
-            with context.wrap_socket(raw, server_hostname="localhost") as tls:
-                started = time.monotonic()
-                tls.sendall(b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n0123456789")
-                answer = b""
-                with contextlib.suppress(ssl.SSLError, ConnectionResetError):
-                    while chunk := tls.recv(65536):
-                        answer += chunk
-                waited = time.monotonic() - started
+        with tls_connect(pki, px.port, timeout=5) as tls:
+            started = time.monotonic()
+            tls.sendall(b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n0123456789")
+            answer = recv_until_closed(tls)
+            waited = time.monotonic() - started
         assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer.lower()
         assert waited < 5  # bounded by request_header, not by idle (30 s)
         assert px.call(_idle_upstreams(px)) == 0  # closed, not pooled
@@ -172,47 +128,43 @@ async def _idle_upstreams(px):
     return px.running.state.pool.idle_count()
 
 
+class LateContinueUpstream(RawUpstream):
+    """Reads a request head, says ``100 Continue`` only once ``go`` is set, then answers
+    200 with the 5-byte body it read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = threading.Event()
+
+    def _serve(self, conn: socket.socket) -> None:
+        data = recv_head(conn)
+        self.go.wait(WAIT)
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = data.partition(b"\r\n\r\n")[2]
+        while len(body) < 5 and (chunk := conn.recv(65536)):
+            body += chunk
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body[:5])
+
+    def close(self) -> None:
+        self.go.set()
+        super().close()
+
+
 def test_a_client_waiting_for_a_late_100_continue_is_not_timed_out(pki, tmp_path):
     """request_header bounds the client's pauses in its body, not the upstream's delay
     before it says ``100 Continue`` (that is upstream_response's)."""
-    go = threading.Event()
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(WAIT)
-            data = b""
-            while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
-                data += chunk
-            go.wait(WAIT)
-            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-            body = data.partition(b"\r\n\r\n")[2]
-            while len(body) < 5 and (chunk := conn.recv(65536)):
-                body += chunk
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body[:5])
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
     timeouts = Timeouts(request_header=1.0)  # the client's own pause below must stay well inside it
-    up = Upstream(f"http://127.0.0.1:{port}", "127.0.0.1", port)
-    try:
-        with ProxyThread(proxy_config(pki, service("app", up), tmp_path, timeouts=timeouts)) as px:
-            context = ssl.create_default_context(cafile=str(pki.ca_pem))
-            with socket.create_connection(("127.0.0.1", px.port), timeout=WAIT) as raw:
-                with context.wrap_socket(raw, server_hostname="localhost") as tls:
-                    tls.sendall(b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
-                    time.sleep(2.5)  # the time under test: more than two request_header periods pass
-                    go.set()
-                    interim = tls.recv(65536)
-                    assert interim.startswith(b"HTTP/1.1 100 "), interim
-                    tls.sendall(b"hello")
-                    answer = b""
-                    while not answer.endswith(b"hello") and (chunk := tls.recv(65536)):
-                        answer += chunk
-                    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"hello"), answer
-    finally:
-        go.set()
-        listener.close()
-        thread.join(WAIT)
+    with LateContinueUpstream() as up, ProxyThread(
+        proxy_config(pki, service("app", up), tmp_path, timeouts=timeouts)
+    ) as px:
+        with tls_connect(pki, px.port) as tls:
+            tls.sendall(b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+            time.sleep(2.5)  # the time under test: more than two request_header periods pass
+            up.go.set()
+            interim = tls.recv(65536)
+            assert interim.startswith(b"HTTP/1.1 100 "), interim
+            tls.sendall(b"hello")
+            answer = b""
+            while not answer.endswith(b"hello") and (chunk := tls.recv(65536)):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"hello"), answer

@@ -4,36 +4,16 @@ once; the wait after cancelling the rest is bounded; a cancelled relay stays can
 from __future__ import annotations
 
 import asyncio
-import socket
-import ssl
 import threading
 import time
 
 import pytest
-from upstream import WAIT, ProxyThread, proxy_config, service
+from upstream import WAIT, ProxyThread, proxy_config, recv_until_closed, service, tls_connect
 
 from proxy.server import running as running_module
 from proxy.server.state import ServerState
 
 pytestmark = pytest.mark.both_engines
-
-
-def tls_socket(pki, port: int) -> ssl.SSLSocket:
-    context = ssl.create_default_context(cafile=str(pki.ca_pem))
-    return context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=WAIT), server_hostname="localhost")
-
-
-def read_until_closed(sock: ssl.SSLSocket) -> bytes:
-    chunks = []
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except (ssl.SSLError, ConnectionResetError):
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def wait_for(px: ProxyThread, condition) -> None:
@@ -66,14 +46,14 @@ def test_a_half_received_request_is_answered_at_shutdown_and_an_idle_one_closed(
     px = ProxyThread(proxy_config(pki, service("app", upstream), tmp_path))
     closed = None
     try:
-        with tls_socket(pki, px.port) as idle, tls_socket(pki, px.port) as partial:
+        with tls_connect(pki, px.port) as idle, tls_connect(pki, px.port) as partial:
             partial.sendall(b"GET /echo HTTP/1.1\r\nHost: loc")
             wait_for(px, lambda state: len(state.connections) == 2 and sum(t.idle for t in state.connections) == 1)
             closed = asyncio.run_coroutine_threadsafe(px.running.close(5.0), px.loop)
             assert shutdown_begun.wait(WAIT)
-            assert read_until_closed(idle) == b""  # nothing of a request: closed at once
+            assert recv_until_closed(idle) == b""  # nothing of a request: closed at once
             partial.sendall(b"alhost\r\n\r\n")
-            answer = read_until_closed(partial)
+            answer = recv_until_closed(partial)
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
         assert b"connection: close" in answer.lower()
         closed.result(WAIT)
@@ -141,12 +121,12 @@ def test_zero_shutdown_grace_stops_at_once(pki, upstream, tmp_path):
     """``shutdown_grace: 0`` means "stop at once" (config/proxy.yaml), not "wait forever"."""
     px = ProxyThread(proxy_config(pki, service("app", upstream), tmp_path))
     try:
-        with tls_socket(pki, px.port) as tls:
+        with tls_connect(pki, px.port) as tls:
             tls.sendall(b"GET /hang HTTP/1.1\r\nHost: localhost\r\n\r\n")
             wait_for(px, lambda state: any(r["target"] == "/hang" for r in upstream.requests))
             started = time.monotonic()
             px.call(px.running.close(0), WAIT)
             assert time.monotonic() - started < WAIT / 2
-            assert read_until_closed(tls) == b""  # cancelled: the connection is dropped
+            assert recv_until_closed(tls) == b""  # cancelled: the connection is dropped
     finally:
         px.close()

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 
 import pytest
 import requests
-from upstream import WAIT, ProxyThread, proxy_config, service
-
-from proxy.config.model import Upstream
+from upstream import WAIT, ProxyThread, RawUpstream, proxy_config, recv_head, service
 
 pytestmark = pytest.mark.both_engines
 
@@ -25,69 +22,30 @@ FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
 GENUINE = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ngenuine"
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(RawUpstream):
     """A raw-socket HTTP/1.1 upstream: each request (head only, no body) on any
     connection gets ``answers[target]`` in one send, ``GENUINE`` for other targets;
     ``accepts`` counts connections."""
 
     def __init__(self, answers: dict[bytes, bytes]) -> None:
+        super().__init__()
         self.answers = answers
-        self.accepts = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._conns: list[socket.socket] = []
-        self._threads = [threading.Thread(target=self._accept_loop, daemon=True)]
-        self._threads[0].start()
-
-    def model(self) -> Upstream:
-        return Upstream(f"http://127.0.0.1:{self.port}", "127.0.0.1", self.port)
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self.accepts += 1
-            self._conns.append(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
 
     def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(WAIT)
         buf = b""
-        with contextlib.suppress(OSError):
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                target = head.split(b" ", 2)[1]
-                conn.sendall(self.answers.get(target, GENUINE))
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        for conn in self._conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-        for thread in self._threads:
-            thread.join(WAIT)
+        while True:
+            buf = recv_head(conn, buf)
+            if b"\r\n\r\n" not in buf:
+                return
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            target = head.split(b" ", 2)[1]
+            conn.sendall(self.answers.get(target, GENUINE))
 
 
 @contextlib.contextmanager
 def proxy_in_front_of(pki, tmp_path, answers: dict[bytes, bytes]):
-    up = ScriptedUpstream(answers)
-    try:
-        with ProxyThread(proxy_config(pki, service("app", up.model()), tmp_path)) as px:
-            yield px, up
-    finally:
-        up.close()
+    with ScriptedUpstream(answers) as up, ProxyThread(proxy_config(pki, service("app", up), tmp_path)) as px:
+        yield px, up
 
 
 def fetch(pki, px: ProxyThread, method: str, path: str) -> requests.Response:

@@ -15,7 +15,10 @@ and that refused requests never reached it. Routes:
   /early               413 without reading the body, then close
   /close-reused        on a connection's 2nd request: read it whole, close without answering
 
+``RawUpstream`` is the bare part of it for tests that script an upstream's bytes
+themselves: listener, accept loop, a thread per connection running ``_serve(conn)``.
 ``pattern(n)`` / ``pattern_sha256(n)`` give the download bytes without keeping them.
+``tls_connect``, ``recv_head`` and ``recv_until_closed`` are the raw TLS client's steps.
 ``ProxyThread`` runs ``start_proxy`` on a uvloop loop in a background thread so the
 sync clients (requests, curl, node) can talk to it.
 """
@@ -28,9 +31,11 @@ import hashlib
 import json
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -65,10 +70,66 @@ def pattern_sha256(size: int) -> str:
     return digest.hexdigest()
 
 
-class TestUpstream:
-    """A threaded HTTP/1.1 upstream on 127.0.0.1 (port from the OS)."""
+def next_event(conn: socket.socket, http: h11.Connection):
+    """The next h11 event of ``http``, receiving on ``conn`` as it needs."""
+    while True:
+        event = http.next_event()
+        if event is h11.NEED_DATA:
+            http.receive_data(conn.recv(CHUNK))
+            continue
+        return event
 
-    __test__ = False  # not a test class, despite the name
+
+def tls_connect(pki, port: int, cert=None, *, timeout: float = WAIT, rcvbuf: int = 0,
+                sndbuf: int = 0) -> ssl.SSLSocket:
+    """A TLS connection to 127.0.0.1:``port`` trusting the session CA (SNI localhost),
+    presenting ``cert`` (a (cert, key) pair) if given; ``rcvbuf`` / ``sndbuf`` set the
+    socket's kernel buffers before it connects."""
+    context = ssl.create_default_context(cafile=str(pki.ca_pem))
+    if cert:
+        context.load_cert_chain(str(cert[0]), str(cert[1]))
+    sock = socket.socket()
+    try:
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if sndbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        sock.settimeout(timeout)
+        sock.connect(("127.0.0.1", port))
+        return context.wrap_socket(sock, server_hostname="localhost")
+    except BaseException:
+        sock.close()
+        raise
+
+
+def recv_head(sock: socket.socket, data: bytes = b"") -> bytes:
+    """Receive until ``data`` holds a whole HTTP head (through its blank line) or the
+    peer closes; everything received (a head without its blank line: EOF came first)."""
+    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+        data += chunk
+    return data
+
+
+def recv_until_closed(sock: socket.socket,
+                      ends: tuple[type[BaseException], ...] = (ssl.SSLError, ConnectionResetError)) -> bytes:
+    """Everything the peer sends until it closes; one of ``ends`` (a reset, a TLS
+    error) ends it too, and what came counts."""
+    chunks = []
+    with contextlib.suppress(*ends):
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class RawUpstream:
+    """A TCP upstream on 127.0.0.1 (port from the OS): accepts connections on a thread,
+    counting them in ``accepts``, and serves each on a thread of its own with
+    ``_serve(conn)``, which subclasses define (under a WAIT timeout; a socket error or
+    an HTTP protocol error ends the connection, which is then closed). ``close()``
+    (or leaving the ``with`` block) closes the listener and every connection.
+
+    Nothing connects before the constructor returns (nobody knows the port), so a
+    subclass may set its own fields after calling ``super().__init__()``."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -76,14 +137,7 @@ class TestUpstream:
         self.host = host
         self.port = self._listener.getsockname()[1]
         self.accepts = 0
-        self.closed_by_peer = 0  # connections the proxy closed (EOF between requests)
-        self.download_bytes_sent = 0  # /download body bytes the proxy has taken so far
-        self.requests: list[dict] = []
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._release = threading.Event()
-        self.holding = threading.Event()  # a /held request is waiting for let_go()
-        self._let_go = threading.Event()
         self._conns: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -99,7 +153,7 @@ class TestUpstream:
     def model(self) -> Upstream:
         return Upstream(self.url, self.host, self.port)
 
-    def __enter__(self) -> TestUpstream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -107,8 +161,6 @@ class TestUpstream:
 
     def close(self) -> None:
         self._closed = True
-        self._release.set()
-        self._let_go.set()
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         self._listener.close()
@@ -120,15 +172,6 @@ class TestUpstream:
         for thread in self._threads:
             thread.join(WAIT)
 
-    def let_go(self) -> None:
-        """Answer the /held requests."""
-        self._let_go.set()
-
-    def wait_closed_by_peer(self, count: int, timeout: float = WAIT) -> bool:
-        """Wait until the proxy has closed ``count`` connections to us."""
-        with self._changed:
-            return self._changed.wait_for(lambda: self.closed_by_peer >= count, timeout)
-
     def _accept_loop(self) -> None:
         while not self._closed:
             try:
@@ -138,18 +181,59 @@ class TestUpstream:
             with self._lock:
                 self.accepts += 1
                 self._conns.append(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            thread = threading.Thread(target=self._connection, args=(conn,), daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def _connection(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(WAIT)  # may fail: close() can shut the socket before we run
+            self._serve(conn)
+        except (OSError, h11.ProtocolError):
+            return
+        finally:
+            conn.close()
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class TestUpstream(RawUpstream):
+    """A threaded HTTP/1.1 upstream on 127.0.0.1 (port from the OS)."""
+
+    __test__ = False  # not a test class, despite the name
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__(host)
+        self.closed_by_peer = 0  # connections the proxy closed (EOF between requests)
+        self.download_bytes_sent = 0  # /download body bytes the proxy has taken so far
+        self.requests: list[dict] = []
+        self._changed = threading.Condition(self._lock)
+        self._release = threading.Event()
+        self.holding = threading.Event()  # a /held request is waiting for let_go()
+        self._let_go = threading.Event()
+
+    def close(self) -> None:
+        self._release.set()
+        self._let_go.set()
+        super().close()
+
+    def let_go(self) -> None:
+        """Answer the /held requests."""
+        self._let_go.set()
+
+    def wait_closed_by_peer(self, count: int, timeout: float = WAIT) -> bool:
+        """Wait until the proxy has closed ``count`` connections to us."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.closed_by_peer >= count, timeout)
 
     def _serve(self, conn: socket.socket) -> None:
         http = h11.Connection(h11.SERVER)
         served = 0
         try:
-            conn.settimeout(WAIT)  # may fail: close() can shut the socket before we run
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             while True:
-                request = self._next(conn, http)
+                request = next_event(conn, http)
                 if not isinstance(request, h11.Request):
                     if isinstance(request, h11.ConnectionClosed):
                         with self._changed:
@@ -170,21 +254,9 @@ class TestUpstream:
                 if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
                     return
                 http.start_next_cycle()
-        except (OSError, h11.ProtocolError):
-            return
         finally:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-
-    @staticmethod
-    def _next(conn: socket.socket, http: h11.Connection):
-        while True:
-            event = http.next_event()
-            if event is h11.NEED_DATA:
-                http.receive_data(conn.recv(CHUNK))
-                continue
-            return event
 
     def _read_body(self, conn: socket.socket, http: h11.Connection) -> tuple[int, str]:
         if http.they_are_waiting_for_100_continue:
@@ -192,7 +264,7 @@ class TestUpstream:
         digest = hashlib.sha256()
         size = 0
         while True:
-            event = self._next(conn, http)
+            event = next_event(conn, http)
             if isinstance(event, h11.Data):
                 digest.update(event.data)
                 size += len(event.data)
@@ -293,8 +365,8 @@ def proxy_config(pki, services: list[Service] | Service, tmp_path: Path, **overr
     return ProxyConfig(**fields)
 
 
-def service(name: str, *upstreams: TestUpstream | Upstream, **fields) -> Service:
-    models = tuple(up.model() if isinstance(up, TestUpstream) else up for up in upstreams)
+def service(name: str, *upstreams: RawUpstream | Upstream, **fields) -> Service:
+    models = tuple(up.model() if isinstance(up, RawUpstream) else up for up in upstreams)
     return Service(name=name, upstreams=models, **fields)
 
 
