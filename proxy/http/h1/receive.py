@@ -67,7 +67,7 @@ class ReceiveBuffer:
 
     def take_through(self, pattern: re.Pattern, overlap: int) -> bytes | None:
         """The unread bytes up to and including ``pattern``'s first match, or None
-        (``find`` then ``take`` in one call: the fast path reads every head this way)."""
+        (the search resumes where the last one stopped, less ``overlap`` bytes)."""
         buf = self.data
         start = self._start
         pos = self._searched - overlap
@@ -75,16 +75,7 @@ class ReceiveBuffer:
         if match is None:
             self._searched = len(buf)
             return None
-        end = match.end()
-        if end == len(buf):
-            self.data = b""
-            self._start = self._searched = 0
-            if type(buf) is bytes:
-                return buf[start:] if start else buf
-            return bytes(memoryview(buf)[start:])
-        self._start = end
-        self._searched = 0
-        return buf[start:end] if type(buf) is bytes else bytes(memoryview(buf)[start:end])
+        return self.take(match.end() - start)
 
     def take_all(self) -> bytes:
         return self.take(len(self.data))
