@@ -67,15 +67,9 @@ class ReceiveBuffer:
 
     def take_through(self, pattern: re.Pattern, overlap: int) -> bytes | None:
         """The unread bytes up to and including ``pattern``'s first match, or None
-        (the search resumes where the last one stopped, less ``overlap`` bytes)."""
-        buf = self.data
-        start = self._start
-        pos = self._searched - overlap
-        match = pattern.search(buf, pos if pos > start else start)
-        if match is None:
-            self._searched = len(buf)
-            return None
-        return self.take(match.end() - start)
+        (``find`` then ``take``)."""
+        end = self.find(pattern, overlap)
+        return None if end < 0 else self.take(end)
 
     def take_all(self) -> bytes:
         return self.take(len(self.data))
