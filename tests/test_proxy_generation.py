@@ -12,14 +12,16 @@ import http.client
 import json
 import ssl
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from test_metrics import parse_exposition
 from upstream import WAIT, ProxyThread, proxy_config, proxy_log_waiter, service
 
 from proxy.config.model import AllowEntry, CertificatePair, ClientAuthSettings, Limits, ServiceClientAuth, TLSSettings
-from proxy.pki.build import issue_leaf
-from proxy.pki.store import write_leaf
+from proxy.pki.build import issue_leaf, make_crl
+from proxy.pki.store import load_certificates, write_leaf
 
 pytestmark = pytest.mark.both_engines
 
@@ -172,3 +174,41 @@ def test_a_reloaded_crl_applies_to_open_connections(pki, upstream, tmp_path, ali
         assert any("revoked" in message for message in waiter.messages), waiter.messages
     else:
         assert status == 200 and not waiter.seen.is_set()
+
+
+def test_a_reloaded_crl_for_the_second_ca_of_a_bundle_applies_to_open_connections(pki, upstream, tmp_path):
+    """A CRL file may hold one CRL per trusted CA: open connections are re-checked against
+    their issuer's CRL (the generation once took the file's first CRL only, so carol was
+    refused as "revocation status unknown" even when nobody had revoked her)."""
+    carol = pki.leaf("carol", client=True, cn="carol", ca="other")
+    bob = pki.leaf("bob", client=True, cn="bob")
+    bundle = tmp_path / "two-cas.pem"
+    bundle.write_bytes(pki.ca_pem.read_bytes() + pki.other_ca_pem.read_bytes())
+    client_auth = ClientAuthSettings(mode="optional", ca=bundle)
+    config = proxy_config(pki, service("private", upstream, client_auth=allow("carol")), tmp_path, client_auth=client_auth)
+    other_cert, other_key = pki._cas["other"]
+
+    def crls(revoked_by_other: list) -> Path:
+        path = tmp_path / f"crls-{len(revoked_by_other)}.pem"
+        first = make_crl(pki.ca_cert, pki.ca_key, [load_certificates(bob[0])[0].serial_number])
+        second = make_crl(other_cert, other_key, [load_certificates(c[0])[0].serial_number for c in revoked_by_other])
+        path.write_bytes(b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in (first, second)))
+        return path
+
+    with ProxyThread(config) as px:
+        context = ssl.create_default_context(cafile=str(pki.ca_pem))
+        context.load_cert_chain(str(carol[0]), str(carol[1]))
+        conn = http.client.HTTPSConnection("localhost", px.port, context=context, timeout=WAIT)
+        conn.connect()  # the handshake under the first generation: both reloads re-check it
+        try:
+            statuses = []
+            for revoked in ([], [carol]):  # the twin first: the other CA's CRL revokes nobody
+                reload_to = dataclasses.replace(config, client_auth=dataclasses.replace(client_auth, crl=crls(revoked)))
+                assert px.call(_reload(px, reload_to)) is True
+                conn.request("GET", "/echo")
+                response = conn.getresponse()
+                response.read()
+                statuses.append(response.status)
+        finally:
+            conn.close()
+    assert statuses == [200, 403]

@@ -31,7 +31,7 @@ from proxy.forwarding.routing import Router
 from proxy.pki import store
 from proxy.pki.verify import verify_certificate
 from proxy.tls.authz import authorize_request
-from proxy.tls.crl import load_client_crls
+from proxy.tls.crl import crl_for, load_client_crls
 from proxy.tls.identity import ClientIdentity
 from proxy.tls.loading import client_verify_mode, load_pem_certificates
 
@@ -83,7 +83,7 @@ def explain_access(
         assert config.client_auth.ca is not None  # the loader requires it whenever the handshake asks
         roots = load_pem_certificates(config.client_auth.ca)
         crls = load_client_crls(config.client_auth.crl, roots, now=now) if config.client_auth.crl is not None else []
-        crl = next((c for c in crls if c.issuer == leaf.issuer), crls[0] if crls else None)
+        crl = crl_for(crls, leaf)
         try:
             verified = verify_certificate(
                 leaf, roots, intermediates=presented_chain, purpose="client", crl=crl, at=now

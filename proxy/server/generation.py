@@ -1,9 +1,9 @@
 """Config generations (STYLE "Publish, don't mutate"): everything a request is decided
 with, built from one config in one function and published with one assignment.
 
-A ``Generation`` is frozen: the config, the TLS contexts, the router, the engine
-factory, the per-service client-certificate policies and how identity headers are
-rendered. ``build_generation`` makes one (on a reload, off the event loop: it reads
+A ``Generation`` is frozen: the config, the TLS contexts (with the client CAs and CRLs
+they verified), the router and the engine factory; it decides admissions and renders
+identity headers. ``build_generation`` makes one (on a reload, off the event loop: it reads
 certificate files and builds SSL contexts); ``ServerState.generation`` is the one
 reference a reload replaces. Each request reads that reference once, at its start, and
 decides everything with the generation it got. What a connection caches about its
@@ -21,20 +21,18 @@ logged (``pin_fixed_settings``), never silently ignored.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from cryptography import x509
 
-from proxy.config.model import ProxyConfig, Service, ServiceClientAuth
+from proxy.config.model import ProxyConfig, Service
 from proxy.errors import PKIError
 from proxy.forwarding.routing import Router
 from proxy.http.engines import EngineFactory, engine_factory
-from proxy.pki.store import load_crl
 from proxy.pki.verify import verify_certificate
 from proxy.tls.authz import Decision, authorize_request
 from proxy.tls.context import ServerTLS
+from proxy.tls.crl import crl_for
 from proxy.tls.identity import ClientIdentity, identity_headers
 
 __all__ = ["FIXED", "Generation", "build_generation", "pin_fixed_settings"]
@@ -53,8 +51,6 @@ class Generation:
     tls: ServerTLS
     router: Router
     engines: EngineFactory
-    policies: Mapping[str, ServiceClientAuth | None]  # service name -> its client_auth
-    crl: x509.CertificateRevocationList | None  # client_auth.crl, parsed
 
     def still_trusts(self, identity: ClientIdentity) -> str | None:
         """None when this generation's client CAs (and CRL) accept the certificate a
@@ -63,21 +59,22 @@ class Generation:
         counts as presenting no certificate."""
         if self.config.client_auth.mode == "none":
             return None  # no client certificates in this generation: nothing to check
+        leaf = x509.load_der_x509_certificate(identity.leaf_der)
         try:
             verify_certificate(
-                x509.load_der_x509_certificate(identity.leaf_der),
+                leaf,
                 list(self.tls.client_cas),
                 intermediates=[x509.load_der_x509_certificate(der) for der in identity.chain_der],
                 purpose="client",
-                crl=self.crl,
+                crl=crl_for(self.tls.client_crls, leaf),
             )
         except (PKIError, ValueError) as exc:
             return str(exc)
         return None
 
     def authorize(self, identity: ClientIdentity | None, service: Service) -> Decision:
-        """Listener policy AND the service's policy in this generation."""
-        return authorize_request(identity, self.config.client_auth, self.policies.get(service.name), service.name)
+        """Listener policy AND the policy of ``service`` (routed by this generation)."""
+        return authorize_request(identity, self.config.client_auth, service.client_auth, service.name)
 
     def identity_headers(self, identity: ClientIdentity | None) -> IdentityHeaders:
         """The client's identity rendered in this generation's ``forward`` mode."""
@@ -94,8 +91,6 @@ def build_generation(config: ProxyConfig) -> Generation:
         tls=ServerTLS.from_config(config),
         router=Router(config.services),
         engines=engine_factory(config.http_engine),
-        policies=MappingProxyType({service.name: service.client_auth for service in config.services}),
-        crl=load_crl(config.client_auth.crl) if config.client_auth.crl is not None else None,
     )
 
 

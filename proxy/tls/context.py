@@ -88,10 +88,12 @@ class ServerTLS:
         by_name: dict[str, ssl.SSLContext],
         by_parent: dict[str, ssl.SSLContext],
         files: tuple[Path, ...],
+        client_crls: tuple[x509.CertificateRevocationList, ...] = (),
     ) -> None:
         self.context = context
         self.certificates = certificates
         self.client_cas = client_cas
+        self.client_crls = client_crls  # client_auth.crl as verified (one per CA at most)
         self.files = files  # every file read: a reload source watches these
         self._by_name = by_name
         self._by_parent = by_parent
@@ -141,6 +143,7 @@ class _Builder:
         self.config = config
         self.source = str(config.source) if config.source is not None else "<command line>"
         self.files: list[Path] = []
+        self.client_crls: list[x509.CertificateRevocationList] = []
         self.groups_fallback_logged = False
 
     def error(self, key: str, reason: str) -> ConfigError:
@@ -169,7 +172,10 @@ class _Builder:
                     by_parent.setdefault(name[2:], context)
                 else:
                     by_name.setdefault(name, context)
-        return ServerTLS(contexts[0], certificates, client_cas, by_name, by_parent, tuple(dict.fromkeys(self.files)))
+        return ServerTLS(
+            contexts[0], certificates, client_cas, by_name, by_parent, tuple(dict.fromkeys(self.files)),
+            tuple(self.client_crls),
+        )
 
     # --- one context ---------------------------------------------------------------
 
@@ -262,10 +268,11 @@ class _Builder:
         return cas
 
     def check_crl(self, path: Path, cas: list[x509.Certificate]) -> None:
-        """The CRL verdict ``tlsproxy check`` gives too (``proxy.tls.crl``)."""
+        """The CRL verdict ``tlsproxy check`` gives too (``proxy.tls.crl``); the CRLs
+        are kept for re-checking open connections' certificates after a reload."""
         self.files.append(path)
         try:
-            load_client_crls(path, cas)
+            self.client_crls = load_client_crls(path, cas)
         except PKIError as exc:
             raise self.error("client_auth.crl", str(exc)) from None
 

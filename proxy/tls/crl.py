@@ -53,6 +53,14 @@ def load_client_crls(
     return crls
 
 
+def crl_for(
+    crls: Sequence[x509.CertificateRevocationList], leaf: x509.Certificate
+) -> x509.CertificateRevocationList | None:
+    """The CRL that speaks for ``leaf`` (its issuer's; else the first, as OpenSSL would
+    find none and ``verify_certificate`` then names the mismatch), or None without CRLs."""
+    return next((crl for crl in crls if crl.issuer == leaf.issuer), crls[0] if crls else None)
+
+
 def _parse(path: Path, data: bytes) -> list[x509.CertificateRevocationList]:
     blocks = _PEM_BLOCK.findall(data)
     if not blocks:
