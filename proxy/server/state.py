@@ -1,6 +1,6 @@
 """ServerState: what every connection of one running proxy shares.
 
-The current config ``Generation`` (config, TLS contexts, router, engines, policies;
+The current config ``Generation`` (config, TLS contexts, router, engines;
 replaced as a whole by a reload, see ``proxy.server.generation``), the upstream pool,
 the access log, the metrics, plus the live connections, so shutdown can close the idle
 ones at once and let busy ones finish their current response.
