@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from proxy.config.model import (
     ALLOW_KINDS,
+    ALPN_PROTOCOLS,
     CLIENT_AUTH_MODES,
     FORWARD_MODES,
     HTTP_ENGINES,
@@ -187,7 +188,22 @@ def _tls(node: ConfigNode, base: Path) -> TLSSettings:
         ca_dir=_optional(keys, "ca_dir", lambda n: _path(n, base), defaults.ca_dir),
         min_version=_optional(keys, "min_version", lambda n: _choice(n, TLS_VERSIONS), defaults.min_version),
         session_tickets=_optional(keys, "session_tickets", ConfigNode.boolean, defaults.session_tickets),
+        alpn=_optional(keys, "alpn", _alpn, defaults.alpn),
     )
+
+
+def _alpn(node: ConfigNode) -> tuple[str, ...]:
+    """The protocols offered by ALPN: a non-empty list of h2 and http/1.1, each once."""
+    items = node.one_or_more()
+    if not items:
+        raise node.error(f"needs at least one of {', '.join(ALPN_PROTOCOLS)}")
+    protocols: list[str] = []
+    for item in items:
+        protocol = _choice(item, ALPN_PROTOCOLS)
+        if protocol in protocols:
+            raise item.error(f"'{protocol}' is listed twice")
+        protocols.append(protocol)
+    return tuple(protocols)
 
 
 def _certificate_pair(node: ConfigNode, base: Path) -> CertificatePair:

@@ -17,6 +17,7 @@ FORWARD_MODES = ("none", "xfcc", "rfc9440", "headers")
 ALLOW_KINDS = ("cn", "ou", "dns", "uri", "email", "fingerprint")
 HTTP_ENGINES = ("auto", "httptools", "h11")
 TLS_VERSIONS = ("1.2", "1.3")
+ALPN_PROTOCOLS = ("h2", "http/1.1")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class TLSSettings:
     ca_dir: Path = Path("certs/ca")
     min_version: str = "1.2"
     session_tickets: bool = True
+    alpn: tuple[str, ...] = ("h2", "http/1.1")  # offered to clients, in order of preference
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class Limits:
     max_header_bytes: int = 65536
     max_body_bytes: int = 0  # 0 = unlimited
     max_connections: int = 10000
+    max_concurrent_streams: int = 100  # per HTTP/2 connection
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,9 @@ from proxy.tls.authz import misdirected
 
 log = logging.getLogger("tlsproxy")
 
+# The access log's ``protocol``, by the request's version.
+_PROTOCOLS = {b"1.1": "HTTP/1.1", b"1.0": "HTTP/1.0", b"2": "HTTP/2"}
+
 # How long a closing connection waits for the client's side of the TLS shutdown.
 CLOSE_WAIT = 1.0
 
@@ -61,10 +64,7 @@ async def serve_connection(down: Downstream, state: ServerState) -> None:
                     # the next chunk (read_head's deadline starts at that chunk).
                     head = await down.read_head(timeouts.request_header, timeouts.request_header)
                 except HTTPError as exc:  # unframeable request: answer, log and close
-                    started = time.monotonic()
-                    down.bytes_in = down.bytes_out = 0
-                    _answer_error(down, exc, close=True)
-                    _record(state, down, started, time.time(), None, exc.status)
+                    refuse_request(down, exc, state)
                     return
                 if head is None:
                     return
@@ -115,19 +115,28 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
             max_body_bytes=limit, closing=lambda: state.closing,
         )
         status = await relay.run(headers, upstream_target(service, path))
-        keep_alive = down.engine.start_next_cycle()
+        keep_alive = down.next_cycle()
     except HTTPError as exc:
         status = exc.status
-        keep_alive = _answer_error(down, exc, close=not down.engine.request_complete or state.closing)
+        keep_alive = _answer_error(down, exc, close=not down.request_complete or state.closing)
     except (ConnectionError, TimeoutError, OSError) as exc:
         log.debug("connection from %s ended: %r", info.address, exc)
-        down.channel.abort()
+        down.abort()
     except Exception:  # a bug: log it, never take the process down
         log.exception("internal error while relaying a request from %s", info.address)
-        down.channel.abort()
+        down.abort()
     finally:
         _record(state, down, started, stamp, head, status, service, relay, request_id)
     return keep_alive
+
+
+def refuse_request(down: Downstream, exc: HTTPError, state: ServerState) -> None:
+    """A request refused before it has a head the proxy will serve: answer it (and, on
+    HTTP/1.1, close: the rest of the connection cannot be framed), log it."""
+    started = time.monotonic()
+    down.bytes_in = down.bytes_out = 0
+    _answer_error(down, exc, close=True)
+    _record(state, down, started, time.time(), None, exc.status)
 
 
 def _record(
@@ -151,6 +160,7 @@ def _record(
             "client": info.address,
             "tls_version": info.tls_version,
             "sni": info.sni,
+            "protocol": _PROTOCOLS.get(head.http_version, down.protocol) if head is not None else down.protocol,
             "method": head.method if head is not None else None,
             "path": head.target if head is not None else None,
             "status": status,
@@ -199,8 +209,8 @@ def _check_client(
 
 def _answer_error(down: Downstream, exc: HTTPError, *, close: bool) -> bool:
     """Answer ``exc`` if no response has started, else abort; True if keep-alive."""
-    if not down.engine.can_respond:
-        down.channel.abort()  # mid-response: only closing tells the client it failed
+    if not down.can_respond:
+        down.abort()  # mid-response: only closing tells the client it failed
         return False
     try:
         down.send_error(exc.status, str(exc), close=close)
@@ -208,4 +218,4 @@ def _answer_error(down: Downstream, exc: HTTPError, *, close: bool) -> bool:
         return False
     if close:
         return False
-    return down.engine.start_next_cycle()
+    return down.next_cycle()

@@ -43,6 +43,8 @@ class Downstream:
 
     __slots__ = ("channel", "engine", "info", "bytes_in", "bytes_out", "method", "write_timeout")
 
+    protocol = "HTTP/1.1"  # (the access log says HTTP/1.0 for such requests: see connection._record)
+
     def __init__(self, channel: Channel, engine: ServerEngine, info: ClientInfo, write_timeout: float = 0) -> None:
         self.channel = channel
         self.write_timeout = write_timeout  # how long a client may stop reading our response
@@ -124,20 +126,48 @@ class Downstream:
         self.send_simple(status, (message + "\n").encode(), close=close)
 
     def send_simple(self, status: int, body: bytes, headers: list | None = None, *, close: bool = False) -> None:
-        all_headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode()),
-            *(headers or ()),
-        ]
-        if close:
-            all_headers.append((b"connection", b"close"))
+        head, body = plain_response(status, body, headers, head_only=self.method == b"HEAD", close=close)
         engine = self.engine
-        pieces = [engine.send_head(ResponseHead(status, all_headers, reason_phrase(status)))]
-        if body and self.method != b"HEAD":
+        pieces = [engine.send_head(head)]
+        if body:
             self.bytes_out += len(body)
             pieces.extend(engine.send_body(body))
         pieces.append(engine.send_end())
         self.channel.writelines(pieces)
+
+    # -- the exchange's end (the calls a request handler makes; an HTTP/2 stream has them too)
+
+    @property
+    def can_respond(self) -> bool:
+        """No byte of a final response went out yet: an error can still be answered."""
+        return self.engine.can_respond
+
+    @property
+    def request_complete(self) -> bool:
+        return self.engine.request_complete
+
+    def next_cycle(self) -> bool:
+        """After a complete exchange: True if the connection can carry another request."""
+        return self.engine.start_next_cycle()
+
+    def abort(self) -> None:
+        """The exchange failed mid-way: only closing tells the client."""
+        self.channel.abort()
+
+
+def plain_response(
+    status: int, body: bytes, headers: list | None = None, *, head_only: bool = False, close: bool = False
+) -> tuple[ResponseHead, bytes]:
+    """The one plain-text response format every failure uses: its head, and the body to
+    send (none for a HEAD request)."""
+    all_headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        *(headers or ()),
+    ]
+    if close:
+        all_headers.append((b"connection", b"close"))
+    return ResponseHead(status, all_headers, reason_phrase(status)), (b"" if head_only else body)
 
 
 _PHRASES = {status.value: status.phrase.encode() for status in HTTPStatus}

@@ -130,19 +130,24 @@ class Relay:
             await self._stop_pump()
             raise
         # A pump still running means the upstream answered before the body was read:
-        # the engine then refuses reuse below. A finished one is just collected.
-        await self._stop_pump()
-        if conn.engine.start_next_cycle():
+        # the engine then refuses reuse below, and the body bytes still queued for it
+        # are for nobody (a close would wait for an upstream that may never read them).
+        # A finished pump is just collected.
+        if await self._stop_pump():
+            conn.abort()
+        elif conn.engine.start_next_cycle():
             self.pool.release(conn)
         else:
             conn.close()
         return self.status
 
-    async def _stop_pump(self) -> None:
+    async def _stop_pump(self) -> bool:
+        """Stop the body pump; True when it had not sent the whole body."""
         pump = self._pump
-        if pump is not None:
-            self._pump = None
-            await pump.stop()
+        if pump is None:
+            return False
+        self._pump = None
+        return await pump.stop()
 
     def _no_response(self, conn: UpstreamConnection) -> str:
         return f"service {self.service.name!r}: upstream {conn.upstream.url} closed the connection without a response"

@@ -9,7 +9,7 @@ ones at once and let busy ones finish their current response.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from proxy.config.model import ProxyConfig
@@ -25,10 +25,12 @@ from proxy.tls.context import ServerTLS
 @dataclass(slots=True, eq=False)
 class TrackedConnection:
     """A live client connection; ``idle`` while no byte of a next request has been
-    received (closing it then loses nothing)."""
+    received (closing it then loses nothing). ``on_shutdown``, when given, is how the
+    connection is told to drain (HTTP/2: GOAWAY) instead of being closed when idle."""
 
     down: Downstream
     idle: bool = True
+    on_shutdown: Callable[[], None] | None = None
 
 
 @dataclass
@@ -56,8 +58,8 @@ class ServerState:
         return self.generation.engines
 
     @contextlib.contextmanager
-    def track(self, down: Downstream) -> Iterator[TrackedConnection]:
-        tracked = TrackedConnection(down)
+    def track(self, down: Downstream, on_shutdown: Callable[[], None] | None = None) -> Iterator[TrackedConnection]:
+        tracked = TrackedConnection(down, on_shutdown=on_shutdown)
         self.connections.add(tracked)
         try:
             yield tracked
@@ -70,5 +72,7 @@ class ServerState:
         self.closing = True
         self.metrics.draining.set(1)
         for tracked in list(self.connections):
-            if tracked.idle:
+            if tracked.on_shutdown is not None:
+                tracked.on_shutdown()
+            elif tracked.idle:
                 tracked.down.channel.abort()
