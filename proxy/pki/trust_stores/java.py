@@ -77,7 +77,7 @@ def find(ca: TrustedCA, machine: Machine) -> Place | Outcome:
         return Outcome(STORE, "", Status.SKIPPED, f"{how}; set JAVA_HOME to trust the CA for a JDK")
     cacerts = next((home / rel for rel in CACERTS if (home / rel).exists()), None)
     if cacerts is None:
-        return Outcome(STORE, str(home), Status.SKIPPED, f"no lib/security/cacerts under it ({how})")
+        return Outcome(STORE, str(home), Status.SKIPPED, f"no lib/security/cacerts under it (found by {how})")
     bundled = home / "bin" / TOOL
     keytool = str(bundled) if bundled.exists() else machine.which(TOOL)
     if keytool is None:

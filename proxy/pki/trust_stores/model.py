@@ -76,7 +76,7 @@ class Outcome:
         text = f"{self.store}: {self.status.value}"
         if self.where:
             text += f": {self.where}"
-        return f"{text} ({self.detail})" if self.detail else text
+        return f"{text}; {self.detail}" if self.detail else text
 
 
 class Place(Protocol):
