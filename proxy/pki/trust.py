@@ -79,7 +79,7 @@ def client_certificate_instructions(ca_cert: x509.Certificate, origin: str) -> l
         "`tlsproxy certs issue --ca DIR --client --p12 --out certs/alice alice`, password changeit):",
         "  Chromium/Chrome on Linux: pk12util -d sql:$HOME/.pki/nssdb -i certs/alice.p12 -W changeit",
         "  Firefox: Settings > Privacy & Security > Certificates > View Certificates > Your Certificates > Import",
-        "  macOS: security import certs/alice.p12 -k ~/Library/Keychains/login.keychain-db -P changeit",
+        "  macOS: security import certs/alice.p12 -P changeit   (into the login keychain)",
         "  Windows: certutil -user -p changeit -importPFX certs\\alice.p12",
         "  Chromium asks which certificate to send unless the AutoSelectCertificateForUrls policy picks",
         "  one, e.g. in /etc/chromium/policies/managed/tlsproxy.json (Chrome: /etc/opt/chrome/...):",
