@@ -12,6 +12,7 @@ from html import escape
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
 
 from proxy.pki.trust_stores.model import entry_name
 
@@ -22,7 +23,7 @@ _STYLE = """
 body{font:16px/1.5 system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#222}
 h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd}
 code,pre{font-family:ui-monospace,monospace;font-size:.9rem;background:#f4f4f4}
-pre{padding:.6rem;overflow-x:auto;white-space:pre-wrap;word-break:break-all}
+pre{padding:.6rem;white-space:pre-wrap;overflow-wrap:anywhere}
 .fp{word-break:break-all}.warn{background:#fff4d6;padding:.6rem;border-left:4px solid #e0a800}
 a.dl{display:inline-block;margin:.2rem .6rem .2rem 0;padding:.4rem .8rem;border:1px solid #36c;border-radius:4px}
 """
@@ -51,6 +52,8 @@ def render_trust_page(pem: bytes) -> bytes:
     cert = first_certificate(pem)
     name = entry_name(cert)
     subject = cert.subject.rfc4514_string()
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    title = str(cns[0].value) if cns else subject
     sha256 = colon_hex(cert.fingerprint(hashes.SHA256()))
     sha1 = colon_hex(cert.fingerprint(hashes.SHA1()))  # Windows shows the SHA-1 thumbprint
     until = cert.not_valid_after_utc.strftime("%Y-%m-%d")
@@ -62,7 +65,7 @@ def render_trust_page(pem: bytes) -> bytes:
             _p("Or by hand, Debian/Ubuntu/Alpine:"),
             _pre(f"sudo cp ca.pem /usr/local/share/ca-certificates/{name}.crt && sudo update-ca-certificates"),
             _p("Fedora/RHEL:"),
-            _pre(f"sudo cp ca.pem /etc/pki/ca-trust/source/anchors/{name}.pem && sudo update-ca-trust"),
+            _pre(f"sudo cp ca.pem /etc/pki/ca-trust/source/anchors/{name}.crt && sudo update-ca-trust"),
             _p("Arch:"),
             _pre("sudo trust anchor --store ca.pem"),
             _p("Chromium and Chrome on Linux read their own NSS database, not the system store:"),
@@ -113,8 +116,8 @@ def render_trust_page(pem: bytes) -> bytes:
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>Trust {escape(subject)}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>Trust the CA <code>{escape(subject)}</code></h1>",
+        f"<title>Trust {escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>Trust the CA “{escape(title)}”</h1>",
         "<p>This proxy's certificates are issued by a local CA. Trust it once on each device and "
         "browsers and tools accept the proxy without warnings, and without turning verification off.</p>",
         '<p><a class="dl" href="/ca.pem" download>ca.pem</a> (PEM: Linux, macOS, Firefox, tools) '
