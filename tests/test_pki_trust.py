@@ -99,7 +99,7 @@ def test_the_platform_picks_the_system_store(pki, tmp_path: Path) -> None:
     assert mac.commands("install")[0][:2] == ["security", "add-trusted-cert"]
     win = system.find(ca, Machine(tmp_path, {"PATH": str(bin_dir)}, "win32"))
     assert isinstance(win, system.ToolStore) and win.commands("install")[0][:2] == ["certutil", "-addstore"]
-    bare = system.find(ca, Machine(tmp_path, {"PATH": str(tmp_path / "empty")}, "darwin"))
+    bare = system.find(ca, Machine(tmp_path, {"PATH": str(tmp_path / "empty")}, "darwin", admin_dirs=()))
     assert isinstance(bare, Outcome) and bare.status is Status.SKIPPED and "security not found" in bare.detail
 
 
@@ -168,9 +168,23 @@ def folder_flavour(tmp_path: Path, refresh: tuple[str, ...] | None = None) -> sy
     return system.Flavour("test", "sh", bundle, anchors=anchors, refresh=refresh or ("sh", "-c", rebuild))
 
 
+def test_the_system_store_is_found_in_sbin_when_path_lacks_it(pki, tmp_path: Path) -> None:
+    sbin = tmp_path / "sbin"
+    sbin.mkdir()
+    (sbin / "update-tool").write_text("#!/bin/sh\n")
+    (sbin / "update-tool").chmod(0o755)
+    flavour = system.Flavour("test", "update-tool", tmp_path / "bundle", anchors=tmp_path, refresh=("update-tool", "-x"))
+    ca = TrustedCA(pki.ca_cert, pki.ca_pem)
+    user = Machine(tmp_path, {"PATH": str(tmp_path / "bin")}, "linux", admin_dirs=(str(sbin),))
+    place = system.find(ca, user, (flavour,))
+    assert isinstance(place, system.AnchorFolder) and place.refresh == [str(sbin / "update-tool"), "-x"]
+    missing = system.find(ca, Machine(tmp_path, {"PATH": str(tmp_path / "bin")}, "linux", admin_dirs=()), (flavour,))
+    assert isinstance(missing, Outcome) and missing.status is Status.SKIPPED
+
+
 def test_anchor_folder_install_twice_check_uninstall(pki, tmp_path: Path) -> None:
     ca = TrustedCA(pki.ca_cert, pki.ca_pem)
-    place = system.AnchorFolder(folder_flavour(tmp_path), ca, Machine(tmp_path, dict(os.environ)))
+    place = system.AnchorFolder(folder_flavour(tmp_path), ca, Machine(tmp_path, dict(os.environ)), "sh")
     assert act("check", "system", place).status is Status.NOT_TRUSTED
     assert act("uninstall", "system", place).status is Status.ABSENT
     assert act("install", "system", place).status is Status.INSTALLED
@@ -183,7 +197,7 @@ def test_anchor_folder_install_twice_check_uninstall(pki, tmp_path: Path) -> Non
 
 def test_a_failing_update_tool_is_a_failed_outcome(pki, tmp_path: Path) -> None:
     ca = TrustedCA(pki.ca_cert, pki.ca_pem)
-    place = system.AnchorFolder(folder_flavour(tmp_path, ("false",)), ca, Machine(tmp_path, dict(os.environ)))
+    place = system.AnchorFolder(folder_flavour(tmp_path, ("false",)), ca, Machine(tmp_path, dict(os.environ)), "false")
     outcome = act("install", "system", place)
     assert outcome.status is Status.FAILED and "false exited 1" in outcome.detail
     assert outcome.line().startswith("system: failed: ")
@@ -197,7 +211,7 @@ def test_only_a_ca_is_installed(pki) -> None:
 def test_missing_tools_are_skipped_by_name(pki, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    machine = Machine(tmp_path, {"PATH": str(empty)}, "linux")
+    machine = Machine(tmp_path, {"PATH": str(empty)}, "linux", admin_dirs=())
     outcomes = apply("install", pki.ca_pem, ["system", "nss", "java"], machine)
     assert [o.status for o in outcomes] == [Status.SKIPPED] * 3
     lines = "\n".join(o.line() for o in outcomes)

@@ -122,12 +122,11 @@ def test_a_missing_certutil_is_reported_and_skipped(pki, user: TrustUser, tmp_pa
     cacerts = user.copy_java(tmp_path)
     no_tools = tmp_path / "bin-without-certutil"
     no_tools.mkdir()
-    user.env["PATH"] = str(no_tools)  # no certutil, no update-ca-certificates: the machine is not touched
-    result = user.trust(pki.ca_pem, "--install")
+    user.env["PATH"] = str(no_tools)  # no certutil
+    result = user.trust(pki.ca_pem, "--install", "--store", "nss,java")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "nss: skipped; certutil not found; install it: apt install libnss3-tools" in result.stdout
-    assert "system: skipped; update-ca-certificates not found" in result.stdout
-    assert f"java: installed: {cacerts}" in result.stdout  # the other stores still ran
+    assert f"java: installed: {cacerts}" in result.stdout  # the other store still ran
     assert not (user.home / ".pki").exists()
 
 
@@ -167,3 +166,17 @@ def test_debian_system_store_installed_then_restored_byte_for_byte(pki, proxy, u
         if anchor.exists():
             anchor.unlink()
             subprocess.run(["update-ca-certificates"], capture_output=True, timeout=TOOL_WAIT, check=False)
+
+
+@needs_certutil
+def test_a_broken_database_fails_alone_and_exits_1(pki, user: TrustUser) -> None:
+    shared = user.home / ".pki" / "nssdb"
+    shared.mkdir(parents=True)
+    (shared / "cert9.db").write_bytes(b"not a database")
+    (shared / "key4.db").write_bytes(b"not a database")
+    profile = firefox_profile(user, ".mozilla/firefox", "abc.default-release")
+    result = user.trust(pki.ca_pem, "--install", "--store", "nss")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"nss: failed: {shared} (Chromium/Chrome); certutil -d sql:{shared} exited" in result.stdout
+    assert f"nss: installed: {profile} " in result.stdout  # the next database still got it
+    assert result.stderr.strip() == "tlsproxy: error: trust --install: nss could not be changed (see above)"

@@ -18,6 +18,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cryptography import x509
+
 from proxy.errors import PKIError
 from proxy.pki.build import is_ca
 from proxy.pki.store import certs_pem, load_certificates
@@ -34,7 +36,7 @@ STORES: dict[str, Callable[[str, TrustedCA, Machine], list[Outcome]]] = {
 }
 
 
-def load_ca(ca_file: Path):
+def load_ca(ca_file: Path) -> x509.Certificate:
     """The first certificate of CA_FILE, refused unless it is a CA (a leaf is no anchor)."""
     cert = load_certificates(ca_file)[0]
     if not is_ca(cert):

@@ -106,6 +106,11 @@ class AnchorFolder:
     flavour: Flavour
     ca: TrustedCA
     machine: Machine
+    tool_path: str  # the refresh tool, found on PATH or in an sbin folder
+
+    @property
+    def refresh(self) -> list[str]:
+        return [self.tool_path, *self.flavour.refresh[1:]]
 
     @property
     def file(self) -> Path:
@@ -126,14 +131,14 @@ class AnchorFolder:
             write_atomic(self.file, certs_pem([self.ca.cert]), force=True)
         except PKIError as exc:
             raise PKIError(_root_hint(str(exc))) from None
-        run(list(self.flavour.refresh), self.machine)
+        run(self.refresh, self.machine)
 
     def remove(self) -> None:
         try:
             self.file.unlink()
         except OSError as exc:
             raise PKIError(_root_hint(f"cannot remove {self.file}: {exc.strerror or exc}")) from None
-        run(list(self.flavour.refresh), self.machine)
+        run(self.refresh, self.machine)
 
 
 @dataclass
@@ -178,9 +183,10 @@ def find(ca: TrustedCA, machine: Machine, flavours: tuple[Flavour, ...] = LINUX_
         return _tool_store("Windows ROOT store", "certutil", ca, machine,
                            lambda action: windows_commands(action, ca.pem_file, ca.sha1_hex))
     for flavour in flavours:
-        if machine.which(flavour.tool) and (flavour.marker is None or flavour.marker.is_dir()):
+        tool_path = machine.which_admin(flavour.tool)
+        if tool_path and (flavour.marker is None or flavour.marker.is_dir()):
             if flavour.anchors is not None:
-                return AnchorFolder(flavour, ca, machine)
+                return AnchorFolder(flavour, ca, machine, tool_path)
             return ToolStore(f"trust anchor ({flavour.name})", ca, machine,
                              lambda action: arch_commands(action, ca.pem_file), bundle=flavour.bundle)
     return Outcome(STORE, "", Status.SKIPPED, missing("update-ca-certificates") + ", or update-ca-trust / trust")

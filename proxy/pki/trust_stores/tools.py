@@ -25,6 +25,11 @@ PACKAGES = {
 }
 
 
+# Where administration tools live; a normal user's PATH on Debian lacks them, yet --check and
+# the hint to use sudo should still find the system store.
+ADMIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
 @dataclass(frozen=True)
 class Machine:
     """The home folder, environment and platform the stores are looked for on (a test
@@ -33,6 +38,7 @@ class Machine:
     home: Path
     env: Mapping[str, str] = field(default_factory=dict)
     platform: str = sys.platform
+    admin_dirs: tuple[str, ...] = ADMIN_DIRS
 
     @classmethod
     def current(cls) -> Machine:
@@ -40,6 +46,10 @@ class Machine:
 
     def which(self, tool: str) -> str | None:
         return shutil.which(tool, path=self.env.get("PATH", os.defpath))
+
+    def which_admin(self, tool: str) -> str | None:
+        """TOOL on PATH, else in the sbin folders."""
+        return self.which(tool) or shutil.which(tool, path=os.pathsep.join(self.admin_dirs))
 
 
 def missing(tool: str) -> str:
