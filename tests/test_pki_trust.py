@@ -73,6 +73,12 @@ def test_windows_commands() -> None:
     assert system.windows_commands("check", pem, "AB12") == [["certutil", "-verifystore", "ROOT", "AB12"]]
 
 
+def test_debian_refreshes_fresh_after_a_removal_alpine_plainly() -> None:
+    assert system.DEBIAN.refresh == ("update-ca-certificates",)
+    assert system.DEBIAN.refresh_removed == ("update-ca-certificates", "--fresh")
+    assert system.ALPINE.refresh_removed is None and system.LINUX_FLAVOURS.index(system.ALPINE) == 0
+
+
 def test_arch_commands() -> None:
     assert system.arch_commands("install", Path("/t/ca.pem")) == [["trust", "anchor", "--store", "/t/ca.pem"]]
     assert system.arch_commands("uninstall", Path("/t/ca.pem")) == [["trust", "anchor", "--remove", "/t/ca.pem"]]
@@ -173,11 +179,13 @@ def test_the_system_store_is_found_in_sbin_when_path_lacks_it(pki, tmp_path: Pat
     sbin.mkdir()
     (sbin / "update-tool").write_text("#!/bin/sh\n")
     (sbin / "update-tool").chmod(0o755)
-    flavour = system.Flavour("test", "update-tool", tmp_path / "bundle", anchors=tmp_path, refresh=("update-tool", "-x"))
+    flavour = system.Flavour("test", "update-tool", tmp_path / "bundle", anchors=tmp_path, refresh=("update-tool", "-x"),
+                             refresh_removed=("update-tool", "--fresh"))
     ca = TrustedCA(pki.ca_cert, pki.ca_pem)
     user = Machine(tmp_path, {"PATH": str(tmp_path / "bin")}, "linux", admin_dirs=(str(sbin),))
     place = system.find(ca, user, (flavour,))
-    assert isinstance(place, system.AnchorFolder) and place.refresh == [str(sbin / "update-tool"), "-x"]
+    assert isinstance(place, system.AnchorFolder) and place.refresh() == [str(sbin / "update-tool"), "-x"]
+    assert place.refresh(removed=True) == [str(sbin / "update-tool"), "--fresh"]
     missing = system.find(ca, Machine(tmp_path, {"PATH": str(tmp_path / "bin")}, "linux", admin_dirs=()), (flavour,))
     assert isinstance(missing, Outcome) and missing.status is Status.SKIPPED
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from proxy.errors import PKIError
 from proxy.pki.store import certs_pem, write_atomic
+from proxy.pki.trust_stores.java import keytool_argv
 from proxy.pki.trust_stores.model import Outcome, Place, Status, TrustedCA, act
 from proxy.pki.trust_stores.tools import Machine, missing, run
 
@@ -35,12 +36,24 @@ class Flavour:
     bundle: Path
     anchors: Path | None = None
     refresh: tuple[str, ...] = ()
-    marker: Path | None = None  # a folder that only this family has (tells Fedora from Arch)
+    marker: Path | None = None  # a path only this family has (tells Alpine from Debian, Fedora from Arch)
+    refresh_removed: tuple[str, ...] | None = None  # after a removal, when not ``refresh``
+    java_hook: Path | None = None  # a keystore the update tool's hook copies anchors into
 
 
-DEBIAN = Flavour(
-    "Debian/Ubuntu/Alpine", "update-ca-certificates", Path("/etc/ssl/certs/ca-certificates.crt"),
+ALPINE = Flavour(
+    "Alpine", "update-ca-certificates", Path("/etc/ssl/certs/ca-certificates.crt"),
     anchors=Path("/usr/local/share/ca-certificates"), refresh=("update-ca-certificates",),
+    marker=Path("/etc/alpine-release"),
+)
+# Debian's tool, run plainly after a removal, rebuilds the bundle but keeps the removed CA's
+# links in /etc/ssl/certs (it cleans orphans only when a CA listed in /etc/ca-certificates.conf
+# changed): --fresh rebuilds them. Its ca-certificates-java hook copies each anchor into Java's
+# shared cacerts as ``debian:NAME.pem`` and is never told of the removal: that alias goes too.
+DEBIAN = Flavour(
+    "Debian/Ubuntu", "update-ca-certificates", Path("/etc/ssl/certs/ca-certificates.crt"),
+    anchors=Path("/usr/local/share/ca-certificates"), refresh=("update-ca-certificates",),
+    refresh_removed=("update-ca-certificates", "--fresh"), java_hook=Path("/etc/ssl/certs/java/cacerts"),
 )
 FEDORA = Flavour(
     "Fedora/RHEL", "update-ca-trust", Path("/etc/pki/tls/certs/ca-bundle.crt"),
@@ -50,7 +63,7 @@ FEDORA = Flavour(
 ARCH = Flavour(
     "Arch", "trust", Path("/etc/ssl/certs/ca-certificates.crt"), marker=Path("/etc/ca-certificates/trust-source"),
 )
-LINUX_FLAVOURS = (DEBIAN, FEDORA, ARCH)
+LINUX_FLAVOURS = (ALPINE, DEBIAN, FEDORA, ARCH)
 
 
 # --- commands (pure) ----------------------------------------------------------------------
@@ -108,9 +121,9 @@ class AnchorFolder:
     machine: Machine
     tool_path: str  # the refresh tool, found on PATH or in an sbin folder
 
-    @property
-    def refresh(self) -> list[str]:
-        return [self.tool_path, *self.flavour.refresh[1:]]
+    def refresh(self, *, removed: bool = False) -> list[str]:
+        argv = (removed and self.flavour.refresh_removed) or self.flavour.refresh
+        return [self.tool_path, *argv[1:]]
 
     @property
     def file(self) -> Path:
@@ -131,14 +144,19 @@ class AnchorFolder:
             write_atomic(self.file, certs_pem([self.ca.cert]), force=True)
         except PKIError as exc:
             raise PKIError(_root_hint(str(exc))) from None
-        run(self.refresh, self.machine)
+        run(self.refresh(), self.machine)
 
     def remove(self) -> None:
         try:
             self.file.unlink()
         except OSError as exc:
             raise PKIError(_root_hint(f"cannot remove {self.file}: {exc.strerror or exc}")) from None
-        run(self.refresh, self.machine)
+        run(self.refresh(removed=True), self.machine)
+        keytool = self.machine.which("keytool")
+        if self.flavour.java_hook is not None and self.flavour.java_hook.exists() and keytool:
+            # exit 1 when the hook never added it (no Java then, or another keystore layout)
+            argv = keytool_argv(keytool, self.flavour.java_hook, "-delete", "-alias", f"debian:{self.file.stem}.pem")
+            run(argv, self.machine, allowed=(0, 1))
 
 
 @dataclass
@@ -184,7 +202,7 @@ def find(ca: TrustedCA, machine: Machine, flavours: tuple[Flavour, ...] = LINUX_
                            lambda action: windows_commands(action, ca.pem_file, ca.sha1_hex))
     for flavour in flavours:
         tool_path = machine.which_admin(flavour.tool)
-        if tool_path and (flavour.marker is None or flavour.marker.is_dir()):
+        if tool_path and (flavour.marker is None or flavour.marker.exists()):
             if flavour.anchors is not None:
                 return AnchorFolder(flavour, ca, machine, tool_path)
             return ToolStore(f"trust anchor ({flavour.name})", ca, machine,
