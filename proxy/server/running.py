@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 from proxy.config.model import ProxyConfig
 from proxy.errors import TlsProxyError
+from proxy.pki.trust import ca_banner
 from proxy.server.access_log import AccessLog
 from proxy.server.admin import AdminServer, start_admin
 from proxy.server.expiry import ExpiryWatch, certificates_in_files
@@ -198,7 +199,9 @@ class RunningProxy:
             lines.append(f"tlsproxy: redirecting http://{_url_host(host)}:{port} to https://")
         if self.admin_address is not None:
             host, port = self.admin_address[:2]
-            lines.append(f"tlsproxy: admin on http://{_url_host(host)}:{port} (/healthz /readyz /metrics /ca.pem)")
+            lines.append(f"tlsproxy: admin on http://{_url_host(host)}:{port} (/healthz /readyz /metrics /ca.pem /trust)")
+        if _issues_from_local_ca(self.state.config):
+            lines += [f"tlsproxy: {line}" for line in ca_banner(self.state.config.tls.ca_dir / "ca.pem")]
         return lines
 
     async def close(self, grace: float | None = None) -> None:
@@ -239,9 +242,13 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _issues_from_local_ca(config: ProxyConfig) -> bool:
+    return config.tls.auto or not config.tls.certificates
+
+
 def _local_ca_pem(config: ProxyConfig) -> bytes | None:
     """The local CA for /ca.pem: only when certificates are issued from it."""
-    if config.tls.certificates and not config.tls.auto:
+    if not _issues_from_local_ca(config):
         return None
     try:
         return (config.tls.ca_dir / "ca.pem").read_bytes()
