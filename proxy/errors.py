@@ -90,6 +90,10 @@ class BadRequest(HTTPError):
 class Forbidden(HTTPError):
     status = 403
 
+    def __init__(self, message: str, *, unauthenticated: bool = False) -> None:
+        super().__init__(message)
+        self.unauthenticated = unauthenticated  # no certificate at all (gRPC: UNAUTHENTICATED)
+
 
 class NotFound(HTTPError):
     status = 404

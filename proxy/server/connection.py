@@ -17,7 +17,7 @@ import logging
 import time
 
 from proxy.config.model import Service
-from proxy.errors import Forbidden, HTTPError, MisdirectedRequest, NotFound, PayloadTooLarge
+from proxy.errors import BadGateway, Forbidden, HTTPError, MisdirectedRequest, NotFound, PayloadTooLarge
 from proxy.http.engine import RequestHead
 from proxy.forwarding.headers import upstream_request_headers
 from proxy.forwarding.paths import RequestPath, normalize_target
@@ -25,6 +25,7 @@ from proxy.forwarding.routing import normalize_host, upstream_target
 from proxy.server.channel import ConnectionLost
 from proxy.server.downstream import ClientInfo, Downstream
 from proxy.server.generation import Generation
+from proxy.server.h2_relay import H2Relay
 from proxy.server.relay import Relay
 from proxy.server.state import ServerState
 from proxy.tls.authz import misdirected
@@ -110,10 +111,21 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
             head.headers, client_ip=info.ip, server_port=info.server_port, service=service,
             identity_headers=info.identity_headers, upgrade=head.upgrade,
         )
-        relay = Relay(
-            down, head, service, state.pool, config.timeouts,
-            max_body_bytes=limit, closing=lambda: state.closing,
-        )
+        if speaks_http2(service):
+            relay = H2Relay(
+                down, head, service, state.h2_pool, config.timeouts,
+                max_body_bytes=limit, closing=lambda: state.closing,
+            )
+        else:
+            if down.grpc:
+                raise BadGateway(
+                    f"service {service.name!r}: gRPC needs HTTP/2 to the upstream, and {service.upstreams[0].url} "
+                    "speaks HTTP/1.1: make the service's upstream h2c:// (or https:// with upstream_tls.http2: true)"
+                )
+            relay = Relay(
+                down, head, service, state.pool, config.timeouts,
+                max_body_bytes=limit, closing=lambda: state.closing,
+            )
         status = await relay.run(headers, upstream_target(service, path))
         keep_alive = down.next_cycle()
     except HTTPError as exc:
@@ -128,6 +140,12 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
     finally:
         _record(state, down, started, stamp, head, status, service, relay, request_id)
     return keep_alive
+
+
+def speaks_http2(service: Service) -> bool:
+    """The service's upstreams take HTTP/2: ``h2c://``, or ``https://`` with ``http2: true``."""
+    scheme = service.upstream_scheme
+    return scheme == "h2c" or (scheme == "https" and service.upstream_tls is not None and service.upstream_tls.http2)
 
 
 def refuse_request(down: Downstream, exc: HTTPError, state: ServerState) -> None:
@@ -204,7 +222,7 @@ def _check_client(
     if decision is None:
         decision = info.decisions[service.name] = generation.authorize(info.trusted_identity, service)
     if not decision.allowed:
-        raise Forbidden(decision.reason)
+        raise Forbidden(decision.reason, unauthenticated=info.trusted_identity is None)
 
 
 def _answer_error(down: Downstream, exc: HTTPError, *, close: bool) -> bool:
@@ -213,7 +231,7 @@ def _answer_error(down: Downstream, exc: HTTPError, *, close: bool) -> bool:
         down.abort()  # mid-response: only closing tells the client it failed
         return False
     try:
-        down.send_error(exc.status, str(exc), close=close)
+        down.send_error(exc.status, str(exc), close=close, unauthenticated=getattr(exc, "unauthenticated", False))
     except ConnectionLost:
         return False
     if close:

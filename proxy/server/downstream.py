@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
-from proxy.http.engine import Body, EndOfMessage, RequestHead, ResponseHead, ServerEngine
+from proxy.http.engine import Body, EndOfMessage, Headers, RequestHead, ResponseHead, ServerEngine
 from proxy.server.channel import Channel
 from proxy.tls.authz import Decision
 from proxy.tls.identity import ClientIdentity
@@ -44,6 +44,7 @@ class Downstream:
     __slots__ = ("channel", "engine", "info", "bytes_in", "bytes_out", "method", "write_timeout")
 
     protocol = "HTTP/1.1"  # (the access log says HTTP/1.0 for such requests: see connection._record)
+    grpc = False  # gRPC calls come over HTTP/2 (h2_stream.StreamDownstream)
 
     def __init__(self, channel: Channel, engine: ServerEngine, info: ClientInfo, write_timeout: float = 0) -> None:
         self.channel = channel
@@ -102,8 +103,12 @@ class Downstream:
     # queued together (a small response is one TLS record and one send()) and large
     # amounts at once: no collecting here.
 
-    def write_head(self, head: ResponseHead) -> None:
-        self.channel.write(self.engine.send_head(head))
+    def write_head(self, head: ResponseHead, *, end: bool = False) -> None:
+        """Send a response head; ``end``: it is the whole response (no body follows)."""
+        if end:
+            self.channel.writelines((self.engine.send_head(head), self.engine.send_end()))
+        else:
+            self.channel.write(self.engine.send_head(head))
 
     def write_body(self, data: bytes) -> bool:
         """Queue a piece of body; True when the client's side is above its high-water
@@ -118,10 +123,11 @@ class Downstream:
         """Wait until the client has taken enough of what was sent (``write_timeout``)."""
         await self.channel.drain(self.write_timeout)
 
-    def write_end(self) -> None:
+    def write_end(self, trailers: Headers = ()) -> None:
+        """Finish the response (HTTP/1.1 clients get no trailers: they are dropped)."""
         self.channel.write(self.engine.send_end())
 
-    def send_error(self, status: int, message: str, *, close: bool = False) -> None:
+    def send_error(self, status: int, message: str, *, close: bool = False, unauthenticated: bool = False) -> None:
         """A complete plain-text response; ``close`` also ends the connection after it."""
         self.send_simple(status, (message + "\n").encode(), close=close)
 
@@ -150,8 +156,9 @@ class Downstream:
         """After a complete exchange: True if the connection can carry another request."""
         return self.engine.start_next_cycle()
 
-    def abort(self) -> None:
-        """The exchange failed mid-way: only closing tells the client."""
+    def abort(self, code: int | None = None) -> None:
+        """The exchange failed mid-way: only closing tells the client (``code``, an
+        HTTP/2 error code for a stream, means nothing here)."""
         self.channel.abort()
 
 

@@ -31,6 +31,7 @@ import logging
 import time
 
 from proxy.errors import ConnectionFailed, HTTPError
+from proxy.http.h2 import grpc
 from proxy.http.h2.budget import Budget
 from proxy.http.h2.codec import (
     ENHANCE_YOUR_CALM,
@@ -189,6 +190,7 @@ class H2Session:
             refuse_request(stream, exc, self.state)
             self.finish(stream)
             return
+        stream.grpc = grpc.is_grpc(head.header(b"content-type"))
         stream.task = self.loop.create_task(self._serve(stream, head))
 
     async def _serve(self, stream: StreamDownstream, head: object) -> None:
@@ -287,10 +289,14 @@ class H2Session:
         self.codec.ack(stream_id, flow_length)
         self.flush()
 
-    def send_headers(self, stream: StreamDownstream, fields: list) -> None:
+    def send_headers(self, stream: StreamDownstream, fields: list, *, end: bool = False) -> None:
         if stream.reset:
             raise ConnectionLost("the stream was reset")
-        self.codec.send_headers(stream.stream_id, fields)
+        self.codec.send_headers(stream.stream_id, fields, end=end)
+        if end:
+            stream.end_queued = stream.end_sent = True
+            if not stream.request_ended:
+                stream.reset_after_end = True
         self.flush()
 
     def reset_stream(self, stream: StreamDownstream, code: int) -> None:
@@ -327,7 +333,7 @@ class H2Session:
                     size = min(window, max_frame)
                     out[0] = chunk[size:]
                     chunk = chunk[:size]
-                last = not out and stream.end_queued
+                last = not out and stream.end_queued and not stream.trailers
                 codec.send_data(stream_id, chunk, end=last)
                 if last:
                     stream.end_sent = True
@@ -338,7 +344,10 @@ class H2Session:
         else:
             self._blocked.pop(stream_id, None)
             if stream.end_queued and not stream.end_sent:
-                self.codec.send_data(stream_id, b"", end=True)
+                if stream.trailers:
+                    self.codec.send_headers(stream_id, stream.trailers, end=True)
+                else:
+                    self.codec.send_data(stream_id, b"", end=True)
                 stream.end_sent = True
             if stream.end_sent:
                 if stream.reset_after_end:

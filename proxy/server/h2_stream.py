@@ -21,7 +21,8 @@ import asyncio
 from collections import deque
 from typing import Protocol
 
-from proxy.http.engine import Body, EndOfMessage, ResponseHead
+from proxy.http.engine import Body, EndOfMessage, Headers, ResponseHead
+from proxy.http.h2 import grpc
 from proxy.http.h2.codec import INTERNAL_ERROR
 from proxy.http.h2.messages import response_fields
 from proxy.server.channel import Channel, ConnectionLost
@@ -41,7 +42,7 @@ class Session(Protocol):
     loop: asyncio.AbstractEventLoop
 
     def ack(self, stream_id: int, flow_length: int) -> None: ...
-    def send_headers(self, stream: StreamDownstream, fields: list) -> None: ...
+    def send_headers(self, stream: StreamDownstream, fields: list, *, end: bool = False) -> None: ...
     def send_queued(self, stream: StreamDownstream) -> None: ...
     def reset_stream(self, stream: StreamDownstream, code: int) -> None: ...
     def wait_writable(self) -> None: ...
@@ -53,7 +54,7 @@ class StreamDownstream:
     __slots__ = (
         "session", "stream_id", "info", "bytes_in", "bytes_out", "method", "write_timeout", "task",
         "request_ended", "reset", "out", "out_bytes", "end_queued", "end_sent", "response_started",
-        "reset_after_end", "_body", "_body_waiter", "_drain_waiter",
+        "reset_after_end", "trailers", "grpc", "_body", "_body_waiter", "_drain_waiter",
     )
 
     protocol = "HTTP/2"
@@ -75,6 +76,8 @@ class StreamDownstream:
         self.end_sent = False
         self.response_started = False  # a final response head went out
         self.reset_after_end = False  # then tell the client to stop sending its body (RFC 9113 8.1)
+        self.trailers: Headers = ()  # sent after the body, ending the stream (gRPC's status)
+        self.grpc = False  # a gRPC call: the proxy's own answers are gRPC statuses
         self._body: deque[tuple[bytes, int]] = deque()  # (data, flow-controlled length)
         self._body_waiter: asyncio.Future | None = None
         self._drain_waiter: asyncio.Future | None = None
@@ -130,10 +133,11 @@ class StreamDownstream:
 
     # -- the response ----------------------------------------------------------------
 
-    def write_head(self, head: ResponseHead) -> None:
+    def write_head(self, head: ResponseHead, *, end: bool = False) -> None:
+        """Send a response head; ``end``: it is the whole response (gRPC Trailers-Only)."""
         if head.status >= 200:
             self.response_started = True
-        self.session.send_headers(self, response_fields(head))
+        self.session.send_headers(self, response_fields(head), end=end)
 
     def write_body(self, data: bytes) -> bool:
         """Queue a piece of body; True when the caller must ``await drain()`` first."""
@@ -162,11 +166,18 @@ class StreamDownstream:
         if self.reset:
             raise ConnectionLost("the stream was reset")
 
-    def write_end(self) -> None:
+    def write_end(self, trailers: Headers = ()) -> None:
+        self.trailers = trailers
         self.end_queued = True
         self.session.send_queued(self)
 
-    def send_error(self, status: int, message: str, *, close: bool = False) -> None:
+    def send_error(self, status: int, message: str, *, close: bool = False, unauthenticated: bool = False) -> None:
+        """The proxy's own answer: plain text, or for a gRPC call a gRPC status."""
+        if self.grpc:
+            self.response_started = True
+            code = grpc.status_for(status, unauthenticated=unauthenticated)
+            self.session.send_headers(self, grpc.error_fields(code, message), end=True)
+            return
         self.send_simple(status, (message + "\n").encode(), close=close)
 
     def send_simple(self, status: int, body: bytes, headers: list | None = None, *, close: bool = False) -> None:
@@ -191,7 +202,8 @@ class StreamDownstream:
         """A stream carries one request: False."""
         return False
 
-    def abort(self) -> None:
-        """This stream failed mid-way: reset it (its neighbours go on)."""
+    def abort(self, code: int | None = None) -> None:
+        """This stream failed mid-way: reset it (its neighbours go on); ``code``: the
+        upstream's, when it reset its own stream."""
         if not self.reset:
-            self.session.reset_stream(self, INTERNAL_ERROR)
+            self.session.reset_stream(self, INTERNAL_ERROR if code is None else code)

@@ -42,7 +42,8 @@ from proxy.server.redirect import serve_redirect_socket
 from proxy.server.reload import WATCH_INTERVAL, FileWatch
 from proxy.server.state import ServerState
 from proxy.server.tls_accept import serve_tls_socket
-from proxy.server.upstream_pool import UpstreamPool
+from proxy.server.h2_upstream import H2UpstreamPool
+from proxy.server.upstream_pool import UpstreamPool, connect_channel
 
 log = logging.getLogger("tlsproxy")
 
@@ -137,6 +138,7 @@ class RunningProxy:
             connect_timeout=config.timeouts.upstream_connect,
             idle_timeout=config.timeouts.idle,
         )
+        state.h2_pool.configure(connect_timeout=config.timeouts.upstream_connect)
         state.metrics.add_services(service.name for service in config.services)
         state.metrics.record_reload(True)
         log.info("reloaded the configuration (%d services)", len(config.services))
@@ -232,6 +234,7 @@ class RunningProxy:
             if stuck:
                 log.warning("shutdown: %d connections did not end %gs after being cancelled", len(stuck), CANCEL_WAIT)
         self.state.pool.close()
+        self.state.h2_pool.close()
         self.state.access_log.close()
         if self.admin is not None:
             self.admin.close()
@@ -293,6 +296,7 @@ async def start_proxy(
     state = ServerState(
         generation=generation,
         pool=pool,
+        h2_pool=H2UpstreamPool(connect_channel, connect_timeout=timeouts.upstream_connect),
         access_log=access_log,
         https_port=listeners.tls[0].getsockname()[1] if listeners.tls else 443,
         metrics=metrics,

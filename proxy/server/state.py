@@ -17,6 +17,7 @@ from proxy.http.engines import EngineFactory
 from proxy.server.access_log import AccessLog
 from proxy.server.downstream import Downstream
 from proxy.server.generation import Generation
+from proxy.server.h2_upstream import H2UpstreamPool
 from proxy.server.metrics import ProxyMetrics
 from proxy.server.upstream_pool import UpstreamPool
 from proxy.tls.context import ServerTLS
@@ -36,8 +37,9 @@ class TrackedConnection:
 @dataclass
 class ServerState:
     generation: Generation  # published by one assignment; read once per request
-    pool: UpstreamPool
+    pool: UpstreamPool  # HTTP/1.1 upstreams
     access_log: AccessLog
+    h2_pool: H2UpstreamPool | None = None  # HTTP/2 upstreams (h2c://, https:// with http2)
     https_port: int = 443  # the first TLS listener's port, for redirect_http
     closing: bool = False
     metrics: ProxyMetrics = field(default_factory=ProxyMetrics)

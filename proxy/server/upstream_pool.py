@@ -61,6 +61,16 @@ class UpstreamConnection:
         self.channel.abort()
 
 
+async def connect_channel(upstream: Upstream) -> Channel:
+    """A TCP connection to ``upstream`` as a Channel (no delay: requests are small writes)."""
+    channel = Channel()
+    await asyncio.get_running_loop().create_connection(lambda: channel, upstream.host, upstream.port)
+    sock = channel.transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return channel
+
+
 class UpstreamPool:
     """Idle connections per upstream plus round-robin choice per service."""
 
@@ -148,13 +158,8 @@ class UpstreamPool:
         return None
 
     async def _connect(self, upstream: Upstream) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
-        channel = Channel()
         async with asyncio.timeout(self._connect_timeout or None):
-            await loop.create_connection(lambda: channel, upstream.host, upstream.port)
-        sock = channel.transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            channel = await connect_channel(upstream)
         self.connects += 1
         return UpstreamConnection(upstream, channel, self._engines.client(self._max_header_bytes))
 

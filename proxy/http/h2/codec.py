@@ -85,6 +85,23 @@ class StreamData:
 
 
 @dataclass(slots=True)
+class ResponseOpened:
+    """A response's header block (client side); ``ended``: no body or trailers follow."""
+
+    stream_id: int
+    fields: Fields
+    ended: bool
+
+
+@dataclass(slots=True)
+class InformationalReceived:
+    """A 1xx response head (client side)."""
+
+    stream_id: int
+    fields: Fields
+
+
+@dataclass(slots=True)
 class StreamTrailers:
     stream_id: int
     fields: Fields
@@ -118,40 +135,37 @@ class PeerClosing:
     code: int
 
 
-Event = StreamOpened | StreamData | StreamTrailers | StreamEnded | StreamReset | WindowOpened | PeerClosing
+Event = (
+    StreamOpened | ResponseOpened | InformationalReceived | StreamData | StreamTrailers | StreamEnded
+    | StreamReset | WindowOpened | PeerClosing
+)
 
 
-class ServerCodec:
-    """One server-side HTTP/2 connection's protocol state."""
+class _Codec:
+    """What both sides share: events in, frames out, windows."""
 
     __slots__ = ("_conn", "_extra", "control_frames")
 
     def __init__(
         self,
         *,
-        max_concurrent_streams: int,
+        client_side: bool,
+        validate_inbound: bool,
+        settings: dict[int, int],
         header_list_limit: int,
-        stream_window: int,
         connection_window: int,
     ) -> None:
         config = h2.config.H2Configuration(
-            client_side=False,
+            client_side=client_side,
             header_encoding=None,
-            validate_inbound_headers=False,
+            validate_inbound_headers=validate_inbound,
             normalize_inbound_headers=False,
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
             split_outbound_cookies=False,
         )
         conn = self._conn = h2.connection.H2Connection(config=config)
-        conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
-                h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 0,  # WebSockets stay on HTTP/1.1
-            },
-        )
+        conn.local_settings = h2.settings.Settings(client=client_side, initial_values=settings)
         conn.decoder.max_header_list_size = header_list_limit
         conn.initiate_connection()
         if connection_window > DEFAULT_WINDOW:
@@ -172,12 +186,18 @@ class ServerCodec:
         for event in received:
             kind = type(event)
             if kind is h2.events.DataReceived:
+                if not event.data:
+                    self.control_frames += 1  # empty DATA: no work for us, but a known flood
                 if event.data:
                     append(StreamData(event.stream_id, event.data, event.flow_controlled_length))
                 elif event.flow_controlled_length:  # padding only: nothing to wait for
                     self.ack(event.stream_id, event.flow_controlled_length)
             elif kind is h2.events.RequestReceived:
                 append(StreamOpened(event.stream_id, event.headers, event.stream_ended is not None))
+            elif kind is h2.events.ResponseReceived:
+                append(ResponseOpened(event.stream_id, event.headers, event.stream_ended is not None))
+            elif kind is h2.events.InformationalResponseReceived:
+                append(InformationalReceived(event.stream_id, event.headers))
             elif kind is h2.events.StreamEnded:
                 append(StreamEnded(event.stream_id))
             elif kind is h2.events.WindowUpdated:
@@ -242,17 +262,64 @@ class ServerCodec:
         """A connection error of ours (e.g. ENHANCE_YOUR_CALM): GOAWAY, nothing after it."""
         self._conn.close_connection(error_code=code)
 
-    def stream_open(self, stream_id: int) -> bool:
-        stream = self._conn.streams.get(stream_id)
-        return stream is not None and not stream.closed
-
-    @property
-    def highest_stream_id(self) -> int:
-        return self._conn.highest_inbound_stream_id
-
     def bytes_to_send(self) -> bytes:
         data = self._conn.data_to_send()
         if self._extra:
             data += b"".join(self._extra)
             self._extra.clear()
         return data
+
+
+class ServerCodec(_Codec):
+    """One client connection's HTTP/2 state (the proxy is the server)."""
+
+    __slots__ = ()
+
+    def __init__(
+        self, *, max_concurrent_streams: int, header_list_limit: int, stream_window: int, connection_window: int
+    ) -> None:
+        super().__init__(
+            client_side=False,
+            validate_inbound=False,  # per stream instead: proxy.http.h2.messages.request_head
+            settings={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
+                h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 0,  # WebSockets stay on HTTP/1.1
+            },
+            header_list_limit=header_list_limit,
+            connection_window=connection_window,
+        )
+
+    @property
+    def highest_stream_id(self) -> int:
+        return self._conn.highest_inbound_stream_id
+
+
+class ClientCodec(_Codec):
+    """One upstream connection's HTTP/2 state (the proxy is the client). Inbound
+    validation stays on: an upstream that breaks the rules (a connection header, an
+    uppercase name) fails its connection, and the requests on it get 502."""
+
+    __slots__ = ()
+
+    def __init__(self, *, header_list_limit: int, stream_window: int, connection_window: int) -> None:
+        super().__init__(
+            client_side=True,
+            validate_inbound=True,
+            settings={
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0,  # an upstream opens no streams to us
+            },
+            header_list_limit=header_list_limit,
+            connection_window=connection_window,
+        )
+
+    def next_stream_id(self) -> int:
+        return self._conn.get_next_available_stream_id()
+
+    @property
+    def room(self) -> int:
+        """How many more streams the upstream accepts now (its MAX_CONCURRENT_STREAMS)."""
+        conn = self._conn
+        return conn.remote_settings.max_concurrent_streams - conn.open_outbound_streams

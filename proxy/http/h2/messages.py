@@ -24,13 +24,20 @@ without a content-length goes to an HTTP/1.1 upstream chunked.
 
 ``response_fields``: a response head -> the HTTP/2 field list (``:status`` first, no
 connection-specific header).
+
+Towards HTTP/2 upstreams (h2c://, https:// with http2), the other way round:
+``request_fields`` (a request head, whatever protocol it came in, with the headers the
+proxy rewrote -> pseudo-headers first, Host as ``:authority``, ``te: trailers`` kept for
+gRPC) and ``response_head`` / ``trailer_fields`` (an upstream's fields -> a head or
+trailers any client can be sent: no pseudo-header, no hop-by-hop header, no control byte
+a response could be split with — ``BadGateway`` otherwise).
 """
 
 from __future__ import annotations
 
 import re
 
-from proxy.errors import BadRequest
+from proxy.errors import BadGateway, BadRequest
 from proxy.http.engine import Headers, RequestHead, ResponseHead
 from proxy.http.h1.heads import request_head as checked_head
 from proxy.http.h1.hop_by_hop import HOP_BY_HOP
@@ -120,6 +127,56 @@ def response_fields(head: ResponseHead) -> Headers:
     fields = [(b":status", _STATUS.get(head.status) or str(head.status).encode())]
     fields.extend(field for field in head.headers if field[0] not in HOP_BY_HOP)
     return fields
+
+
+def request_fields(head: RequestHead, headers: Headers, target: bytes, *, scheme: bytes, authority: bytes) -> Headers:
+    """What goes to an HTTP/2 upstream for ``head`` with the rewritten ``headers``;
+    ``authority`` stands in when the request has no Host (HTTP/1.0)."""
+    host = None
+    fields: Headers = []
+    for name, value in headers:
+        name = name.lower()  # (set_headers keep the config's spelling)
+        if name == b"host":
+            host = value
+        elif name not in HOP_BY_HOP:
+            fields.append((name, value))
+    if head.header(b"te") is not None and b"trailers" in head.header(b"te").lower():
+        fields.append((b"te", b"trailers"))  # gRPC servers require it; the only TE HTTP/2 allows
+    return [
+        (b":method", head.method), (b":scheme", scheme), (b":authority", host or authority), (b":path", target),
+        *fields,
+    ]
+
+
+def response_head(fields: Headers, service: str) -> ResponseHead:
+    """An HTTP/2 upstream's response header block as a head for any client."""
+    status = None
+    headers: Headers = []
+    for name, value in fields:
+        if name == b":status":
+            status = value
+        elif name[:1] != b":" and name not in HOP_BY_HOP:
+            headers.append((name, value))
+    if status is None or len(status) != 3 or not status.isdigit():
+        raise BadGateway(f"service {service!r}: the upstream's HTTP/2 response has no valid :status")
+    _check_values(headers, service)
+    return ResponseHead(int(status), headers)
+
+
+def trailer_fields(fields: Headers, service: str) -> Headers:
+    """An upstream's trailers as they may be passed on (gRPC's grpc-status lives here)."""
+    trailers = [(name, value) for name, value in fields if name[:1] != b":" and name not in HOP_BY_HOP]
+    _check_values(trailers, service)
+    return trailers
+
+
+_CTL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
+
+
+def _check_values(headers: Headers, service: str) -> None:
+    for _name, value in headers:
+        if len(value.translate(None, _CTL)) != len(value):
+            raise BadGateway(f"service {service!r}: the upstream sent a control character in a header value")
 
 
 def _malformed(reason: str) -> BadRequest:
