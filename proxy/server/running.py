@@ -49,6 +49,8 @@ log = logging.getLogger("tlsproxy")
 # After cancelling the connections still busy at the end of the grace period, how long
 # to wait for them to end: a task that ignores its cancellation must not hang shutdown.
 CANCEL_WAIT = 5.0
+# How long pooled upstream connections may take to close (TLS: the close_notify exchange).
+UPSTREAM_CLOSE_WAIT = 1.0
 
 
 class RunningProxy:
@@ -235,7 +237,7 @@ class RunningProxy:
             _done, stuck = await asyncio.wait(pending, timeout=CANCEL_WAIT)
             if stuck:
                 log.warning("shutdown: %d connections did not end %gs after being cancelled", len(stuck), CANCEL_WAIT)
-        self.state.pool.close()
+        await self.state.pool.close_and_wait(UPSTREAM_CLOSE_WAIT)
         self.state.access_log.close()
         if self.admin is not None:
             self.admin.close()

@@ -227,6 +227,14 @@ class UpstreamPool:
             return len(self._idle.get(upstream.url, ()))
         return sum(len(idle) for idle in self._idle.values())
 
+    async def close_and_wait(self, timeout: float) -> None:
+        """``close()``, then wait up to ``timeout`` for the connections to be gone: a TLS
+        one sends its close_notify from the loop, which must still run to send it."""
+        channels = [conn.channel for idle in self._idle.values() for conn in idle]
+        self.close()
+        if channels:
+            await asyncio.gather(*(channel.close_and_wait(timeout) for channel in channels))
+
     def close(self) -> None:
         """Close every idle connection (shutdown)."""
         if self._sweeper is not None:
