@@ -225,3 +225,25 @@ def test_plain_listener_refuses_services_that_require_a_certificate(pki, upstrea
     assert status == 403
     assert b"no client certificate was presented" in body
     assert upstream.accepts == 0
+
+
+def test_pooled_tls_connections_are_never_shared_across_upstream_tls_settings(pki, upstream, tmp_path):
+    """Two services, one upstream, two client certificates: each request presents its
+    own service's certificate, whatever the other left in the pool."""
+    (cert_a, key_a), (cert_b, key_b) = egress_cert(pki, "egress"), egress_cert(pki, "egress-b")
+    with ProxyThread(ingress_config(pki, upstream, tmp_path / "ingress", allow=("egress", "egress-b"))) as ingress:
+        target = Upstream(f"https://127.0.0.1:{ingress.port}", "127.0.0.1", ingress.port, "https")
+        services = [
+            Service(name=name, upstreams=(target,), path_prefix=f"/{name}",
+                    upstream_tls=UpstreamTLSSettings(ca=pki.ca_pem, cert=cert, key=key))
+            for name, cert, key in (("a", cert_a, key_a), ("b", cert_b, key_b))
+        ]
+        (tmp_path / "egress").mkdir()
+        with ProxyThread(proxy_config(pki, services, tmp_path / "egress", listen_plain=PLAIN)) as egress:
+            conn = http.client.HTTPConnection("127.0.0.1", egress.running.plain_addresses[0][1], timeout=WAIT)
+            with contextlib.closing(conn):
+                seen = [header(plain_get(egress, f"/{name}/echo", conn=conn)[1], "x-forwarded-client-cert")[0]
+                        for name in ("a", "b", "a", "b")]
+            assert egress.running.state.pool.connects == 2
+    assert ['CN=egress-b' in xfcc for xfcc in seen] == [False, True, False, True]
+    assert all('Subject="CN=egress' in xfcc for xfcc in seen)
