@@ -247,3 +247,12 @@ def test_pooled_tls_connections_are_never_shared_across_upstream_tls_settings(pk
             assert egress.running.state.pool.connects == 2
     assert ['CN=egress-b' in xfcc for xfcc in seen] == [False, True, False, True]
     assert all('Subject="CN=egress' in xfcc for xfcc in seen)
+
+
+def test_an_expired_upstream_client_certificate_is_warned_about(pki, tmp_path):
+    """The certificate presented upstream is watched for expiry like the server's."""
+    cert, key = pki.leaf("old-egress", "old-egress", client=True, expired=True)
+    config = egress_config(pki, 9, tmp_path / "egress", ca=pki.ca_pem, cert=cert, key=key)
+    with proxy_log_waiter("EXPIRED") as waiter, ProxyThread(config):
+        assert waiter.seen.wait(WAIT)
+    assert [m for m in waiter.messages if "EXPIRED" in m and str(cert) in m]

@@ -172,7 +172,13 @@ class RunningProxy:
                 ca_pem=lambda: _local_ca_pem(state.config),
             )
         self._expiry = ExpiryWatch(
-            lambda: certificates_in_files([loaded.path for loaded in state.tls.certificates], log),
+            lambda: certificates_in_files(
+                [
+                    *(loaded.path for loaded in state.tls.certificates),
+                    *(tls.certificate for tls in state.generation.upstream_tls.values() if tls.certificate),
+                ],
+                log,
+            ),
             log,
             metrics=state.metrics,
         )

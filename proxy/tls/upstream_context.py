@@ -42,7 +42,7 @@ _tokens = itertools.count(1)  # one per UpstreamTLS built in this process
 class UpstreamTLS:
     """One service's upstream TLS settings, as a built context (immutable once built)."""
 
-    __slots__ = ("service", "context", "server_name", "trust", "presents_certificate", "files", "_token")
+    __slots__ = ("service", "context", "server_name", "trust", "certificate", "files", "_token")
 
     def __init__(
         self,
@@ -52,15 +52,19 @@ class UpstreamTLS:
         trust: str,
         files: tuple[Path, ...],
         *,
-        presents_certificate: bool = False,
+        certificate: Path | None = None,
     ) -> None:
         self.service = service
         self.context = context
-        self.presents_certificate = presents_certificate  # upstream_tls.cert/key are set
+        self.certificate = certificate  # upstream_tls.cert, presented upstream (None: no client cert)
         self.server_name = server_name  # None: each upstream's own host
         self.trust = trust  # in words, for errors: "upstream_tls.ca (ca.pem)" or "the system trust store"
         self.files = files  # watched: a change reloads
         self._token = f"#tls{next(_tokens)}"
+
+    @property
+    def presents_certificate(self) -> bool:
+        return self.certificate is not None
 
     def server_hostname(self, upstream: Upstream) -> str:
         """The name sent as SNI and verified (Python sends no SNI for an IP address)."""
@@ -110,7 +114,7 @@ def build_upstream_tls(service: Service, key: str, error) -> UpstreamTLS:
             raise error(f"{key}.cert", str(exc)) from None
     return UpstreamTLS(
         service.name, context, settings.server_name, trust, tuple(files),
-        presents_certificate=settings.cert is not None,
+        certificate=settings.cert if settings.key is not None else None,
     )
 
 
