@@ -109,12 +109,13 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
             raise PayloadTooLarge(f"request body of {head.content_length} bytes is larger than {limit} bytes")
         headers, request_id = upstream_request_headers(
             head.headers, client_ip=info.ip, server_port=info.server_port, service=service,
-            identity_headers=info.identity_headers, upgrade=head.upgrade,
+            identity_headers=info.identity_headers, upgrade=head.upgrade, proto=info.scheme,
         )
         if speaks_http2(service):
             relay = H2Relay(
                 down, head, service, state.h2_pool, config.timeouts,
                 max_body_bytes=limit, closing=lambda: state.closing,
+                upstream_tls=generation.upstream_tls.get(service.name),
             )
         else:
             if down.grpc:
@@ -125,6 +126,7 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
             relay = Relay(
                 down, head, service, state.pool, config.timeouts,
                 max_body_bytes=limit, closing=lambda: state.closing,
+                upstream_tls=generation.upstream_tls.get(service.name),
             )
         status = await relay.run(headers, upstream_target(service, path))
         keep_alive = down.next_cycle()

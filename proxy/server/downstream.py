@@ -22,6 +22,7 @@ class ClientInfo:
     ip: str
     port: int
     server_port: int
+    scheme: bytes = b"https"  # as the client reached us: X-Forwarded-Proto, Forwarded proto=
     tls_version: str | None = None
     sni: str | None = None
     ssl_object: object | None = None

@@ -32,6 +32,7 @@ from proxy.server.body_pump import REQUEST_TIMEOUT
 from proxy.server.channel import ConnectionLost
 from proxy.server.downstream import Downstream, reason_phrase
 from proxy.server.h2_upstream import H2UpstreamPool, UpstreamReset, UpstreamStream
+from proxy.tls.upstream_context import UpstreamTLS
 
 
 class H2Relay:
@@ -39,7 +40,7 @@ class H2Relay:
 
     __slots__ = (
         "down", "head", "service", "pool", "timeouts", "max_body_bytes", "closing", "upstream_url", "status",
-        "_scheme", "_pump", "_body_events",
+        "_scheme", "_pump", "_body_events", "_tls",
     )
 
     def __init__(
@@ -52,7 +53,9 @@ class H2Relay:
         *,
         max_body_bytes: int = 0,
         closing: Callable[[], bool] = lambda: False,
+        upstream_tls: UpstreamTLS | None = None,
     ) -> None:
+        self._tls = upstream_tls
         self.down = down
         self.head = head
         self.service = service
@@ -71,7 +74,7 @@ class H2Relay:
         authority = f"[{upstream.host}]:{upstream.port}" if ":" in upstream.host else f"{upstream.host}:{upstream.port}"
         fields = request_fields(self.head, headers, target, scheme=self._scheme, authority=authority.encode())
         for attempt in (1, 2):
-            stream = await self.pool.open_stream(self.service, fields, end=not self.head.has_body)
+            stream = await self.pool.open_stream(self.service, fields, end=not self.head.has_body, tls=self._tls)
             self.upstream_url = stream.connection.upstream.url
             try:
                 return await self._exchange(stream)

@@ -43,6 +43,8 @@ from proxy.http.h2.codec import (
 )
 from proxy.http.h2.messages import response_head, trailer_fields
 from proxy.server.channel import Channel, ConnectionLost
+from proxy.server.upstream_pool import connect_failure
+from proxy.tls.upstream_context import UpstreamTLS
 
 log = logging.getLogger("tlsproxy")
 
@@ -170,12 +172,13 @@ class UpstreamH2Connection:
     """One HTTP/2 connection to an upstream and the streams it carries."""
 
     __slots__ = (
-        "upstream", "channel", "codec", "loop", "streams", "retired", "service",
+        "upstream", "channel", "codec", "loop", "streams", "retired", "service", "key",
         "_reader", "_on_closed", "_writer", "_waiting_write",
     )
 
-    def __init__(self, upstream: Upstream, channel: Channel, service: str, on_closed: Callable) -> None:
+    def __init__(self, upstream: Upstream, channel: Channel, service: str, on_closed: Callable, key: str) -> None:
         self.upstream = upstream
+        self.key = key  # the pool's: the upstream, and the TLS context it was made with
         self.channel = channel
         self.service = service
         self.loop = channel.loop
@@ -337,7 +340,7 @@ class UpstreamReset(BadGateway):
         self.code = code
 
 
-Connect = Callable[[Upstream], Awaitable[Channel]]
+Connect = Callable[[Upstream, "UpstreamTLS | None"], Awaitable[Channel]]
 
 
 class H2UpstreamPool:
@@ -359,42 +362,53 @@ class H2UpstreamPool:
         start = next(self._turns.setdefault(service.name, itertools.count())) % len(upstreams)
         return upstreams[start:] + upstreams[:start]
 
-    async def open_stream(self, service: Service, fields: Headers, *, end: bool) -> UpstreamStream:
+    async def open_stream(
+        self, service: Service, fields: Headers, *, end: bool, tls: UpstreamTLS | None = None
+    ) -> UpstreamStream:
         """A new stream on a connection to one of the service's upstreams (BadGateway
-        naming the service when none accepts a connection)."""
+        naming the service when none accepts a connection); ``tls``: the service's
+        context in the request's generation (https:// upstreams, ALPN h2)."""
         failures = []
         for upstream in self.order(service):
-            connection = self._with_room(upstream)
+            key = upstream.url if tls is None else tls.pool_key(upstream)
+            connection = self._with_room(key)
             if connection is None:
                 try:
-                    connection = await self._new_connection(upstream, service.name)
-                except TimeoutError:
-                    failures.append(f"{upstream.url} did not accept the connection within {self._connect_timeout:g}s")
+                    connection = await self._new_connection(upstream, key, service.name, tls)
+                except (OSError, TimeoutError) as exc:
+                    failures.append(connect_failure(exc, service, upstream, tls, self._connect_timeout))
                     continue
                 except HTTPError as exc:
                     failures.append(str(exc))
                     continue
-                except OSError as exc:
-                    failures.append(f"{upstream.url} refused the connection ({exc.strerror or exc})")
-                    continue
             return connection.open(fields, end=end)
         raise BadGateway(f"service {service.name!r}: " + "; ".join(failures))
 
-    def _with_room(self, upstream: Upstream) -> UpstreamH2Connection | None:
-        for connection in self._connections.get(upstream.url, ()):
+    def _with_room(self, key: str) -> UpstreamH2Connection | None:
+        for connection in self._connections.get(key, ()):
             if connection.has_room:
                 return connection
         return None
 
-    async def _new_connection(self, upstream: Upstream, service: str) -> UpstreamH2Connection:
+    async def _new_connection(
+        self, upstream: Upstream, key: str, service: str, tls: UpstreamTLS | None
+    ) -> UpstreamH2Connection:
         async with asyncio.timeout(self._connect_timeout or None):
-            channel = await self._connect(upstream)
-        connection = UpstreamH2Connection(upstream, channel, service, self._closed)
-        self._connections.setdefault(upstream.url, []).append(connection)
+            channel = await self._connect(upstream, tls)
+        if tls is not None:
+            protocol = channel.transport.get_extra_info("ssl_object").selected_alpn_protocol()
+            if protocol != "h2":
+                channel.abort()
+                raise BadGateway(
+                    f"upstream {upstream.url} did not choose HTTP/2 by ALPN ({protocol or 'no ALPN'}), and "
+                    "upstream_tls.http2 is true: turn it off for an HTTP/1.1 upstream"
+                )
+        connection = UpstreamH2Connection(upstream, channel, service, self._closed, key)
+        self._connections.setdefault(key, []).append(connection)
         return connection
 
     def _closed(self, connection: UpstreamH2Connection) -> None:
-        connections = self._connections.get(connection.upstream.url)
+        connections = self._connections.get(connection.key)
         if connections and connection in connections:
             connections.remove(connection)
 

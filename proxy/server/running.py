@@ -38,6 +38,7 @@ from proxy.server.expiry import ExpiryWatch, certificates_in_files
 from proxy.server.generation import Generation, build_generation, pin_fixed_settings
 from proxy.server.listeners import BoundListeners, accept_loop
 from proxy.server.metrics import ProxyMetrics
+from proxy.server.plain_accept import serve_plain_socket
 from proxy.server.redirect import serve_redirect_socket
 from proxy.server.reload import WATCH_INTERVAL, FileWatch
 from proxy.server.state import ServerState
@@ -50,6 +51,8 @@ log = logging.getLogger("tlsproxy")
 # After cancelling the connections still busy at the end of the grace period, how long
 # to wait for them to end: a task that ignores its cancellation must not hang shutdown.
 CANCEL_WAIT = 5.0
+# How long pooled upstream connections may take to close (TLS: the close_notify exchange).
+UPSTREAM_CLOSE_WAIT = 1.0
 
 
 class RunningProxy:
@@ -58,8 +61,9 @@ class RunningProxy:
     def __init__(self, state: ServerState, listeners: BoundListeners):
         self.state = state
         self.listeners = listeners
-        self._sockets = [*listeners.tls, *([listeners.redirect] if listeners.redirect else [])]
+        self._sockets = [*listeners.tls, *listeners.plain, *([listeners.redirect] if listeners.redirect else [])]
         self.addresses: list[tuple[str, int]] = [sock.getsockname()[:2] for sock in listeners.tls]
+        self.plain_addresses: list[tuple[str, int]] = [sock.getsockname()[:2] for sock in listeners.plain]
         self.redirect_address: tuple[str, int] | None = (
             listeners.redirect.getsockname()[:2] if listeners.redirect is not None else None
         )
@@ -152,7 +156,7 @@ class RunningProxy:
         """Reload when certificate files change or an auto certificate is due."""
         state = self.state
         self._file_watch = FileWatch(
-            lambda: state.tls.files, self.reload_soon, due=lambda: state.tls.renewal_due, interval=interval
+            lambda: state.generation.files, self.reload_soon, due=lambda: state.tls.renewal_due, interval=interval
         )
         self._file_watch.start()
 
@@ -171,7 +175,13 @@ class RunningProxy:
                 ca_pem=lambda: _local_ca_pem(state.config),
             )
         self._expiry = ExpiryWatch(
-            lambda: certificates_in_files([loaded.path for loaded in state.tls.certificates], log),
+            lambda: certificates_in_files(
+                [
+                    *(loaded.path for loaded in state.tls.certificates),
+                    *(tls.certificate for tls in state.generation.upstream_tls.values() if tls.certificate),
+                ],
+                log,
+            ),
             log,
             metrics=state.metrics,
         )
@@ -182,9 +192,12 @@ class RunningProxy:
         limiter = asyncio.Semaphore(limit) if limit > 0 else None
         loop = asyncio.get_running_loop()
         state = self.state
-        tls_count = len(self.addresses)
-        for index, sock in enumerate(self._sockets):
-            serve = serve_tls_socket if index < tls_count else serve_redirect_socket
+        handlers = [
+            *[serve_tls_socket] * len(self.addresses),
+            *[serve_plain_socket] * len(self.plain_addresses),
+            serve_redirect_socket,  # the last socket, when there is one
+        ]
+        for sock, serve in zip(self._sockets, handlers):
             # A partial, not a wrapping coroutine: one coroutine per connection, not two.
             handler = functools.partial(serve, state=state)
             self._accept_tasks.append(loop.create_task(accept_loop(sock, handler, self.connection_tasks, limiter)))
@@ -196,6 +209,8 @@ class RunningProxy:
         )
         lines = [f"tlsproxy: listening on https://{_url_host(host)}:{port} (services: {services})"
                  for host, port in self.addresses]
+        lines += [f"tlsproxy: plain HTTP on http://{_url_host(host)}:{port} (same services, no client certificates)"
+                  for host, port in self.plain_addresses]
         if self.redirect_address is not None:
             host, port = self.redirect_address
             lines.append(f"tlsproxy: redirecting http://{_url_host(host)}:{port} to https://")
@@ -233,7 +248,7 @@ class RunningProxy:
             _done, stuck = await asyncio.wait(pending, timeout=CANCEL_WAIT)
             if stuck:
                 log.warning("shutdown: %d connections did not end %gs after being cancelled", len(stuck), CANCEL_WAIT)
-        self.state.pool.close()
+        await self.state.pool.close_and_wait(UPSTREAM_CLOSE_WAIT)
         self.state.h2_pool.close()
         self.state.access_log.close()
         if self.admin is not None:
@@ -289,7 +304,7 @@ async def start_proxy(
     access_log = AccessLog.open(config.access_log)
     if listeners is None:
         try:
-            listeners = BoundListeners.bind(config.listen, config.redirect_http)
+            listeners = BoundListeners.bind(config.listen, config.redirect_http, plain=config.listen_plain)
         except OSError:
             access_log.close()
             raise
