@@ -103,7 +103,8 @@ class H2Session:
 
     # -- the read loop ---------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, received: bytes = b"") -> None:
+        """Serve the connection; ``received``: bytes already read from it (h2c's preface)."""
         state = self.state
         channel = self.channel
         with state.track(self, on_shutdown=self.shutdown) as tracked:
@@ -114,7 +115,9 @@ class H2Session:
                     timeouts = state.generation.config.timeouts
                     tracked.idle = not self.streams
                     try:
-                        data = await channel.read(timeouts.request_header if first else timeouts.idle)
+                        data, received = received or await channel.read(
+                            timeouts.request_header if first else timeouts.idle
+                        ), b""
                     except TimeoutError:
                         if self.streams:
                             continue  # busy streams keep their own deadlines

@@ -173,7 +173,7 @@ class UpstreamH2Connection:
 
     __slots__ = (
         "upstream", "channel", "codec", "loop", "streams", "retired", "service", "key",
-        "_reader", "_on_closed", "_writer", "_waiting_write",
+        "reader", "_on_closed", "_writer", "_waiting_write",
     )
 
     def __init__(self, upstream: Upstream, channel: Channel, service: str, on_closed: Callable, key: str) -> None:
@@ -191,7 +191,7 @@ class UpstreamH2Connection:
         self._writer: asyncio.Task | None = None
         self._waiting_write: set[UpstreamStream] = set()
         self.flush()  # the preface and our SETTINGS
-        self._reader = self.loop.create_task(self._read())
+        self.reader = self.loop.create_task(self._read())  # ends when the connection does
 
     @property
     def has_room(self) -> bool:
@@ -417,8 +417,15 @@ class H2UpstreamPool:
             return len(self._connections.get(upstream.url, ()))
         return sum(len(each) for each in self._connections.values())
 
-    def close(self) -> None:
-        for connections in self._connections.values():
-            for connection in list(connections):
-                connection.close()
+    async def close_and_wait(self, timeout: float) -> None:
+        """Close every connection (TLS: with its close_notify), wait up to ``timeout``
+        for them to be gone, then drop the rest (shutdown)."""
+        connections = [each for group in self._connections.values() for each in group]
         self._connections.clear()
+        for connection in connections:
+            connection.close()
+        readers = [connection.reader for connection in connections if not connection.reader.done()]
+        if readers:
+            await asyncio.wait(readers, timeout=timeout)
+        for connection in connections:
+            connection.channel.abort()

@@ -249,7 +249,7 @@ class RunningProxy:
             if stuck:
                 log.warning("shutdown: %d connections did not end %gs after being cancelled", len(stuck), CANCEL_WAIT)
         await self.state.pool.close_and_wait(UPSTREAM_CLOSE_WAIT)
-        self.state.h2_pool.close()
+        await self.state.h2_pool.close_and_wait(UPSTREAM_CLOSE_WAIT)
         self.state.access_log.close()
         if self.admin is not None:
             self.admin.close()

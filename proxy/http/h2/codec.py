@@ -48,6 +48,7 @@ REFUSED_STREAM = 0x7
 CANCEL = 0x8
 ENHANCE_YOUR_CALM = 0xB
 
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 3.4: a client's first bytes
 DEFAULT_WINDOW = 65535  # RFC 9113 6.9.2: every window's size before SETTINGS change it
 MAX_ENCODER_TABLE = 4096  # our HPACK encoder's dynamic table, whatever the client allows
 
