@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TlsProxyError as exc:
-        print(f"tlsproxy: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # ConfigErrors: one line per error
+            print(f"tlsproxy: error: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -8,6 +8,7 @@ one HTTP status::
     TlsProxyError                 exit_code 1
     ├── UsageError                exit_code 2 (bad command line)
     ├── ConfigError               FILE:LINE: key.path: reason
+    │   └── ConfigErrors          several of them, from one file (``check`` reports them all)
     ├── PKIError                  certificate toolkit: unreadable file, bad NAME, wrong password
     │   └── VerificationFailed    a certificate a TLS client would refuse; .reason in words
     └── HTTPError                 one request failed; .status picks the response
@@ -46,6 +47,24 @@ class ConfigError(TlsProxyError):
         self.reason = reason
         where = f"{self.file}:{line}" if line is not None else self.file
         super().__init__(f"{where}: {key}: {reason}" if key else f"{where}: {reason}")
+
+
+class ConfigErrors(ConfigError):
+    """Every independent error found in one config file, in line order.
+
+    A user fixing a file wants the whole list in one run, not one error per run. ``str()``
+    is one line per error; ``partial`` is the config built from the keys that were valid
+    (so ``check`` can still open the files they name), or None."""
+
+    def __init__(self, errors: list[ConfigError], partial: object = None) -> None:
+        self.errors = errors
+        self.partial = partial
+        first = errors[0]
+        super().__init__(first.file, first.line, first.key, first.reason)
+        self.args = ("\n".join(str(error) for error in errors),)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class PKIError(TlsProxyError):

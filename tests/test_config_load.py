@@ -317,7 +317,7 @@ ERRORS = [
     ),
     pytest.param(
         "limits: {max_body_bytes: lots}\n" + SERVICE,
-        "proxy.yaml:1: limits.max_body_bytes: 'lots' is not a whole number",
+        "proxy.yaml:1: limits.max_body_bytes: 'lots' is not a size (e.g. 65536, 64KiB, 10MiB, 1GiB or 10MB)",
         id="int-garbage",
     ),
     pytest.param(

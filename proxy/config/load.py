@@ -49,10 +49,11 @@ from proxy.config.values import (
     parse_listen,
     parse_path_prefix,
     parse_service_name,
+    parse_size,
     parse_upstream,
     parse_workers,
 )
-from proxy.errors import UsageError
+from proxy.errors import ConfigErrors, UsageError
 
 T = TypeVar("T")
 
@@ -71,6 +72,8 @@ TOP_LEVEL_KEYS = (
     "admin",
     "services",
 )
+# Stands for client_auth.ca when that section had errors of its own.
+_UNKNOWN_CA = Path("<client_auth.ca>")
 SERVICE_KEYS = ("name", "hosts", "path_prefix", "strip_prefix", "upstream", "client_auth", "set_headers")
 
 
@@ -91,7 +94,13 @@ def load_config_with_lines(
     """``load_config`` plus the line of every key path, so later checks (``tlsproxy
     check`` opening the certificate files) can point at ``tls.certificates[0].cert``."""
     root, lines = compose_file(path, environ)
-    config = _proxy_config(root, base=path.parent.absolute(), source=path.absolute())
+    config = root.collect(lambda: _proxy_config(root, base=path.parent.absolute(), source=path.absolute()), None)
+    if root.errors:
+        errors = sorted(root.errors, key=lambda error: error.line or 0)
+        if len(errors) == 1 and config is None:
+            raise errors[0]
+        partial = None if config is None else dataclasses.replace(config, key_lines=lines)
+        raise ConfigErrors(errors, partial)
     return dataclasses.replace(config, key_lines=lines), lines
 
 
@@ -104,8 +113,9 @@ def _field_names(cls: type) -> tuple[str, ...]:
 
 
 def _optional(keys: Mapping[str, ConfigNode], name: str, build: Callable[[ConfigNode], T], default: T) -> T:
+    """The key's value, or ``default`` when it is absent or wrong (then its error is collected)."""
     node = keys.get(name)
-    return default if node is None else build(node)
+    return default if node is None else node.collect(lambda: build(node), default)
 
 
 def _proxy_config(root: ConfigNode, base: Path, source: Path) -> ProxyConfig:
@@ -114,7 +124,10 @@ def _proxy_config(root: ConfigNode, base: Path, source: Path) -> ProxyConfig:
     keys = root.mapping(TOP_LEVEL_KEYS, required=("services",))
     # Sections are read in the documented order (services last, since its cross-field
     # rules need client_auth), so the first error reported is usually the first in the file.
+    errors_before = len(root.errors)
     client_auth = _optional(keys, "client_auth", lambda n: _client_auth(n, base), ClientAuthSettings())
+    # A wrong client_auth section is reported once; services do not also say it has no CA.
+    listener_ca = client_auth.ca if len(root.errors) == errors_before else _UNKNOWN_CA
     defaults = ProxyConfig(services=())
     return ProxyConfig(
         listen=_optional(keys, "listen", _listen_list, defaults.listen),
@@ -127,7 +140,7 @@ def _proxy_config(root: ConfigNode, base: Path, source: Path) -> ProxyConfig:
         limits=_optional(keys, "limits", _limits, defaults.limits),
         access_log=_optional(keys, "access_log", lambda n: _access_log(n, base), defaults.access_log),
         admin=_optional(keys, "admin", _admin, defaults.admin),
-        services=_services(keys["services"], listener_ca=client_auth.ca),
+        services=_services(keys["services"], listener_ca=listener_ca),
         source=source,
     )
 
@@ -198,6 +211,7 @@ def _certificate_pair(node: ConfigNode, base: Path) -> CertificatePair:
 def _client_auth(node: ConfigNode, base: Path) -> ClientAuthSettings:
     keys = node.mapping(_field_names(ClientAuthSettings))
     defaults = ClientAuthSettings()
+    errors_before = len(node.errors)
     settings = ClientAuthSettings(
         mode=_optional(keys, "mode", lambda n: _choice(n, CLIENT_AUTH_MODES), defaults.mode),
         ca=_optional(keys, "ca", lambda n: _optional_path(n, base), None),
@@ -205,6 +219,8 @@ def _client_auth(node: ConfigNode, base: Path) -> ClientAuthSettings:
         allow=_optional(keys, "allow", _allow_list, ()),
         forward=_optional(keys, "forward", lambda n: _choice(n, FORWARD_MODES), defaults.forward),
     )
+    if len(node.errors) > errors_before:
+        raise node.errors.pop()  # cross-field rules need every field right (and then it fails as a whole)
     if settings.mode != "none" and settings.ca is None:
         raise keys["mode"].error(
             f"mode '{settings.mode}' needs client_auth.ca (the CA bundle that signs client certificates)"
@@ -221,7 +237,10 @@ def _client_auth(node: ConfigNode, base: Path) -> ClientAuthSettings:
 def _allow_list(node: ConfigNode) -> tuple[AllowEntry, ...]:
     entries = []
     for item in node.sequence():
+        errors_before = len(item.errors)
         keys = item.mapping(ALLOW_KINDS)
+        if len(item.errors) > errors_before:
+            continue  # an unknown kind, reported once
         if len(keys) != 1:
             raise item.error(f"each entry has exactly one key, one of {', '.join(ALLOW_KINDS)}")
         ((kind, value),) = keys.items()
@@ -238,7 +257,10 @@ def _services(node: ConfigNode, listener_ca: Path | None) -> tuple[Service, ...]
     routes: dict[tuple[str, str], tuple[str, Service]] = {}
     for item in items:
         keys = item.mapping(SERVICE_KEYS, required=("name", "upstream"))
-        service = _service(keys, listener_ca)
+        errors_before = len(item.errors)
+        service = item.collect(lambda: _service(keys, listener_ca), None)
+        if service is None or len(item.errors) > errors_before:
+            continue  # reported; its routes are not compared with the others
         if service.name in paths_by_name:
             raise keys["name"].error(f"'{service.name}' is already the name of {paths_by_name[service.name]}")
         paths_by_name[service.name] = item.path
@@ -303,12 +325,25 @@ def _timeouts(node: ConfigNode) -> Timeouts:
         return child.check(parse_duration, child.value(), allow_zero=name == "shutdown_grace")
 
     keys = node.mapping(_field_names(Timeouts))
-    return Timeouts(**{name: duration(name, child) for name, child in keys.items()})
+    defaults = Timeouts()
+    return Timeouts(**{
+        name: child.collect(lambda: duration(name, child), getattr(defaults, name)) for name, child in keys.items()
+    })
 
 
 def _limits(node: ConfigNode) -> Limits:
+    # Every ``*_bytes`` key is a size (``64KiB``, ``10MiB``); the others count things.
+    def size_or_count(name: str, child: ConfigNode) -> int:
+        if name.endswith("_bytes"):
+            return child.check(parse_size, child.value())
+        return child.check(parse_int, child.value(), minimum=0)
+
     keys = node.mapping(_field_names(Limits))
-    return Limits(**{name: child.check(parse_int, child.value(), minimum=0) for name, child in keys.items()})
+    defaults = Limits()
+    return Limits(**{
+        name: child.collect(lambda: size_or_count(name, child), getattr(defaults, name))
+        for name, child in keys.items()
+    })
 
 
 def _access_log(node: ConfigNode, base: Path) -> AccessLogSettings:
