@@ -16,7 +16,7 @@ from pathlib import Path
 
 from proxy.check.checks import CheckReport, check_files
 from proxy.check.dry_run import explain_access, split_url
-from proxy.config.load import default_config_path, load_config_with_lines
+from proxy.config.load import config_path, load_config_with_lines
 from proxy.config.model import ProxyConfig
 from proxy.errors import ConfigError, ConfigErrors, UsageError
 
@@ -48,7 +48,7 @@ def run_check(args: argparse.Namespace) -> int:
         raise UsageError("--client-cert and --url go together")
     if args.url is not None:
         split_url(args.url)  # a bad --url is a usage error, before any file is read
-    path = args.config or default_config_path(os.environ)
+    path = config_path(args.config, os.environ)
     try:
         config, lines = load_config_with_lines(path)
         config_errors: list[ConfigError] = []

@@ -53,7 +53,7 @@ from proxy.config.values import (
     parse_upstream,
     parse_workers,
 )
-from proxy.errors import ConfigErrors, UsageError
+from proxy.errors import ConfigErrors, TlsProxyError, UsageError
 
 T = TypeVar("T")
 
@@ -81,6 +81,24 @@ def default_config_path(environ: Mapping[str, str] = os.environ) -> Path:
     """``$TLSPROXY_CONFIG`` if set, else ``./config/proxy.yaml``."""
     value = environ.get("TLSPROXY_CONFIG")
     return Path(value) if value else DEFAULT_CONFIG_PATH
+
+
+def config_path(given: Path | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """The config file ``serve`` / ``check`` read: ``-c FILE``, else the default. A missing
+    *default* is not a typo in a path the user wrote: it is someone who does not know yet
+    how to give a config, so the error lists the ways (exit 1)."""
+    if given is not None:
+        return given
+    path = default_config_path(environ)
+    if path.exists():
+        return path
+    origin = "$TLSPROXY_CONFIG" if environ.get("TLSPROXY_CONFIG") else "the default config file"
+    raise TlsProxyError(
+        f"{path}: no such file ({origin})\n"
+        "give a config with -c FILE or the TLSPROXY_CONFIG environment variable "
+        "(config/proxy.yaml in the repository documents every key),\n"
+        "or serve without one: tlsproxy serve --listen 127.0.0.1:8443 --upstream http://127.0.0.1:8080"
+    )
 
 
 def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> ProxyConfig:

@@ -195,8 +195,13 @@ def _parse_port(text: str, original: str, *, minimum: int) -> int:
 
 
 def parse_listen(text: str) -> ListenAddress:
-    """``HOST:PORT`` or ``[v6]:PORT`` to bind; port 0 means "any free port" (tests)."""
-    host, port = _split_host_port(text.strip(), what="listen address")
+    """``HOST:PORT`` or ``[v6]:PORT`` to bind; port 0 means "any free port" (tests).
+    ``:PORT`` or a bare ``PORT`` means every interface, as in Caddy: ``[::]`` (which the
+    listener makes dual-stack, so IPv4 clients connect too)."""
+    text = text.strip()
+    if text.isascii() and text.lstrip(":").isdigit() and text.count(":") <= 1:
+        return ListenAddress(host="::", port=_parse_port(text.lstrip(":"), text, minimum=0))
+    host, port = _split_host_port(text, what="listen address")
     if port is None or not host:
         fail(f"'{text}' is not HOST:PORT (e.g. 0.0.0.0:8443 or [::]:8443)")
     _check_host(host, text)
