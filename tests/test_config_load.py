@@ -347,9 +347,9 @@ ERRORS = [
         id="listen-ipv6-brackets",
     ),
     pytest.param(
-        'listen: "8443"\n' + SERVICE,
-        "proxy.yaml:1: listen: '8443' is not HOST:PORT (e.g. 0.0.0.0:8443 or [::]:8443)",
-        id="listen-no-host",
+        'listen: "localhost"\n' + SERVICE,
+        "proxy.yaml:1: listen: 'localhost' is not HOST:PORT (e.g. 0.0.0.0:8443 or [::]:8443)",
+        id="listen-no-port",
     ),
     pytest.param(
         'admin: {listen: "localhost"}\n' + SERVICE,
