@@ -1,10 +1,12 @@
 """One access-log line per request, written in batches off the request path.
 
 ``json``: one object per line with the keys of ``FIELDS`` (then any extra keys the
-caller added); ``text``: one readable line, nginx-like::
+caller added: ``client_subject`` and ``client_fingerprint`` when the client presented a
+verified certificate); ``text``: one readable line, nginx-like::
 
     2026-11-22T23:02:01.123Z 127.0.0.1 "GET /api/x" 200 in=0 out=123 1.234ms service=api
       upstream=127.0.0.1:9000 sni=api.localhost tls=TLSv1.3 request_id=4f0c…
+      [client_subject=CN=alice client_fingerprint=sha256:…]
 
 Records are queued as the caller built them and formatted at flush time, one batch
 at once (a request pays for appending a dict, not for a JSON encoder run), then
@@ -57,6 +59,8 @@ FIELDS = (
     "upstream",
     "request_id",
 )
+# Written only when a client certificate was verified (SPEC section 3).
+CLIENT_CERT_FIELDS = ("client_subject", "client_fingerprint")
 FLUSH_BYTES = 64 * 1024
 LINE_ESTIMATE = 320  # bytes per queued record, for FLUSH_BYTES (a typical JSON line)
 FLUSH_INTERVAL = 0.2
@@ -321,7 +325,9 @@ def _text_line(record: dict[str, Any]) -> str:
         f'in={_text(f["bytes_in"])} out={_text(f["bytes_out"])} '
         f'{"-" if duration is None else f"{duration}ms"} '
         f'service={_text(f["service"])} upstream={_text(f["upstream"])} sni={_text(f["sni"])} '
-        f'tls={_text(f["tls_version"])} request_id={_text(f["request_id"])}\n'
+        f'tls={_text(f["tls_version"])} request_id={_text(f["request_id"])}'
+        + "".join(f" {key}={_text(f[key])}" for key in CLIENT_CERT_FIELDS if key in f)
+        + "\n"
     )
 
 
