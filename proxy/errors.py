@@ -24,6 +24,23 @@ one HTTP status::
 
 from __future__ import annotations
 
+import errno
+import os
+
+
+def os_error_reason(exc: OSError) -> str:
+    """An OSError in words. "Permission denied" names the uid this process runs as: in the
+    container image that is 10001, and a root-owned 0600 key mounted read-only is the usual
+    cause, which the bare errno does not tell."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        uid, gid = os.getuid(), os.getgid()
+        return (
+            f"permission denied for uid {uid} (gid {gid}), the user tlsproxy runs as"
+            + (" (the container image's user)" if uid == 10001 else "")
+            + f": make the file readable by it (e.g. chown {uid} FILE, or group {gid} and chmod 0640)"
+        )
+    return exc.strerror or str(exc)
+
 
 class TlsProxyError(Exception):
     """Base of every error tlsproxy raises on purpose; the message is for the user."""

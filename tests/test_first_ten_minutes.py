@@ -187,3 +187,35 @@ def test_every_interface_takes_ipv4_and_ipv6_clients(tmp_path: Path, pki, upstre
         for host in ("127.0.0.1", "[::1]"):
             response = requests.get(f"https://{host}:{served.port}/echo", verify=str(pki.ca_pem), timeout=WAIT)
             assert response.status_code == 200, host
+
+
+# --- item 10: a key the proxy's user cannot read says which user that is ------------------
+
+
+def test_unreadable_key_names_the_uid_the_proxy_runs_as(tmp_path: Path, pki) -> None:
+    """As in the container: a root-owned 0600 key, and tlsproxy running as uid 10001."""
+    import shutil
+
+    setpriv = shutil.which("setpriv")
+    if os.getuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv (util-linux) to run tlsproxy as uid 10001")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:  # under /tmp, 0755 (pytest's tmp_path is 0700)
+        mounted = Path(folder)
+        mounted.chmod(0o755)
+        cert, key = mounted / "server.pem", mounted / "server.key"
+        shutil.copyfile(pki.server[0], cert)
+        shutil.copyfile(pki.server[1], key)
+        cert.chmod(0o644)
+        key.chmod(0o600)  # root's, as `certs issue` writes it
+        command = [setpriv, "--reuid", "10001", "--regid", "10001", "--clear-groups",
+                   sys.executable, "-m", "proxy", "serve", "--listen", "127.0.0.1:0", "--upstream",
+                   "http://127.0.0.1:9", "--cert", str(cert), "--key", str(key)]
+        environ = {**os.environ, "PYTHONPATH": str(REPO)}
+        result = subprocess.run(command, cwd="/", env=environ, capture_output=True, text=True, timeout=WAIT)
+    if "Permission denied" in result.stderr and "tlsproxy" not in result.stderr:
+        pytest.skip(f"uid 10001 cannot run this Python here: {result.stderr.strip()[:200]}")
+    assert result.returncode == 1
+    assert f"--key: {key}: cannot read: permission denied for uid 10001 (gid 10001)" in result.stderr
+    assert "chown 10001" in result.stderr

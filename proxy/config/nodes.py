@@ -18,7 +18,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from proxy.config.values import InvalidValue, did_you_mean, expand_env
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, os_error_reason
 
 T = TypeVar("T")
 
@@ -53,7 +53,7 @@ def compose_file(path: Path, environ: Mapping[str, str]) -> tuple[ConfigNode, di
     except UnicodeDecodeError:
         raise ConfigError(file, None, "", "is not UTF-8 text") from None
     except OSError as exc:
-        raise ConfigError(file, None, "", f"cannot read: {exc.strerror or exc}") from None
+        raise ConfigError(file, None, "", f"cannot read: {os_error_reason(exc)}") from None
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()

@@ -42,7 +42,7 @@ from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from proxy.config.model import AccessLogSettings
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, os_error_reason
 
 FIELDS = (
     "time",
@@ -339,7 +339,7 @@ def _open_append(path: str, source: object) -> int:
     try:
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     except OSError as exc:
-        raise ConfigError(source, None, "access_log.path", f"cannot open {path} for appending: {exc.strerror or exc}") from None
+        raise ConfigError(source, None, "access_log.path", f"cannot open {path} for appending: {os_error_reason(exc)}") from None
 
 
 def _write_all(fd: int, data: bytes) -> None:
