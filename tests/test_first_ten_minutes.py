@@ -219,3 +219,35 @@ def test_unreadable_key_names_the_uid_the_proxy_runs_as(tmp_path: Path, pki) -> 
     assert result.returncode == 1
     assert f"--key: {key}: cannot read: permission denied for uid 10001 (gid 10001)" in result.stderr
     assert "chown 10001" in result.stderr
+
+
+# --- item 11: the README's test command installs nothing, and says what it skipped ----------
+
+
+def test_the_suite_installs_nothing_and_lists_what_it_skipped(tmp_path: Path) -> None:
+    """The container tests on a machine without podman, as the README's test command runs
+    them: an ``apt-get`` (or ``sudo``) call is recorded and fails, and must never happen."""
+    import shutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "env", "cat", "mkdir", "sed", "head"):
+        if found := shutil.which(tool):
+            (bin_dir / tool).symlink_to(found)
+    calls = tmp_path / "installer-calls"
+    for installer in ("apt-get", "apt", "sudo", "dpkg"):
+        (bin_dir / installer).write_text(f'#!/bin/sh\necho "{installer} $*" >> {calls}\nexit 1\n')
+        (bin_dir / installer).chmod(0o755)
+    environ = {**os.environ, "PATH": str(bin_dir), "PODMAN_HOME": str(tmp_path / "podman-home")}
+    environ.pop("PODMAN_HERE_INSTALL", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_container.py",
+         "-k", "not hadolint and not shellcheck"],
+        cwd=REPO, env=environ, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert not calls.exists(), calls.read_text()
+    summary = result.stdout.split("skipped groups (install what the reason names to run them)", 1)[1]
+    assert re.search(r"\d+ skipped in tests/test_container\.py: podman is not set up: podman, runc or "
+                     r"mmdebstrap not installed \(provision with: sudo bash deploy/podman-here\.sh\)", summary)
+    assert not (tmp_path / "podman-home" / "base-rootfs.tar").exists()
