@@ -61,7 +61,9 @@ def test_minimal_config_gets_the_defaults(load, tmp_path: Path) -> None:
 def test_example_config_loads() -> None:
     config = load_config(REPO / "config" / "proxy.yaml", {})
     assert [s.name for s in config.services] == ["api", "web"]
-    assert config.tls.certificates[0].cert == REPO / "config" / "certs" / "api.pem"
+    # the certs/api.pem the README's toolkit lines write from the repository root
+    assert config.tls.certificates[0].cert.resolve() == REPO / "certs" / "api.pem"
+    assert config.limits.max_header_bytes == 65536  # written 64KiB
     assert config.services[0].client_auth == ServiceClientAuth(True, (AllowEntry("cn", "billing"),))
     assert config.services[1].set_headers == (("X-Env", "dev"),)
 
