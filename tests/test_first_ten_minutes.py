@@ -251,3 +251,36 @@ def test_the_suite_installs_nothing_and_lists_what_it_skipped(tmp_path: Path) ->
     assert re.search(r"\d+ skipped in tests/test_container\.py: podman is not set up: podman, runc or "
                      r"mmdebstrap not installed \(provision with: sudo bash deploy/podman-here\.sh\)", summary)
     assert not (tmp_path / "podman-home" / "base-rootfs.tar").exists()
+
+
+# --- items 1 and 9: the README's toolkit lines, after the demo, then its config example -------
+
+
+def readme_block(heading: str, index: int = 0) -> str:
+    """The INDEX-th ```bash block of the README section starting at HEADING."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", section, re.S)[index]
+
+
+def test_readme_toolkit_lines_after_the_demo_then_check_the_example_config(tmp_path: Path) -> None:
+    from proxy.demo import ensure_demo_certificates
+
+    tlsproxy_bin = Path(sys.executable).parent / "tlsproxy"
+    if not tlsproxy_bin.exists():
+        pytest.skip(f"no tlsproxy script beside {sys.executable} (install with pip install -e .)")
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "proxy.yaml").write_bytes((REPO / "config" / "proxy.yaml").read_bytes())
+    ensure_demo_certificates(tmp_path / "certs")  # Quick start: the demo ran first, and made certs/ca
+    environ = {k: v for k, v in os.environ.items() if k != "TLSPROXY_CONFIG"}
+    environ["PATH"] = f"{tlsproxy_bin.parent}{os.pathsep}{environ.get('PATH', '')}"  # the README's export
+    toolkit = readme_block("## The certificate toolkit: `tlsproxy certs`")
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", toolkit], cwd=tmp_path, env=environ,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    config_lines = readme_block("## Serving: `tlsproxy serve`", 1).splitlines()
+    check = next(line.split("#")[0].strip() for line in config_lines if line.startswith("tlsproxy check"))
+    result = subprocess.run(["bash", "-c", check], cwd=tmp_path, env=environ, capture_output=True, text=True,
+                            timeout=WAIT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("config OK\n") and "certs/api.pem: api.localhost" in result.stdout
