@@ -251,7 +251,8 @@ def cmd_crl(args: argparse.Namespace) -> int:
         f"wrote {path}  (CRL from '{ca_cert.subject.rfc4514_string()}', {len(revoked)} revoked, "
         f"next update {rfc3339(crl.next_update_utc)})",
         *[f"  revoked {format(c.serial_number, 'x')}  {c.subject.rfc4514_string()}" for c in revoked],
-        f"use it:  client_auth: {{crl: {path}}} in proxy.yaml, or "
+        # absolute: a relative path in a config resolves against the config file's folder
+        f"use it:  client_auth: {{crl: {path.absolute()}}} in proxy.yaml, or "
         f"tlsproxy certs verify CERT --ca {_q(Path(args.ca) / store.CA_CERT_FILE)} --crl {_q(path)}",
     )
     return 0
