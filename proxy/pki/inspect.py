@@ -107,39 +107,34 @@ def key_beside(path: Path) -> Path | None:
 
 def render_text(info: dict, *, index: int, total: int, now: dt.datetime | None = None) -> str:
     """Human-readable block for one certificate or CSR (what ``certs inspect`` prints)."""
+    subject = ("subject", info["subject"] or "(empty)")
+    sans = ("SANs", ", ".join(info["sans"]) or "(none)")
     if info.get("kind") == "csr":
         signature = "valid" if info["signature_valid"] else "INVALID (the CSR was altered or is corrupt)"
-        lines = [
-            f"{info['file']}  (certificate signing request: what a CA is asked to sign)",
-            f"  subject:      {info['subject'] or '(empty)'}",
-            f"  SANs:         {', '.join(info['sans']) or '(none)'}",
-            f"  key:          {info['key_type']}",
-            f"  signature:    {signature}",
-        ]
-        return "\n".join(lines + _key_line(info))
+        title = f"{info['file']}  (certificate signing request: what a CA is asked to sign)"
+        return _block(title, [subject, sans, ("key", info["key_type"]), ("signature", signature)], info)
     moment = rfc3339(now or dt.datetime.now(dt.timezone.utc))
     position = f" [{index}/{total}]" if total > 1 else ""
     kind = "CA" if info["is_ca"] else "leaf"
-    lines = [
-        f"{info['file']}{position}",
-        f"  subject:      {info['subject'] or '(empty)'}",
-        f"  issuer:       {info['issuer'] or '(empty)'}",
-        f"  SANs:         {', '.join(info['sans']) or '(none)'}",
-        f"  serial:       {info['serial']}",
-        f"  valid:        {info['not_before']} .. {info['not_after']} ({validity_note(info, moment)})",
-        f"  key:          {info['key_type']}",
-        f"  SHA-256:      {info['fingerprint_sha256']}",
-        f"  kind:         {kind}" + (f", EKU {', '.join(info['eku'])}" if info["eku"] else ""),
-    ]
-    return "\n".join(lines + _key_line(info))
+    return _block(f"{info['file']}{position}", [
+        subject,
+        ("issuer", info["issuer"] or "(empty)"),
+        sans,
+        ("serial", info["serial"]),
+        ("valid", f"{info['not_before']} .. {info['not_after']} ({validity_note(info, moment)})"),
+        ("key", info["key_type"]),
+        ("SHA-256", info["fingerprint_sha256"]),
+        ("kind", kind + (f", EKU {', '.join(info['eku'])}" if info["eku"] else "")),
+    ], info)
 
 
-def _key_line(info: dict) -> list[str]:
-    if "key_matches" not in info:
-        return []
-    where = info.get("key_file", "inside the PKCS#12")
-    verdict = "matches" if info["key_matches"] else f"does NOT match{': ' + info['key_error'] if 'key_error' in info else ''}"
-    return [f"  private key:  {where} {verdict}"]
+def _block(title: str, rows: list[tuple[str, str]], info: dict) -> str:
+    """TITLE, then one aligned ``label: value`` line a row, then the key verdict if any."""
+    if "key_matches" in info:
+        where = info.get("key_file", "inside the PKCS#12")
+        error = f": {info['key_error']}" if "key_error" in info else ""
+        rows = [*rows, ("private key", f"{where} {'matches' if info['key_matches'] else 'does NOT match' + error}")]
+    return "\n".join([title, *(f"  {label + ':':<14}{value}" for label, value in rows)])
 
 
 def validity_note(info: dict, moment: str) -> str:
