@@ -117,7 +117,7 @@ class RunningProxy:
         return generation, fixed, access_log
 
     def _failed(self, exc: Exception) -> bool:
-        reason = str(exc) if isinstance(exc, TlsProxyError) else repr(exc)
+        reason = str(exc).replace("\n", "; ") if isinstance(exc, TlsProxyError) else repr(exc)  # one log line
         log.error("reload failed, still serving the previous configuration: %s", reason)
         self.state.metrics.record_reload(False)
         return False
