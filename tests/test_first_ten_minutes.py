@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -16,15 +19,46 @@ import pytest
 import requests
 from upstream import WAIT
 
+from proxy.demo import ensure_demo_certificates
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+def user_environ() -> dict[str, str]:
+    """This environment as a new user's shell has it: no TLSPROXY_CONFIG."""
+    return {k: v for k, v in os.environ.items() if k != "TLSPROXY_CONFIG"}
+
+
 def tlsproxy(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k != "TLSPROXY_CONFIG"}
     return subprocess.run(
         [sys.executable, "-m", "proxy", *args],
-        cwd=cwd, env={**environ, **(env or {})}, capture_output=True, text=True, timeout=WAIT,
+        cwd=cwd, env={**user_environ(), **(env or {})}, capture_output=True, text=True, timeout=WAIT,
     )
+
+
+class Serving:
+    """``python -m proxy serve ARGS`` until the test ends; ``port`` from its log line."""
+
+    LISTENING = re.compile(r"listening on https://(\S+):(\d+) ")
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", *args], cwd=cwd, env=user_environ(),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.stderr = []
+        for line in self.proc.stderr:  # bounded: pytest-timeout, and serve exits on errors
+            self.stderr.append(line)
+            if match := self.LISTENING.search(line):
+                self.host, self.port = match.group(1), int(match.group(2))
+                return
+        raise AssertionError(f"serve exited ({self.proc.wait(WAIT)}): {''.join(self.stderr)}")
+
+    def __enter__(self) -> Serving:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(WAIT)
+        self.proc.stderr.close()
 
 
 # --- item 2: serve without a config says how to give one ---------------------------------
@@ -140,35 +174,7 @@ def test_sizes_with_units_limit_the_body(tmp_path: Path, pki, upstream) -> None:
 # --- item 12: [::]:PORT and :PORT take IPv4 clients too --------------------------------------
 
 
-class Serving:
-    """``python -m proxy serve ARGS`` until the test ends; ``port`` from its log line."""
-
-    LISTENING = re.compile(r"listening on https://(\S+):(\d+) ")
-
-    def __init__(self, args: list[str], cwd: Path) -> None:
-        environ = {k: v for k, v in os.environ.items() if k != "TLSPROXY_CONFIG"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", *args], cwd=cwd, env=environ,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.stderr = []
-        for line in self.proc.stderr:  # bounded: pytest-timeout, and serve exits on errors
-            self.stderr.append(line)
-            if match := self.LISTENING.search(line):
-                self.host, self.port = match.group(1), int(match.group(2))
-                return
-        raise AssertionError(f"serve exited ({self.proc.wait(WAIT)}): {''.join(self.stderr)}")
-
-    def __enter__(self) -> Serving:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(WAIT)
-        self.proc.stderr.close()
-
-
 def _ipv6_loopback() -> bool:
-    import socket
-
     try:
         with socket.socket(socket.AF_INET6) as sock:
             sock.bind(("::1", 0))
@@ -194,13 +200,9 @@ def test_every_interface_takes_ipv4_and_ipv6_clients(tmp_path: Path, pki, upstre
 
 def test_unreadable_key_names_the_uid_the_proxy_runs_as(tmp_path: Path, pki) -> None:
     """As in the container: a root-owned 0600 key, and tlsproxy running as uid 10001."""
-    import shutil
-
     setpriv = shutil.which("setpriv")
     if os.getuid() != 0 or setpriv is None:
         pytest.skip("needs root and setpriv (util-linux) to run tlsproxy as uid 10001")
-    import tempfile
-
     with tempfile.TemporaryDirectory() as folder:  # under /tmp, 0755 (pytest's tmp_path is 0700)
         mounted = Path(folder)
         mounted.chmod(0o755)
@@ -227,8 +229,6 @@ def test_unreadable_key_names_the_uid_the_proxy_runs_as(tmp_path: Path, pki) -> 
 def test_the_suite_installs_nothing_and_lists_what_it_skipped(tmp_path: Path) -> None:
     """The container tests on a machine without podman, as the README's test command runs
     them: an ``apt-get`` (or ``sudo``) call is recorded and fails, and must never happen."""
-    import shutil
-
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("bash", "env", "cat", "mkdir", "sed", "head"):
@@ -264,15 +264,13 @@ def readme_block(heading: str, index: int = 0) -> str:
 
 
 def test_readme_toolkit_lines_after_the_demo_then_check_the_example_config(tmp_path: Path) -> None:
-    from proxy.demo import ensure_demo_certificates
-
     tlsproxy_bin = Path(sys.executable).parent / "tlsproxy"
     if not tlsproxy_bin.exists():
         pytest.skip(f"no tlsproxy script beside {sys.executable} (install with pip install -e .)")
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "proxy.yaml").write_bytes((REPO / "config" / "proxy.yaml").read_bytes())
     ensure_demo_certificates(tmp_path / "certs")  # Quick start: the demo ran first, and made certs/ca
-    environ = {k: v for k, v in os.environ.items() if k != "TLSPROXY_CONFIG"}
+    environ = user_environ()
     environ["PATH"] = f"{tlsproxy_bin.parent}{os.pathsep}{environ.get('PATH', '')}"  # the README's export
     toolkit = readme_block("## The certificate toolkit: `tlsproxy certs`")
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", toolkit], cwd=tmp_path, env=environ,
