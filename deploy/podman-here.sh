@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Vendored copy of the machine notes' shared/container/podman-here.sh, so a fresh checkout sets
-# podman up by itself: tests/test_container.py and deploy/*.sh source this file.
-# Makes podman usable on this kind of machine, and provides a local `python:3.11-slim` base image
-# (no container registry is reachable here, so the base is built from Debian packages).
+# Makes podman usable on a Debian machine without a container registry (like this project's
+# CI) and provides a local `python:3.11-slim` base image, built from Debian packages.
 #
-# Use:   source ../shared/container/podman-here.sh      # from the project root; sets the env below
-#        podman build --pull=never --format docker --network host -t tlsproxy:test .
-#        podman run -d --init --network host --name tp tlsproxy:test ...
+# Provision once (as root: installs podman buildah runc mmdebstrap uidmap fuse-overlayfs with
+# apt, then builds the base image; ~2 min, ~550 MB under $PODMAN_HOME, default /tmp/podman-here):
+#        bash deploy/podman-here.sh
+# Then, in each shell that runs podman (sets the environment below; idempotent, quick):
+#        source deploy/podman-here.sh
+#        podman build -t tlsproxy .
+#        podman run -d --init --network host --name tp tlsproxy ...
 #        podman healthcheck run tp                       # no systemd here: run health checks by hand
-# Facts behind each setting are in ../shared/CONTAINER.md. Idempotent; the first run takes ~2 min.
+# PODMAN_HERE_INSTALL=0 only checks and says what is missing (the test suite sources it that
+# way: tests install nothing). Why each setting: deploy/README.md, "Podman on Debian".
 PODMAN_HOME=${PODMAN_HOME:-/tmp/podman-here}
 mkdir -p "$PODMAN_HOME"
 cat > "$PODMAN_HOME/storage.conf" <<EOC
@@ -26,15 +29,25 @@ runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 EOC
-export CONTAINERS_STORAGE_CONF="$PODMAN_HOME/storage.conf" CONTAINERS_CONF="$PODMAN_HOME/containers.conf" BUILDAH_ISOLATION=chroot
+# BUILDAH_FORMAT=docker: podman's default OCI format silently drops HEALTHCHECK.
+export CONTAINERS_STORAGE_CONF="$PODMAN_HOME/storage.conf" CONTAINERS_CONF="$PODMAN_HOME/containers.conf" \
+  BUILDAH_ISOLATION=chroot BUILDAH_FORMAT=docker
 
 _podman_here_setup() {
   if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v mmdebstrap >/dev/null; then
+    if [ "${PODMAN_HERE_INSTALL:-1}" = 0 ]; then
+      echo "podman-here: podman, runc or mmdebstrap not installed (provision with: sudo bash deploy/podman-here.sh)" >&2
+      return 1
+    fi
     apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 \
       podman buildah runc mmdebstrap uidmap fuse-overlayfs >/dev/null || return 1
   fi
   if podman image exists docker.io/library/python:3.11-slim 2>/dev/null; then return 0; fi
+  if [ "${PODMAN_HERE_INSTALL:-1}" = 0 ]; then
+    echo "podman-here: no local python:3.11-slim base image (make it with: sudo bash deploy/podman-here.sh)" >&2
+    return 1
+  fi
   local cache="$PODMAN_HOME/base-rootfs.tar"
   if [ ! -s "$cache" ]; then
     # the same Debian mirror this machine's apt uses

@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from proxy import __version__
-from proxy.errors import TlsProxyError
+from proxy.errors import ConfigErrors, TlsProxyError
 
 # Modules that each add one top-level command (imported lazily by main()).
 COMMAND_MODULES = (
@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TlsProxyError as exc:
-        print(f"tlsproxy: error: {exc}", file=sys.stderr)
+        # ConfigErrors: one error a line; other errors: the error, then lines saying how to go on
+        first, *rest = str(exc).splitlines() or [""]
+        print(f"tlsproxy: error: {first}", file=sys.stderr)
+        for line in rest:
+            print(f"tlsproxy: error: {line}" if isinstance(exc, ConfigErrors) else f"  {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -23,6 +23,7 @@ import h11
 from proxy.config.model import ListenAddress
 from proxy.config.values import InvalidValue, parse_listen
 from proxy.errors import TlsProxyError
+from proxy.http.h11_engine import protocol_error_text
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 READ_SIZE = 64 * 1024
@@ -70,7 +71,7 @@ async def _serve_connection(reader: asyncio.StreamReader, writer: asyncio.Stream
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                await _send_error(conn, writer, exc.error_status_hint, str(exc))
+                await _send_error(conn, writer, exc.error_status_hint, protocol_error_text(exc))
                 return
             if event is h11.NEED_DATA:
                 try:

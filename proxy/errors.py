@@ -8,6 +8,7 @@ one HTTP status::
     TlsProxyError                 exit_code 1
     ├── UsageError                exit_code 2 (bad command line)
     ├── ConfigError               FILE:LINE: key.path: reason
+    │   └── ConfigErrors          several of them, from one file (``check`` reports them all)
     ├── PKIError                  certificate toolkit: unreadable file, bad NAME, wrong password
     │   └── VerificationFailed    a certificate a TLS client would refuse; .reason in words
     ├── ConnectionFailed          a peer broke HTTP/2 for the whole connection (GOAWAY sent)
@@ -23,6 +24,23 @@ one HTTP status::
 """
 
 from __future__ import annotations
+
+import errno
+import os
+
+
+def os_error_reason(exc: OSError) -> str:
+    """An OSError in words. "Permission denied" names the uid this process runs as: in the
+    container image that is 10001, and a root-owned 0600 key mounted read-only is the usual
+    cause, which the bare errno does not tell."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        uid, gid = os.getuid(), os.getgid()
+        return (
+            f"permission denied for uid {uid} (gid {gid}), the user tlsproxy runs as"
+            + (" (the container image's user)" if uid == 10001 else "")
+            + f": make the file readable by it (e.g. chown {uid} FILE, or group {gid} and chmod 0640)"
+        )
+    return exc.strerror or str(exc)
 
 
 class TlsProxyError(Exception):
@@ -47,6 +65,24 @@ class ConfigError(TlsProxyError):
         self.reason = reason
         where = f"{self.file}:{line}" if line is not None else self.file
         super().__init__(f"{where}: {key}: {reason}" if key else f"{where}: {reason}")
+
+
+class ConfigErrors(ConfigError):
+    """Every independent error found in one config file, in line order.
+
+    A user fixing a file wants the whole list in one run, not one error per run. ``str()``
+    is one line per error; ``partial`` is the config built from the keys that were valid
+    (so ``check`` can still open the files they name), or None."""
+
+    def __init__(self, errors: list[ConfigError], partial: object = None) -> None:
+        self.errors = errors
+        self.partial = partial
+        first = errors[0]
+        super().__init__(first.file, first.line, first.key, first.reason)
+        self.args = ("\n".join(str(error) for error in errors),)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class PKIError(TlsProxyError):

@@ -17,10 +17,15 @@ module) runs once per HTTP engine (ids ``[h11]`` / ``[httptools]``): the autouse
 ``http_engine`` fixture makes ``http_engine: auto`` resolve to the engine under test, in
 process and in ``tlsproxy serve`` subprocesses (through ``TLSPROXY_HTTP_ENGINE``, which
 only tests set).
+
+The suite installs nothing. A test whose tool (curl, openssl, node, podman…) is missing skips
+saying which, and the end of the run lists the skipped tests grouped by reason
+(``pytest_terminal_summary``), so a green run that skipped the container tests says so.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +121,19 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if metafunc.definition.get_closest_marker("both_engines") is not None:
         metafunc.parametrize("http_engine", HTTP_ENGINES, indirect=True)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Skipped tests by file and reason: which groups did not run, and what they need."""
+    groups: Counter[tuple[str, str]] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        groups[(report.nodeid.split("::")[0], reason.removeprefix("Skipped: "))] += 1
+    if not groups:
+        return
+    terminalreporter.section("skipped groups (install what the reason names to run them)")
+    for (module, reason), count in sorted(groups.items()):
+        terminalreporter.write_line(f"{count:4d} skipped in {module}: {reason}")
 
 
 @pytest.fixture(autouse=True)

@@ -62,7 +62,9 @@ def test_minimal_config_gets_the_defaults(load, tmp_path: Path) -> None:
 def test_example_config_loads() -> None:
     config = load_config(REPO / "config" / "proxy.yaml", {})
     assert [s.name for s in config.services] == ["api", "web"]
-    assert config.tls.certificates[0].cert == REPO / "config" / "certs" / "api.pem"
+    # the certs/api.pem the README's toolkit lines write from the repository root
+    assert config.tls.certificates[0].cert.resolve() == REPO / "certs" / "api.pem"
+    assert config.limits.max_header_bytes == 65536  # written 64KiB
     assert config.services[0].client_auth == ServiceClientAuth(True, (AllowEntry("cn", "billing"),))
     assert config.services[1].set_headers == (("X-Env", "dev"),)
 
@@ -385,7 +387,7 @@ ERRORS = [
     ),
     pytest.param(
         "limits: {max_body_bytes: lots}\n" + SERVICE,
-        "proxy.yaml:1: limits.max_body_bytes: 'lots' is not a whole number",
+        "proxy.yaml:1: limits.max_body_bytes: 'lots' is not a size (e.g. 65536, 64KiB, 10MiB, 1GiB or 10MB)",
         id="int-garbage",
     ),
     pytest.param(
@@ -415,9 +417,9 @@ ERRORS = [
         id="listen-ipv6-brackets",
     ),
     pytest.param(
-        'listen: "8443"\n' + SERVICE,
-        "proxy.yaml:1: listen: '8443' is not HOST:PORT (e.g. 0.0.0.0:8443 or [::]:8443)",
-        id="listen-no-host",
+        'listen: "localhost"\n' + SERVICE,
+        "proxy.yaml:1: listen: 'localhost' is not HOST:PORT (e.g. 0.0.0.0:8443 or [::]:8443)",
+        id="listen-no-port",
     ),
     pytest.param(
         'admin: {listen: "localhost"}\n' + SERVICE,

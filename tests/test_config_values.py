@@ -16,6 +16,7 @@ from proxy.config.values import (
     parse_host_pattern,
     parse_int,
     parse_listen,
+    parse_size,
     parse_upstream,
     parse_workers,
 )
@@ -80,6 +81,10 @@ def test_workers_refused(value: object) -> None:
         ("[::]:8443", ListenAddress("::", 8443)),
         ("[::1]:0", ListenAddress("::1", 0)),
         ("localhost:65535", ListenAddress("localhost", 65535)),
+        # every interface, as in Caddy: [::], which the listener makes dual-stack
+        (":8443", ListenAddress("::", 8443)),
+        ("8443", ListenAddress("::", 8443)),
+        (" :0 ", ListenAddress("::", 0)),
     ],
 )
 def test_listen_accepted(text: str, expected: ListenAddress) -> None:
@@ -87,11 +92,29 @@ def test_listen_accepted(text: str, expected: ListenAddress) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["8443", ":8443", "host", "host:port", "1.2.3.4:65536", "::1:80", "[::1]", "[nope]:80", "[::1]x:80", "a b:1"]
+    "text", ["::8443", ":", "65536", ":-1", "host", "host:port", "1.2.3.4:65536", "::1:80", "[::1]", "[nope]:80", "[::1]x:80", "a b:1"]
 )
 def test_listen_refused(text: str) -> None:
     with pytest.raises(InvalidValue):
         parse_listen(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        (65536, 65536), ("65536", 65536), ("0", 0), ("64KiB", 65536), ("10MiB", 10 * 1024**2),
+        ("1GiB", 1024**3), ("10MB", 10_000_000), ("10KB", 10_000), ("1GB", 10**9), ("512k", 512 * 1024),
+        ("1.5KiB", 1536), ("10 MiB", 10 * 1024**2), ("2m", 2 * 1024**2),
+    ],
+)
+def test_size_accepted(value: object, size: int) -> None:
+    assert parse_size(value) == size
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "10XB", "1.5B", "", True, 1.5, -1, None, "KiB"])
+def test_size_refused(value: object) -> None:
+    with pytest.raises(InvalidValue):
+        parse_size(value)
 
 
 def test_listen_address_str_brackets_ipv6() -> None:

@@ -192,3 +192,45 @@ def test_operation_failures_exit_1(work: Path, args: tuple, words: tuple) -> Non
 def test_usage_errors_exit_2(work: Path, args: tuple) -> None:
     fails(certs(work, *args), 2)
     assert not (work / "x.pem").exists()
+
+
+# --- the hints a new user follows (issue #16, item 8) -------------------------------------
+
+
+def test_csr_help_names_the_files_it_writes(work: Path) -> None:
+    help_text = " ".join(ok(certs(work, "csr", "--help")).split())
+    assert "writes PREFIX.csr and PREFIX.key" in help_text and "PREFIX.pem" not in help_text
+
+
+def test_inspect_reads_a_csr(work: Path) -> None:
+    ok(certs(work, "csr", "--out", "asked", "--cn", "asked", "asked.example.org", "10.0.0.9"))
+    text = ok(certs(work, "inspect", "asked.csr"))
+    assert "certificate signing request" in text and "subject:      CN=asked" in text
+    assert "SANs:         DNS:asked.example.org, IP:10.0.0.9" in text and "key:          EC P-256" in text
+    assert "private key:  asked.key matches" in text
+    (info,) = json.loads(ok(certs(work, "inspect", "--json", "asked.csr")))
+    assert info == {"file": "asked.csr", "kind": "csr", "subject": "CN=asked",
+                    "sans": ["DNS:asked.example.org", "IP:10.0.0.9"], "key_type": "EC P-256",
+                    "signature_valid": True, "key_matches": True}
+
+
+def test_client_certificate_hint_points_at_a_server(work: Path) -> None:
+    out = ok(certs(work, "issue", "--ca", "ca", "--client", "--out", "carol", "--cn", "carol", "carol"))
+    assert "https://carol:8443" not in out
+    assert "--cert carol.pem --key carol.key https://localhost:8443/" in out
+
+
+def test_wildcard_note_is_not_followed_by_a_url_it_will_not_match(work: Path) -> None:
+    out = ok(certs(work, "issue", "--ca", "ca", "--out", "wild", "*.localhost"))
+    assert "*.localhost will not match" in out
+    assert ".localhost:8443" not in out  # no curl line to app.localhost, which would fail
+    out = ok(certs(work, "issue", "--ca", "ca", "--out", "wild2", "*.localhost", "api.localhost"))
+    assert "curl --cacert ca/ca.pem https://api.localhost:8443/" in out
+
+
+def test_out_into_a_missing_folder_says_it_created_it(work: Path) -> None:
+    out = ok(certs(work, "issue", "--ca", "ca", "--out", "new/dir/leaf", "leaf.localhost"))
+    assert out.startswith("created folder new/dir/ (it did not exist)\n")
+    assert (work / "new" / "dir" / "leaf.pem").is_file()
+    out = ok(certs(work, "issue", "--ca", "ca", "--out", "new/dir/leaf2", "leaf.localhost"))
+    assert "created folder" not in out

@@ -286,3 +286,20 @@ def test_client_leaving_mid_download_releases_both_connections(proxy, pki, upstr
 
 async def _idle_upstreams(proxy):
     return proxy.running.state.pool.idle_count()
+
+
+@pytest.mark.parametrize(("raw", "body"), [
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n",
+     b"malformed request: illegal header line: 'Bad Header'\n"),
+    (b"GET\x00 / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+     b"malformed request: illegal request line: 'GET\\x00 / HTTP/1.1'\n"),
+    # curl --http2-prior-knowledge over TLS: one answer saying what happened, not a 404 for '*'
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+     b"malformed request: an HTTP/2 connection preface (PRI * HTTP/2.0) on an HTTP/1.1 connection: "
+     b"over TLS, HTTP/2 is chosen by ALPN, not by prior knowledge\n"),
+], ids=["header-line", "request-line", "h2-preface"])
+def test_400_bodies_quote_the_bytes_without_python_reprs(proxy, pki, upstream, raw, body):
+    response = raw_exchange(pki, proxy.port, raw)
+    assert response.startswith(b"HTTP/1.1 400 ") and response.count(b"\r\n\r\n") == 1  # one answer
+    assert response.endswith(b"\r\n\r\n" + body)
+    assert upstream.accepts == 0

@@ -129,3 +129,38 @@ def test_sni_and_host_must_agree_when_policies_differ(pki, upstream, tmp_path, a
         same_policy = request_with_sni(pki, px.port, "lax.localhost", "other.localhost")
         assert same_policy.startswith(b"HTTP/1.1 200 ")
     assert len(upstream.requests) == 2
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_access_log_names_the_client_certificate_and_the_refused_one(pki, upstream, tmp_path, alice, bob,
+                                                                      log_format):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from proxy.config.model import AccessLogSettings
+
+    def fingerprint(pair) -> str:
+        leaf = x509.load_pem_x509_certificate(Path(pair[0]).read_bytes())
+        return "sha256:" + leaf.fingerprint(hashes.SHA256()).hex()
+
+    log_path = tmp_path / "access.log"
+    services = [service("open", upstream), service("private", upstream, path_prefix="/private", client_auth=ALICE_ONLY)]
+    config = proxy_config(pki, services, tmp_path,
+                          client_auth=ClientAuthSettings(mode="optional", ca=pki.ca_pem),
+                          access_log=AccessLogSettings(format=log_format, path=str(log_path)))
+    with ProxyThread(config) as px:
+        assert get(pki, px.url("/echo")).status_code == 200
+        assert get(pki, px.url("/private/x"), cert=alice).status_code == 200
+        assert get(pki, px.url("/private/x"), cert=bob).status_code == 403
+    anonymous, admitted, refused = log_path.read_text().splitlines()
+    if log_format == "json":
+        anonymous, admitted, refused = map(json.loads, (anonymous, admitted, refused))
+        assert "client_subject" not in anonymous and "client_fingerprint" not in anonymous
+        assert (admitted["client_subject"], admitted["client_fingerprint"]) == ("CN=alice", fingerprint(alice))
+        assert refused["status"] == 403
+        assert (refused["client_subject"], refused["client_fingerprint"]) == ("CN=bob", fingerprint(bob))
+    else:
+        assert "client_subject" not in anonymous
+        assert admitted.endswith(f" client_subject=CN=alice client_fingerprint={fingerprint(alice)}")
+        assert '"GET /private/x HTTP/1.1" 403 ' in refused
+        assert refused.endswith(f" client_subject=CN=bob client_fingerprint={fingerprint(bob)}")

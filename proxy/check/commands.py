@@ -16,9 +16,9 @@ from pathlib import Path
 
 from proxy.check.checks import CheckReport, check_files
 from proxy.check.dry_run import explain_access, split_url
-from proxy.config.load import default_config_path, load_config_with_lines
+from proxy.config.load import config_path, load_config_with_lines
 from proxy.config.model import ProxyConfig
-from proxy.errors import UsageError
+from proxy.errors import ConfigError, ConfigErrors, UsageError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -48,13 +48,23 @@ def run_check(args: argparse.Namespace) -> int:
         raise UsageError("--client-cert and --url go together")
     if args.url is not None:
         split_url(args.url)  # a bad --url is a usage error, before any file is read
-    path = args.config or default_config_path(os.environ)
-    config, lines = load_config_with_lines(path)
+    path = config_path(args.config, os.environ)
+    try:
+        config, lines = load_config_with_lines(path)
+        config_errors: list[ConfigError] = []
+    except ConfigErrors as exc:
+        if exc.partial is None:
+            raise
+        # The keys that were right still name files: open them too, so one run reports all.
+        config, lines, config_errors = exc.partial, exc.partial.key_lines, exc.errors
     report = check_files(config, lines, str(path))
-    print(summary(config, report))
+    if not config_errors:
+        print(summary(config, report))
+    for error in config_errors:
+        print(f"tlsproxy: error: {error}", file=sys.stderr)
     for finding in report.findings:
         print(f"tlsproxy: {finding.severity}: {finding.message}", file=sys.stderr)
-    if not report.ok:
+    if config_errors or not report.ok:
         return 1
     print("config OK")
     if args.client_cert is not None:

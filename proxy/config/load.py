@@ -54,10 +54,11 @@ from proxy.config.values import (
     parse_path_prefix,
     parse_server_name,
     parse_service_name,
+    parse_size,
     parse_upstream,
     parse_workers,
 )
-from proxy.errors import UsageError
+from proxy.errors import ConfigErrors, TlsProxyError, UsageError
 
 T = TypeVar("T")
 
@@ -78,6 +79,8 @@ TOP_LEVEL_KEYS = (
     "admin",
     "services",
 )
+# Stands for client_auth.ca when that section had errors of its own.
+_UNKNOWN_CA = Path("<client_auth.ca>")
 SERVICE_KEYS = (
     "name", "hosts", "path_prefix", "strip_prefix", "upstream", "upstream_tls", "client_auth", "set_headers",
 )
@@ -87,6 +90,24 @@ def default_config_path(environ: Mapping[str, str] = os.environ) -> Path:
     """``$TLSPROXY_CONFIG`` if set, else ``./config/proxy.yaml``."""
     value = environ.get("TLSPROXY_CONFIG")
     return Path(value) if value else DEFAULT_CONFIG_PATH
+
+
+def config_path(given: Path | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """The config file ``serve`` / ``check`` read: ``-c FILE``, else the default. A missing
+    *default* is not a typo in a path the user wrote: it is someone who does not know yet
+    how to give a config, so the error lists the ways (exit 1)."""
+    if given is not None:
+        return given
+    path = default_config_path(environ)
+    if path.exists():
+        return path
+    origin = "$TLSPROXY_CONFIG" if environ.get("TLSPROXY_CONFIG") else "the default config file"
+    raise TlsProxyError(
+        f"{path}: no such file ({origin})\n"
+        "give a config with -c FILE or the TLSPROXY_CONFIG environment variable "
+        "(config/proxy.yaml in the repository documents every key),\n"
+        "or serve without one: tlsproxy serve --listen 127.0.0.1:8443 --upstream http://127.0.0.1:8080"
+    )
 
 
 def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> ProxyConfig:
@@ -100,7 +121,13 @@ def load_config_with_lines(
     """``load_config`` plus the line of every key path, so later checks (``tlsproxy
     check`` opening the certificate files) can point at ``tls.certificates[0].cert``."""
     root, lines = compose_file(path, environ)
-    config = _proxy_config(root, base=path.parent.absolute(), source=path.absolute())
+    config = root.collect(lambda: _proxy_config(root, base=path.parent.absolute(), source=path.absolute()), None)
+    if root.errors:
+        errors = sorted(root.errors, key=lambda error: error.line or 0)
+        if len(errors) == 1 and config is None:
+            raise errors[0]
+        partial = None if config is None else dataclasses.replace(config, key_lines=lines)
+        raise ConfigErrors(errors, partial)
     return dataclasses.replace(config, key_lines=lines), lines
 
 
@@ -113,8 +140,9 @@ def _field_names(cls: type) -> tuple[str, ...]:
 
 
 def _optional(keys: Mapping[str, ConfigNode], name: str, build: Callable[[ConfigNode], T], default: T) -> T:
+    """The key's value, or ``default`` when it is absent or wrong (then its error is collected)."""
     node = keys.get(name)
-    return default if node is None else build(node)
+    return default if node is None else node.collect(lambda: build(node), default)
 
 
 def _proxy_config(root: ConfigNode, base: Path, source: Path) -> ProxyConfig:
@@ -123,7 +151,10 @@ def _proxy_config(root: ConfigNode, base: Path, source: Path) -> ProxyConfig:
     keys = root.mapping(TOP_LEVEL_KEYS, required=("services",))
     # Sections are read in the documented order (services last, since its cross-field
     # rules need client_auth), so the first error reported is usually the first in the file.
+    errors_before = len(root.errors)
     client_auth = _optional(keys, "client_auth", lambda n: _client_auth(n, base), ClientAuthSettings())
+    # A wrong client_auth section is reported once; services do not also say it has no CA.
+    listener_ca = client_auth.ca if len(root.errors) == errors_before else _UNKNOWN_CA
     defaults = ProxyConfig(services=())
     return ProxyConfig(
         listen=_optional(keys, "listen", _listen_list, defaults.listen),
@@ -138,7 +169,7 @@ def _proxy_config(root: ConfigNode, base: Path, source: Path) -> ProxyConfig:
         listen_plain_public=_optional(keys, "listen_plain_public", ConfigNode.boolean, False),
         access_log=_optional(keys, "access_log", lambda n: _access_log(n, base), defaults.access_log),
         admin=_optional(keys, "admin", _admin, defaults.admin),
-        services=_services(keys["services"], listener_ca=client_auth.ca, base=base),
+        services=_services(keys["services"], listener_ca=listener_ca, base=base),
         source=source,
     )
 
@@ -243,6 +274,7 @@ def _certificate_pair(node: ConfigNode, base: Path) -> CertificatePair:
 def _client_auth(node: ConfigNode, base: Path) -> ClientAuthSettings:
     keys = node.mapping(_field_names(ClientAuthSettings))
     defaults = ClientAuthSettings()
+    errors_before = len(node.errors)
     settings = ClientAuthSettings(
         mode=_optional(keys, "mode", lambda n: _choice(n, CLIENT_AUTH_MODES), defaults.mode),
         ca=_optional(keys, "ca", lambda n: _optional_path(n, base), None),
@@ -250,6 +282,8 @@ def _client_auth(node: ConfigNode, base: Path) -> ClientAuthSettings:
         allow=_optional(keys, "allow", _allow_list, ()),
         forward=_optional(keys, "forward", lambda n: _choice(n, FORWARD_MODES), defaults.forward),
     )
+    if len(node.errors) > errors_before:
+        raise node.errors.pop()  # cross-field rules need every field right (and then it fails as a whole)
     if settings.mode != "none" and settings.ca is None:
         raise keys["mode"].error(
             f"mode '{settings.mode}' needs client_auth.ca (the CA bundle that signs client certificates)"
@@ -266,7 +300,10 @@ def _client_auth(node: ConfigNode, base: Path) -> ClientAuthSettings:
 def _allow_list(node: ConfigNode) -> tuple[AllowEntry, ...]:
     entries = []
     for item in node.sequence():
+        errors_before = len(item.errors)
         keys = item.mapping(ALLOW_KINDS)
+        if len(item.errors) > errors_before:
+            continue  # an unknown kind, reported once
         if len(keys) != 1:
             raise item.error(f"each entry has exactly one key, one of {', '.join(ALLOW_KINDS)}")
         ((kind, value),) = keys.items()
@@ -283,7 +320,10 @@ def _services(node: ConfigNode, listener_ca: Path | None, base: Path) -> tuple[S
     routes: dict[tuple[str, str], tuple[str, Service]] = {}
     for item in items:
         keys = item.mapping(SERVICE_KEYS, required=("name", "upstream"))
-        service = _service(keys, listener_ca, base)
+        errors_before = len(item.errors)
+        service = item.collect(lambda: _service(keys, listener_ca, base), None)
+        if service is None or len(item.errors) > errors_before:
+            continue  # reported; its routes are not compared with the others
         if service.name in paths_by_name:
             raise keys["name"].error(f"'{service.name}' is already the name of {paths_by_name[service.name]}")
         paths_by_name[service.name] = item.path
@@ -385,12 +425,25 @@ def _timeouts(node: ConfigNode) -> Timeouts:
         return child.check(parse_duration, child.value(), allow_zero=name == "shutdown_grace")
 
     keys = node.mapping(_field_names(Timeouts))
-    return Timeouts(**{name: duration(name, child) for name, child in keys.items()})
+    defaults = Timeouts()
+    return Timeouts(**{
+        name: child.collect(lambda: duration(name, child), getattr(defaults, name)) for name, child in keys.items()
+    })
 
 
 def _limits(node: ConfigNode) -> Limits:
+    # Every ``*_bytes`` key is a size (``64KiB``, ``10MiB``); the others count things.
+    def size_or_count(name: str, child: ConfigNode) -> int:
+        if name.endswith("_bytes"):
+            return child.check(parse_size, child.value())
+        return child.check(parse_int, child.value(), minimum=0)
+
     keys = node.mapping(_field_names(Limits))
-    return Limits(**{name: child.check(parse_int, child.value(), minimum=0) for name, child in keys.items()})
+    defaults = Limits()
+    return Limits(**{
+        name: child.collect(lambda: size_or_count(name, child), getattr(defaults, name))
+        for name, child in keys.items()
+    })
 
 
 def _access_log(node: ConfigNode, base: Path) -> AccessLogSettings:

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proxy.errors import ConfigError
+
 CLIENT_AUTH_MODES = ("none", "optional", "require")
 FORWARD_MODES = ("none", "xfcc", "rfc9440", "headers")
 ALLOW_KINDS = ("cn", "ou", "dns", "uri", "email", "fingerprint")
@@ -20,6 +22,14 @@ TLS_VERSIONS = ("1.2", "1.3")
 ALPN_PROTOCOLS = ("h2", "http/1.1")
 # http: HTTP/1.1; https: TLS to the upstream (``upstream_tls``); h2c: HTTP/2 cleartext
 UPSTREAM_SCHEMES = ("http", "https", "h2c")
+# The zero-config form has no file to point at: its errors name the flag the value came from.
+FLAG_OF_KEY = {
+    "tls.certificates[0].cert": "--cert",
+    "tls.certificates[0].key": "--key",
+    "tls.certificates[0]": "--cert/--key",
+    "client_auth.ca": "--client-ca",
+    "listen": "--listen",
+}
 
 
 @dataclass(frozen=True)
@@ -167,6 +177,17 @@ class ProxyConfig:
     # key path -> line in ``source`` (``tls.certificates[0].cert`` -> 7), so an error found
     # after loading (a certificate file at start or on reload) still names its line.
     key_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        """An error found after loading (a certificate file, the access log), pointing where
+        the user wrote the value: ``FILE:LINE: key: reason``, or ``--flag: reason`` for the
+        zero-config form (``tls.ca_dir``, which no flag sets, is named as the CA folder)."""
+        if self.source is None:
+            flag = FLAG_OF_KEY.get(key)
+            if flag is None and key == "tls.ca_dir":
+                return ConfigError(f"local CA {self.tls.ca_dir}", None, "", reason)
+            return ConfigError(flag or "<command line>", None, "" if flag else key, reason)
+        return ConfigError(self.source, self.line_of(key), key, reason)
 
     def line_of(self, key: str) -> int | None:
         """The line of ``key`` or, for a section such as ``tls.certificates[0]``, of its first key."""

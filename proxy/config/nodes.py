@@ -18,7 +18,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from proxy.config.values import InvalidValue, did_you_mean, expand_env
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, os_error_reason
 
 T = TypeVar("T")
 
@@ -35,6 +35,7 @@ class _Document:
     environ: Mapping[str, str]
     loader: yaml.SafeLoader  # constructs typed scalars (ints, bools, floats)
     lines: dict[str, int] = field(default_factory=dict)  # key path -> line, for `check`
+    errors: list[ConfigError] = field(default_factory=list)  # collected so far (see ConfigNode.collect)
 
 
 def compose_file(path: Path, environ: Mapping[str, str]) -> tuple[ConfigNode, dict[str, int]]:
@@ -52,7 +53,7 @@ def compose_file(path: Path, environ: Mapping[str, str]) -> tuple[ConfigNode, di
     except UnicodeDecodeError:
         raise ConfigError(file, None, "", "is not UTF-8 text") from None
     except OSError as exc:
-        raise ConfigError(file, None, "", f"cannot read: {exc.strerror or exc}") from None
+        raise ConfigError(file, None, "", f"cannot read: {os_error_reason(exc)}") from None
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
@@ -96,6 +97,20 @@ class ConfigNode:
         """A ConfigError at this node (or at one of its keys, for missing/unknown keys)."""
         path = self.path if key is None else self.child_path(key)
         return ConfigError(self._doc.file, line or self.line, path, reason)
+
+    def collect(self, build: Callable[[], T], fallback: T) -> T:
+        """``build()``, or ``fallback`` after recording its ConfigError for the file's list:
+        one wrong key must not hide the next one (``check`` reports every error in one run)."""
+        try:
+            return build()
+        except ConfigError as exc:
+            self._doc.errors.append(exc)
+            return fallback
+
+    @property
+    def errors(self) -> list[ConfigError]:
+        """The errors collected in this node's file so far."""
+        return self._doc.errors
 
     def child_path(self, key: str | int) -> str:
         if isinstance(key, int):
@@ -146,8 +161,11 @@ class ConfigNode:
         for key_node, value_node in self._key_value_pairs(self.node, set()):
             key = str(key_node.value)
             key_line = key_node.start_mark.line + 1
-            if key not in allowed:
-                raise self.error(f"unknown key{did_you_mean(key, allowed)}", key=key, line=key_line)
+            if key not in allowed:  # reported, skipped: the keys beside it are still read
+                self._doc.errors.append(
+                    self.error(f"unknown key{did_you_mean(key, allowed)}", key=key, line=key_line)
+                )
+                continue
             # Point at the value when it is on its own; at the key for blocks and nulls.
             plain_value = isinstance(value_node, ScalarNode) and value_node.tag != _NULL_TAG
             line = value_node.start_mark.line + 1 if plain_value else key_line

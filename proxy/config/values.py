@@ -112,6 +112,31 @@ def parse_int(value: object, *, minimum: int = 0) -> int:
     return value
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1}
+for _power, _letter in enumerate("kmgt", start=1):
+    # KiB/MiB/GiB are powers of 1024; KB/MB/GB (and a bare K/M/G, as nginx reads it: 1024)
+    _SIZE_UNITS[f"{_letter}ib"] = 1024**_power
+    _SIZE_UNITS[f"{_letter}b"] = 1000**_power
+    _SIZE_UNITS[_letter] = 1024**_power
+
+
+def parse_size(value: object) -> int:
+    """A size in bytes: a whole number, or ``64KiB``, ``10MiB``, ``1GiB`` (powers of 1024) or
+    ``10KB``, ``10MB``, ``1GB`` (powers of 1000), as SPEC section 3 says."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        fail(f"'{value}' is not a size (e.g. 65536, 64KiB, 10MiB, 1GiB or 10MB)")
+    if isinstance(value, int):
+        return parse_int(value)
+    match = _SIZE.fullmatch(value.strip())
+    if match is None:
+        fail(f"'{value}' is not a size (e.g. 65536, 64KiB, 10MiB, 1GiB or 10MB)")
+    size = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+    if size != int(size):
+        fail(f"'{value}' is not a whole number of bytes")
+    return int(size)
+
+
 def parse_workers(value: object, cpu_count: int | None) -> int:
     """``workers``: a count >= 1, or ``auto`` for one per core."""
     if value == "auto":
@@ -170,8 +195,13 @@ def _parse_port(text: str, original: str, *, minimum: int) -> int:
 
 
 def parse_listen(text: str) -> ListenAddress:
-    """``HOST:PORT`` or ``[v6]:PORT`` to bind; port 0 means "any free port" (tests)."""
-    host, port = _split_host_port(text.strip(), what="listen address")
+    """``HOST:PORT`` or ``[v6]:PORT`` to bind; port 0 means "any free port" (tests).
+    ``:PORT`` or a bare ``PORT`` means every interface, as in Caddy: ``[::]`` (which the
+    listener makes dual-stack, so IPv4 clients connect too)."""
+    text = text.strip()
+    if text.isascii() and text.lstrip(":").isdigit() and text.count(":") <= 1:
+        return ListenAddress(host="::", port=_parse_port(text.lstrip(":"), text, minimum=0))
+    host, port = _split_host_port(text, what="listen address")
     if port is None or not host:
         fail(f"'{text}' is not HOST:PORT (e.g. 0.0.0.0:8443 or [::]:8443)")
     _check_host(host, text)

@@ -7,6 +7,7 @@ h11's exceptions become ``BadRequest`` / ``HeadersTooLarge`` / ``BadGateway``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import h11
@@ -28,6 +29,14 @@ from proxy.http.h1.heads import request_head
 
 _NEED = (h11.NEED_DATA, h11.PAUSED)
 _END = EndOfMessage()
+# h11 quotes the offending bytes as Python reprs (``bytearray(b'Bad Header')``), which a
+# client reading a 400 should not have to decode: they become ``'Bad Header'``.
+_BYTES_REPR = re.compile(r"""(?:bytearray\()?b(['"])((?:\\.|(?!\1).)*)\1\)?""")
+
+
+def protocol_error_text(exc: h11.ProtocolError) -> str:
+    """h11's message for ``exc`` with the bytes it quotes as plain quoted text."""
+    return _BYTES_REPR.sub(lambda match: f"'{match.group(2)}'", str(exc))
 
 
 class _H11Cycle:
@@ -77,7 +86,7 @@ class H11ServerEngine(_H11Cycle, ServerEngine):
                 raise HeadersTooLarge(
                     f"request header section larger than {self._max_header_bytes} bytes"
                 ) from None
-            raise BadRequest(f"malformed request: {exc}") from None
+            raise BadRequest(f"malformed request: {protocol_error_text(exc)}") from None
         if event in _NEED:
             return None
         if type(event) is h11.Data:
@@ -107,7 +116,7 @@ class H11ServerEngine(_H11Cycle, ServerEngine):
         try:
             return self._conn.send_with_data_passthrough(h11.Data(data=data)) or ()
         except h11.LocalProtocolError as exc:
-            raise BadGateway(f"upstream response cannot be relayed: {exc}") from None
+            raise BadGateway(f"upstream response cannot be relayed: {protocol_error_text(exc)}") from None
 
     def send_end(self) -> bytes:
         return self._send(h11.EndOfMessage())
@@ -116,7 +125,7 @@ class H11ServerEngine(_H11Cycle, ServerEngine):
         try:
             return self._conn.send(event) or b""
         except h11.LocalProtocolError as exc:
-            raise BadGateway(f"upstream response cannot be relayed: {exc}") from None
+            raise BadGateway(f"upstream response cannot be relayed: {protocol_error_text(exc)}") from None
 
     def start_next_cycle(self) -> bool:
         self.request_method = b""
@@ -145,7 +154,7 @@ class H11ClientEngine(_H11Cycle, ClientEngine):
         try:
             return self._conn.send(h11.Request(method=head.method, target=target, headers=headers))
         except h11.LocalProtocolError as exc:  # e.g. a set_headers value HTTP cannot carry
-            raise BadGateway(f"request cannot be sent upstream: {exc}") from None
+            raise BadGateway(f"request cannot be sent upstream: {protocol_error_text(exc)}") from None
 
     def send_body(self, data: bytes) -> Sequence[bytes]:
         return self._conn.send_with_data_passthrough(h11.Data(data=data)) or ()
@@ -157,7 +166,7 @@ class H11ClientEngine(_H11Cycle, ClientEngine):
         try:
             event = self._conn.next_event()
         except h11.RemoteProtocolError as exc:
-            raise BadGateway(f"upstream broke the protocol: {exc}") from None
+            raise BadGateway(f"upstream broke the protocol: {protocol_error_text(exc)}") from None
         if event in _NEED:
             return None
         if type(event) is h11.Data:

@@ -16,7 +16,7 @@ from cryptography import x509
 
 from proxy.errors import PKIError, UsageError
 from proxy.pki import build, store
-from proxy.pki.inspect import JSON_KEYS, inspect_file, render_text, rfc3339
+from proxy.pki.inspect import CSR_JSON_KEYS, JSON_KEYS, inspect_file, render_text, rfc3339
 from proxy.pki.names import name_text, parse_names
 from proxy.pki import trust_stores
 from proxy.pki.trust import trust_instructions
@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     issue = _command(commands, "issue", cmd_issue, "issue a server (or --client) certificate from a CA")
     issue.add_argument("--ca", required=True, type=Path, metavar="DIR", help="CA folder (from `certs ca`)")
-    _out_prefix(issue)
+    _out_prefix(issue, "PREFIX.pem, PREFIX.key (and PREFIX.p12 with --p12)")
     issue.add_argument("--client", action="store_true", help="client certificate (EKU clientAuth)")
     _subject(issue)
     _days(issue, 365)
@@ -59,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _names(self_signed)
 
     csr = _command(commands, "csr", cmd_csr, "a key and a CSR (PREFIX.csr) for another CA")
-    _out_prefix(csr)
+    _out_prefix(csr, "PREFIX.csr and PREFIX.key")
     _subject(csr)
     _key_type(csr)
     _force(csr)
@@ -73,7 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _days(sign, 365)
     _force(sign)
 
-    inspect = _command(commands, "inspect", cmd_inspect, "show what certificates say (PEM, DER, PKCS#12)")
+    inspect = _command(commands, "inspect", cmd_inspect, "show what certificates and CSRs say (PEM, DER, PKCS#12)")
     inspect.add_argument("files", nargs="+", type=Path, metavar="FILE")
     inspect.add_argument("--json", action="store_true", help="a JSON list, one object per certificate")
     inspect.add_argument("--password", metavar="PW", help="PKCS#12 password (default: try none, then 'changeit')")
@@ -112,8 +112,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_ca(args: argparse.Namespace) -> int:
     cert, key = build.create_ca(args.name, days=args.days, key_type=args.key_type)
+    created = _missing_folder(args.dir / store.CA_CERT_FILE)
     pem_path, key_path = store.write_ca(args.dir, cert, key, force=args.force)
     _say(
+        *_created(created),
         f"wrote {pem_path}  (CA '{cert.subject.rfc4514_string()}', valid until {_until(cert)})",
         f"wrote {key_path}  (CA private key, mode 0600: keep it secret)",
         "next:",
@@ -135,8 +137,9 @@ def cmd_issue(args: argparse.Namespace) -> int:
     )
     p12_path = store.suffixed(args.out, ".p12") if args.p12 else None
     store.ensure_free([p for p in [p12_path] if p], force=args.force)
+    created = _missing_folder(args.out)
     pem_path, key_path = store.write_leaf(args.out, cert, key, [ca_cert], force=args.force)
-    lines = _wrote_leaf(cert, pem_path, key_path, args.client)
+    lines = _created(created) + _wrote_leaf(cert, pem_path, key_path, args.client)
     lines += _wildcard_notes(args.names)
     if args.expired or args.not_yet_valid:
         lines.append(f"note: deliberately {'expired' if args.expired else 'not yet valid'} (for negative tests)")
@@ -151,8 +154,9 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 def cmd_self_signed(args: argparse.Namespace) -> int:
     cert, key = build.self_signed(args.names, cn=args.cn, days=args.days, key_type=args.key_type)
+    created = _missing_folder(args.out)
     pem_path, key_path = store.write_leaf(args.out, cert, key, [], force=args.force)
-    lines = _wrote_leaf(cert, pem_path, key_path, client=False)
+    lines = _created(created) + _wrote_leaf(cert, pem_path, key_path, client=False)
     lines += _wildcard_notes(args.names)
     lines.append("note: self-signed: clients must trust this very file (it is its own CA)")
     lines += _usage(cert, pem_path, key_path, ca_pem=pem_path, client=False)
@@ -162,9 +166,11 @@ def cmd_self_signed(args: argparse.Namespace) -> int:
 
 def cmd_csr(args: argparse.Namespace) -> int:
     csr, key = build.make_csr(args.names, cn=args.cn, ou=args.ou, key_type=args.key_type)
+    created = _missing_folder(args.out)
     csr_path, key_path = store.write_csr(args.out, csr, key, force=args.force)
     sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     _say(
+        *_created(created),
         f"wrote {csr_path}  (CSR for '{csr.subject.rfc4514_string()}', {', '.join(name_text(n) for n in sans)})",
         f"wrote {key_path}  (private key, mode 0600: it never leaves this machine)",
         "next: send the CSR to your CA, or sign it with a tlsproxy CA:",
@@ -177,8 +183,10 @@ def cmd_sign(args: argparse.Namespace) -> int:
     csr = store.load_csr(args.csr)
     ca_cert, ca_key = store.load_ca(args.ca)
     cert = build.sign_csr(ca_cert, ca_key, csr, client=args.client, days=args.days)
+    created = _missing_folder(args.out)
     path = store.write_atomic(args.out, store.certs_pem([cert, ca_cert]), force=args.force)
     _say(
+        *_created(created),
         f"wrote {path}  ({_summary(cert, args.client)})",
         "use it with the key that made the CSR"
         + (f", e.g. {_q(args.csr.with_suffix('.key'))}" if args.csr.with_suffix(".key").exists() else ""),
@@ -191,8 +199,11 @@ def cmd_sign(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     described = [info for path in args.files for info in inspect_file(path, password=args.password)]
     if args.json:
-        keys = (*JSON_KEYS, "key_matches")
-        print(json.dumps([{k: info[k] for k in keys if k in info} for info in described], indent=2))
+        def public(info: dict) -> dict:
+            keys = (*(CSR_JSON_KEYS if info.get("kind") == "csr" else JSON_KEYS), "key_matches")
+            return {k: info[k] for k in keys if k in info}
+
+        print(json.dumps([public(info) for info in described], indent=2))
         return 0
     blocks = []
     for path in args.files:
@@ -262,12 +273,15 @@ def cmd_crl(args: argparse.Namespace) -> int:
     if foreign:
         raise PKIError(f"not issued by this CA: {', '.join(foreign)}")
     crl = build.make_crl(ca_cert, ca_key, [c.serial_number for c in revoked], days=args.days)
+    created = _missing_folder(args.out)
     path = store.write_crl(args.out, crl, force=args.force)
     _say(
+        *_created(created),
         f"wrote {path}  (CRL from '{ca_cert.subject.rfc4514_string()}', {len(revoked)} revoked, "
         f"next update {rfc3339(crl.next_update_utc)})",
         *[f"  revoked {format(c.serial_number, 'x')}  {c.subject.rfc4514_string()}" for c in revoked],
-        f"use it:  client_auth: {{crl: {path}}} in proxy.yaml, or "
+        # absolute: a relative path in a config resolves against the config file's folder
+        f"use it:  client_auth: {{crl: {path.absolute()}}} in proxy.yaml, or "
         f"tlsproxy certs verify CERT --ca {_q(Path(args.ca) / store.CA_CERT_FILE)} --crl {_q(path)}",
     )
     return 0
@@ -306,8 +320,9 @@ def _force(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
 
 
-def _out_prefix(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, metavar="PREFIX", help="writes PREFIX.pem, PREFIX.key …")
+def _out_prefix(parser: argparse.ArgumentParser, writes: str = "PREFIX.pem and PREFIX.key") -> None:
+    parser.add_argument("--out", required=True, type=Path, metavar="PREFIX",
+                        help=f"writes {writes} (a missing folder is created, and said so)")
 
 
 def _subject(parser: argparse.ArgumentParser) -> None:
@@ -330,6 +345,17 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _missing_folder(path: Path) -> Path | None:
+    """``path``'s folder when it does not exist yet (writing creates it, parents too)."""
+    folder = Path(path).parent
+    return None if folder.exists() else folder
+
+
+def _created(folder: Path | None) -> list[str]:
+    """Say so when writing created a folder: a typo in --out should not go unnoticed."""
+    return [] if folder is None else [f"created folder {folder}/ (it did not exist)"]
 
 
 def _ca_file(path: Path) -> Path:
@@ -364,31 +390,36 @@ def _summary(cert: x509.Certificate, client: bool) -> str:
     return f"{kind}; {', '.join(name_text(n) for n in sans)}; valid until {_until(cert)}"
 
 
+# A client certificate's names are the client's, not a server's: the example URL is a server's.
+SERVER_URL = "https://localhost:8443/"
+
+
 def _usage(cert: x509.Certificate, pem_path: Path, key_path: Path, *, ca_pem: Path, client: bool) -> list[str]:
-    host = _first_host(cert)
-    url = f"https://{host}:8443/"
     if client:
         return [
-            "use it (client certificate):",
-            f"  curl --cacert {_q(ca_pem)} --cert {_q(pem_path)} --key {_q(key_path)} {url}",
-            f"  requests.get({url!r}, verify={str(ca_pem)!r}, cert=({str(pem_path)!r}, {str(key_path)!r}))",
+            "use it (client certificate; put your server's URL in place of " + SERVER_URL + "):",
+            f"  curl --cacert {_q(ca_pem)} --cert {_q(pem_path)} --key {_q(key_path)} {SERVER_URL}",
+            f"  requests.get({SERVER_URL!r}, verify={str(ca_pem)!r}, cert=({str(pem_path)!r}, {str(key_path)!r}))",
         ]
-    return [
-        "use it:",
-        f"  tlsproxy serve --listen 127.0.0.1:8443 --upstream http://127.0.0.1:8080 "
-        f"--cert {_q(pem_path)} --key {_q(key_path)}",
-        f"  curl --cacert {_q(ca_pem)} {url}",
-    ]
+    serve = (f"  tlsproxy serve --listen 127.0.0.1:8443 --upstream http://127.0.0.1:8080 "
+             f"--cert {_q(pem_path)} --key {_q(key_path)}")
+    host = _first_host(cert)
+    if host is None:  # only names clients never match (see the note above): no URL to suggest
+        return ["use it:", serve]
+    return ["use it:", serve, f"  curl --cacert {_q(ca_pem)} https://{host}:8443/"]
 
 
-def _first_host(cert: x509.Certificate) -> str:
+def _first_host(cert: x509.Certificate) -> str | None:
+    """A host a client can connect to and match against the certificate, if any."""
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     for name in sans:
         if isinstance(name, x509.DNSName):
+            if shallow_wildcards([name.value]):
+                continue  # *.localhost: OpenSSL clients match no host with it
             return "app" + name.value[1:] if name.value.startswith("*.") else name.value
         if isinstance(name, x509.IPAddress):
             return f"[{name.value}]" if name.value.version == 6 else str(name.value)
-    return "localhost"
+    return None
 
 
 def _until(cert: x509.Certificate) -> str:

@@ -2,6 +2,8 @@
 
 ``describe`` is pure: it takes a certificate and the time, so days-left is testable.
 Reading files and finding the ``.key`` beside a certificate happen in ``inspect_file``.
+A certificate signing request (what ``certs csr`` writes) is described too, by
+``describe_csr``: what the CA will be asked to sign (subject, SANs, key).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from proxy.errors import PKIError
 from proxy.pki.build import is_ca, keys_match
 from proxy.pki.names import name_text
-from proxy.pki.store import load_bundle, load_private_key
+from proxy.pki.store import load_bundle, load_csr, load_private_key
 from proxy.pki.verify import eku_names
 
+CSR_JSON_KEYS = ("file", "kind", "subject", "sans", "key_type", "signature_valid")  # plus "key_matches"
 JSON_KEYS = (
     "file", "subject", "issuer", "sans", "serial", "not_before", "not_after", "days_left",
     "fingerprint_sha256", "is_ca", "key_type", "eku",
@@ -44,24 +47,56 @@ def describe(cert: x509.Certificate, *, file: str = "", now: dt.datetime | None 
     }
 
 
+def describe_csr(csr: x509.CertificateSigningRequest, *, file: str = "") -> dict:
+    """What a CSR asks a CA to sign."""
+    try:
+        sans = list(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        sans = []
+    return {
+        "file": file,
+        "kind": "csr",
+        "subject": csr.subject.rfc4514_string(),
+        "sans": [name_text(name) for name in sans],
+        "key_type": key_type(csr.public_key()),
+        "signature_valid": csr.is_signature_valid,
+    }
+
+
 def inspect_file(path: Path, *, password: str | None = None, now: dt.datetime | None = None) -> list[dict]:
-    """describe() every certificate in PATH; the first (the leaf) gets ``key_matches``
-    when a key was found: inside a PKCS#12, or as ``NAME.key`` beside ``NAME.pem``."""
+    """describe() every certificate in PATH (or describe_csr() its CSR); the first (the
+    leaf) gets ``key_matches`` when a key was found: inside a PKCS#12, or as ``NAME.key``
+    beside ``NAME.pem``."""
     path = Path(path)
-    certs, bundled_key = load_bundle(path, password=password)
+    try:
+        certs, bundled_key = load_bundle(path, password=password)
+    except PKIError as not_a_certificate:
+        try:
+            csr = load_csr(path)
+        except PKIError:
+            raise not_a_certificate from None
+        described = [describe_csr(csr, file=str(path))]
+        _match_key_beside(path, csr, described[0])
+        return described
     described = [describe(cert, file=str(path), now=now) for cert in certs]
     if bundled_key is not None:
         described[0]["key_matches"] = keys_match(certs[0], bundled_key)
     else:
-        key_path = key_beside(path)
-        if key_path is not None:
-            described[0]["key_file"] = str(key_path)
-            try:
-                described[0]["key_matches"] = keys_match(certs[0], load_private_key(key_path))
-            except PKIError as exc:
-                described[0]["key_matches"] = False
-                described[0]["key_error"] = str(exc)
+        _match_key_beside(path, certs[0], described[0])
     return described
+
+
+def _match_key_beside(path: Path, signed, info: dict) -> None:
+    """``key_matches`` (and ``key_file``) in ``info`` when a key lies beside ``path``."""
+    key_path = key_beside(path)
+    if key_path is None:
+        return
+    info["key_file"] = str(key_path)
+    try:
+        info["key_matches"] = keys_match(signed, load_private_key(key_path))
+    except PKIError as exc:
+        info["key_matches"] = False
+        info["key_error"] = str(exc)
 
 
 def key_beside(path: Path) -> Path | None:
@@ -71,26 +106,35 @@ def key_beside(path: Path) -> Path | None:
 
 
 def render_text(info: dict, *, index: int, total: int, now: dt.datetime | None = None) -> str:
-    """Human-readable block for one certificate (what ``certs inspect`` prints)."""
+    """Human-readable block for one certificate or CSR (what ``certs inspect`` prints)."""
+    subject = ("subject", info["subject"] or "(empty)")
+    sans = ("SANs", ", ".join(info["sans"]) or "(none)")
+    if info.get("kind") == "csr":
+        signature = "valid" if info["signature_valid"] else "INVALID (the CSR was altered or is corrupt)"
+        title = f"{info['file']}  (certificate signing request: what a CA is asked to sign)"
+        return _block(title, [subject, sans, ("key", info["key_type"]), ("signature", signature)], info)
     moment = rfc3339(now or dt.datetime.now(dt.timezone.utc))
     position = f" [{index}/{total}]" if total > 1 else ""
     kind = "CA" if info["is_ca"] else "leaf"
-    lines = [
-        f"{info['file']}{position}",
-        f"  subject:      {info['subject'] or '(empty)'}",
-        f"  issuer:       {info['issuer'] or '(empty)'}",
-        f"  SANs:         {', '.join(info['sans']) or '(none)'}",
-        f"  serial:       {info['serial']}",
-        f"  valid:        {info['not_before']} .. {info['not_after']} ({validity_note(info, moment)})",
-        f"  key:          {info['key_type']}",
-        f"  SHA-256:      {info['fingerprint_sha256']}",
-        f"  kind:         {kind}" + (f", EKU {', '.join(info['eku'])}" if info["eku"] else ""),
-    ]
+    return _block(f"{info['file']}{position}", [
+        subject,
+        ("issuer", info["issuer"] or "(empty)"),
+        sans,
+        ("serial", info["serial"]),
+        ("valid", f"{info['not_before']} .. {info['not_after']} ({validity_note(info, moment)})"),
+        ("key", info["key_type"]),
+        ("SHA-256", info["fingerprint_sha256"]),
+        ("kind", kind + (f", EKU {', '.join(info['eku'])}" if info["eku"] else "")),
+    ], info)
+
+
+def _block(title: str, rows: list[tuple[str, str]], info: dict) -> str:
+    """TITLE, then one aligned ``label: value`` line a row, then the key verdict if any."""
     if "key_matches" in info:
         where = info.get("key_file", "inside the PKCS#12")
-        verdict = "matches" if info["key_matches"] else f"does NOT match{': ' + info['key_error'] if 'key_error' in info else ''}"
-        lines.append(f"  private key:  {where} {verdict}")
-    return "\n".join(lines)
+        error = f": {info['key_error']}" if "key_error" in info else ""
+        rows = [*rows, ("private key", f"{where} {'matches' if info['key_matches'] else 'does NOT match' + error}")]
+    return "\n".join([title, *(f"  {label + ':':<14}{value}" for label, value in rows)])
 
 
 def validity_note(info: dict, moment: str) -> str:

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from proxy.errors import PKIError
+from proxy.errors import PKIError, os_error_reason
 from proxy.pki.build import DEFAULT_CA_NAME, PrivateKey, create_ca, is_ca, keys_match
 
 T = TypeVar("T")
@@ -198,7 +198,7 @@ def read_bytes(path: Path) -> bytes:
     except IsADirectoryError:
         raise PKIError(f"{path}: is a directory, not a file") from None
     except OSError as exc:
-        raise PKIError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise PKIError(f"{path}: cannot read: {os_error_reason(exc)}") from None
 
 
 def load_certificates(path: Path, *, password: str | None = None) -> list[x509.Certificate]:

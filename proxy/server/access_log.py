@@ -1,10 +1,12 @@
 """One access-log line per request, written in batches off the request path.
 
 ``json``: one object per line with the keys of ``FIELDS`` (then any extra keys the
-caller added); ``text``: one readable line, nginx-like::
+caller added: ``client_subject`` and ``client_fingerprint`` when the client presented a
+verified certificate); ``text``: one readable line, nginx-like::
 
     2026-11-22T23:02:01.123Z 127.0.0.1 "GET /api/x HTTP/2" 200 in=0 out=123 1.234ms service=api
       upstream=127.0.0.1:9000 sni=api.localhost tls=TLSv1.3 request_id=4f0c…
+      [client_subject=CN=alice client_fingerprint=sha256:…]
 
 Records are queued as the caller built them and formatted at flush time, one batch
 at once (a request pays for appending a dict, not for a JSON encoder run), then
@@ -40,7 +42,7 @@ from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from proxy.config.model import AccessLogSettings
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, os_error_reason
 
 FIELDS = (
     "time",
@@ -58,6 +60,8 @@ FIELDS = (
     "upstream",
     "request_id",
 )
+# Written only when a client certificate was verified (SPEC section 3).
+CLIENT_CERT_FIELDS = ("client_subject", "client_fingerprint")
 FLUSH_BYTES = 64 * 1024
 LINE_ESTIMATE = 320  # bytes per queued record, for FLUSH_BYTES (a typical JSON line)
 FLUSH_INTERVAL = 0.2
@@ -325,7 +329,9 @@ def _text_line(record: dict[str, Any]) -> str:
         f'in={_text(f["bytes_in"])} out={_text(f["bytes_out"])} '
         f'{"-" if duration is None else f"{duration}ms"} '
         f'service={_text(f["service"])} upstream={_text(f["upstream"])} sni={_text(f["sni"])} '
-        f'tls={_text(f["tls_version"])} request_id={_text(f["request_id"])}\n'
+        f'tls={_text(f["tls_version"])} request_id={_text(f["request_id"])}'
+        + "".join(f" {key}={_text(f[key])}" for key in CLIENT_CERT_FIELDS if key in f)
+        + "\n"
     )
 
 
@@ -337,7 +343,7 @@ def _open_append(path: str, source: object) -> int:
     try:
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     except OSError as exc:
-        raise ConfigError(source, None, "access_log.path", f"cannot open {path} for appending: {exc.strerror or exc}") from None
+        raise ConfigError(source, None, "access_log.path", f"cannot open {path} for appending: {os_error_reason(exc)}") from None
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="HTTP/1.1 engine: auto (httptools when importable), httptools or h11; "
                              "overrides http_engine in the config")
     zero = parser.add_argument_group("zero-config form (no YAML)")
-    zero.add_argument("--listen", metavar="HOST:PORT", help="TLS listener, e.g. 127.0.0.1:8443 or [::]:8443")
+    zero.add_argument("--listen", metavar="HOST:PORT", help="TLS listener, e.g. 127.0.0.1:8443; :8443 (or [::]:8443) = every interface, IPv4 and IPv6")
     zero.add_argument("--upstream", action="append", metavar="URL",
                       help="http:// upstream; repeat for round-robin")
     zero.add_argument("--cert", type=Path, metavar="FILE", help="server certificate (PEM, leaf then chain)")
@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from proxy.config.load import config_from_args, default_config_path, load_config
+    from proxy.config.load import config_from_args, config_path, load_config
     from proxy.server.running import run_proxy
 
     if args.listen or args.upstream:
@@ -53,7 +53,7 @@ def run_serve(args: argparse.Namespace) -> int:
     else:
         if any(value is not None for value in (args.cert, args.key, args.client_ca, args.client_auth)):
             raise UsageError("serve: --cert/--key/--client-ca/--client-auth need --listen and --upstream")
-        load = functools.partial(load_config, args.config or default_config_path(os.environ))
+        load = functools.partial(load_config, config_path(args.config, os.environ))
     if args.http is not None:  # --http wins over the config's http_engine, also on reload
         load = functools.partial(_with_http_engine, load, args.http)
     config = load()

@@ -29,6 +29,7 @@ from proxy.server.h2_relay import H2Relay
 from proxy.server.relay import Relay
 from proxy.server.state import ServerState
 from proxy.tls.authz import misdirected
+from proxy.tls.identity import ClientIdentity
 
 log = logging.getLogger("tlsproxy")
 
@@ -190,8 +191,17 @@ def _record(
             "service": service.name if service is not None else None,
             "upstream": relay.upstream_url if relay is not None else None,
             "request_id": request_id,
+            **_client_certificate(info.identity),
         }
     )
+
+
+def _client_certificate(identity: ClientIdentity | None) -> dict[str, str]:
+    """The access-log fields naming a verified client certificate (none without one), so
+    a 403 line says which certificate was refused."""
+    if identity is None:
+        return {}
+    return {"client_subject": identity.subject, "client_fingerprint": "sha256:" + identity.fingerprint_sha256}
 
 
 def _check_client(

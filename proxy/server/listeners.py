@@ -50,9 +50,26 @@ _LISTENER_UNUSABLE = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno
 SocketHandler = Callable[[socket.socket, tuple], Awaitable[None]]
 
 
-def bind(address: ListenAddress, *, reuse_port: bool = False) -> socket.socket:
-    """A non-blocking listening socket; IPv6 listeners are IPv6-only (list both to get
-    both). ``reuse_port``: several sockets (one per worker) share the address."""
+_NO_IPV6 = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
+
+
+def bind(address: ListenAddress, *, reuse_port: bool = False, dual_stack: bool = True) -> socket.socket:
+    """A non-blocking listening socket. ``[::]`` takes IPv4 too (IPV6_V6ONLY off), as Caddy
+    and Go servers do and as users of ``[::]:PORT`` expect, unless ``dual_stack`` is False
+    (an IPv4 listener on the same port is listed too); on a host without IPv6 it falls back
+    to ``0.0.0.0``. Other IPv6 addresses are IPv6-only. ``reuse_port``: several sockets (one
+    per worker) share the address."""
+    wildcard = address.host == "::" and dual_stack
+    try:
+        return _bind(address, reuse_port=reuse_port, v6only=not wildcard)
+    except OSError as exc:
+        if not wildcard or exc.errno not in _NO_IPV6:
+            raise
+        log.warning("no IPv6 on this host: listening on 0.0.0.0:%d instead of [::]:%d", address.port, address.port)
+        return _bind(ListenAddress("0.0.0.0", address.port), reuse_port=reuse_port, v6only=True)
+
+
+def _bind(address: ListenAddress, *, reuse_port: bool, v6only: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -60,7 +77,7 @@ def bind(address: ListenAddress, *, reuse_port: bool = False) -> socket.socket:
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
         sock.bind((address.host, address.port))
         sock.listen(BACKLOG)
         sock.setblocking(False)
@@ -92,9 +109,12 @@ class BoundListeners:
         plain: Sequence[ListenAddress] = (),
     ) -> BoundListeners:
         sockets: list[socket.socket] = []
+        addresses = (*listen, *plain, *([redirect] if redirect is not None else []))
+        # [::]:P next to an IPv4 listener on the same port P stays IPv6-only (both bind).
+        ipv4_ports = {address.port for address in addresses if ":" not in address.host and address.port}
         try:
-            for address in (*listen, *plain, *([redirect] if redirect is not None else [])):
-                sockets.append(bind(address, reuse_port=reuse_port))
+            for address in addresses:
+                sockets.append(bind(address, reuse_port=reuse_port, dual_stack=address.port not in ipv4_ports))
         except OSError:
             for sock in sockets:
                 sock.close()

@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable
 
 from proxy.config.model import ProxyConfig
-from proxy.errors import TlsProxyError
+from proxy.errors import ConfigError, TlsProxyError
 from proxy.pki.trust import ca_banner
 from proxy.server.access_log import AccessLog
 from proxy.server.admin import AdminServer, start_admin
@@ -119,11 +119,11 @@ class RunningProxy:
         running = self.state.generation.config
         config, fixed = pin_fixed_settings(running, config)
         generation = build_generation(config)
-        access_log = AccessLog.open(config.access_log) if config.access_log != running.access_log else None
+        access_log = _open_access_log(config) if config.access_log != running.access_log else None
         return generation, fixed, access_log
 
     def _failed(self, exc: Exception) -> bool:
-        reason = str(exc) if isinstance(exc, TlsProxyError) else repr(exc)
+        reason = str(exc).replace("\n", "; ") if isinstance(exc, TlsProxyError) else repr(exc)  # one log line
         log.error("reload failed, still serving the previous configuration: %s", reason)
         self.state.metrics.record_reload(False)
         return False
@@ -301,7 +301,7 @@ async def start_proxy(
         max_header_bytes=max(65536, config.limits.max_header_bytes),
         on_connect_error=lambda name: metrics.upstream_connect_errors.labels(name).inc(),
     )
-    access_log = AccessLog.open(config.access_log)
+    access_log = _open_access_log(config)
     if listeners is None:
         try:
             listeners = BoundListeners.bind(config.listen, config.redirect_http, plain=config.listen_plain)
@@ -404,3 +404,11 @@ def _runner() -> asyncio.Runner:
     except ImportError:
         return asyncio.Runner()
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+def _open_access_log(config: ProxyConfig) -> AccessLog:
+    """The access log, or a ConfigError naming the file and line of ``access_log.path``."""
+    try:
+        return AccessLog.open(config.access_log)
+    except ConfigError as exc:
+        raise config.error(exc.key, exc.reason) from None

@@ -141,13 +141,12 @@ class _Builder:
 
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
-        self.source = str(config.source) if config.source is not None else "<command line>"
         self.files: list[Path] = []
         self.client_crls: list[x509.CertificateRevocationList] = []
         self.groups_fallback_logged = False
 
     def error(self, key: str, reason: str) -> ConfigError:
-        return ConfigError(self.source, self.config.line_of(key), key, reason)
+        return self.config.error(key, reason)
 
     def build(self) -> ServerTLS:
         tls = self.config.tls

@@ -124,6 +124,11 @@ def request_head(
         # the client a tunnel opened (h11 then stops parsing the connection as HTTP,
         # llhttp does not). Refused like anything else the proxy will not frame.
         raise BadRequest("malformed request: CONNECT is not served here (this is a reverse proxy)")
+    if method == b"PRI":  # RFC 9113 3.4: the method only the HTTP/2 preface uses
+        raise BadRequest(
+            "malformed request: an HTTP/2 connection preface (PRI * HTTP/2.0) on an HTTP/1.1 "
+            "connection: over TLS, HTTP/2 is chosen by ALPN, not by prior knowledge"
+        )
     if names is None:
         names, values = zip(*headers) if headers else ((), ())
     else:
