@@ -15,6 +15,8 @@ many times and prints the median load times (bench/README.md, "A browser page").
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -51,6 +53,25 @@ window.addEventListener("load", () => {
 %s
 </body></html>
 """ % "\n".join(f'<img src="/asset/{n}.gif" onload="done(true)" onerror="done(false)">' for n in range(ASSETS))
+# A WebSocket beside the h2 page: sends "ping", answers the echo with "got:<echo>". The
+# script after it is held by the page's upstream until the WebSocket server has that
+# answer, so the load event (and --dump-dom) comes after the whole round trip.
+WS_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>websocket</title>
+<script>
+const ws = new WebSocket("wss://" + location.host + "/ws/chat");
+ws.onopen = () => ws.send("ping");
+ws.onmessage = (event) => ws.send("got:" + event.data);
+window.addEventListener("load", () => {
+  const out = document.getElementById("result");
+  out.dataset.roundTrip = window.roundTrip;
+  out.dataset.protocol = performance.getEntriesByType("navigation")[0].nextHopProtocol;
+});
+</script>
+<script src="/after-websocket.js"></script>
+</head><body><div id="result"></div></body></html>
+"""
+WS_RESULT = re.compile(r'<div id="result" data-round-trip="true" data-protocol="h2"')
 RESULT = re.compile(r'<div id="result" data-loaded="(\d+)" data-failed="(\d+)" data-ms="([\d.]+)" '
                     r'data-protocol="([^"]*)"')
 
@@ -60,9 +81,16 @@ class PageHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
 
+    ws_round_trip: threading.Event | None = None  # set by the WebSocket server (test_chromium_websocket...)
+
     def do_GET(self) -> None:  # noqa: N802 - the http.server spelling
         if self.path == "/":
             body, kind = PAGE.encode(), "text/html; charset=utf-8"
+        elif self.path == "/ws-page":
+            body, kind = WS_PAGE.encode(), "text/html; charset=utf-8"
+        elif self.path == "/after-websocket.js":  # held until the page's WebSocket made its round trip
+            done = self.ws_round_trip is not None and self.ws_round_trip.wait(WAIT)
+            body, kind = f"window.roundTrip = {str(bool(done)).lower()};".encode(), "text/javascript"
         elif self.path.startswith("/asset/"):
             body, kind = PIXEL, "image/gif"
         else:
@@ -179,6 +207,68 @@ def test_chromium_loads_200_assets_over_h2_and_http1(pki, page_upstream, tmp_pat
     assert {(r["protocol"], r["status"]) for r in assets} == {("HTTP/1.1", 200)}
     print(f"\nChromium, {ASSETS} assets, {runs} load(s) each: h2 median {statistics.median(h2_times):.0f} ms "
           f"{sorted(h2_times)}; http/1.1 median {statistics.median(h1_times):.0f} ms {sorted(h1_times)}")
+
+
+class RecordingWebSocketServer:
+    """A WebSocket server (the websockets package) in a thread: echoes "echo:<message>",
+    records what it receives, and sets ``round_trip`` once a message starts with "got:"."""
+
+    def __enter__(self) -> RecordingWebSocketServer:
+        from websockets.asyncio.server import serve
+
+        self.received: list[str] = []
+        self.round_trip = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def echo(connection) -> None:
+            async for message in connection:
+                self.received.append(message)
+                if message.startswith("got:"):
+                    self.round_trip.set()
+                else:
+                    await connection.send(f"echo:{message}")
+
+        async def main() -> None:
+            self.server = await serve(echo, "127.0.0.1", 0)
+            self.port = self.server.sockets[0].getsockname()[1]
+            ready.set()
+            await self.server.serve_forever()
+
+        self.thread = threading.Thread(target=self._run, args=(main(),), daemon=True)
+        self.thread.start()
+        assert ready.wait(WAIT)
+        return self
+
+    def _run(self, main) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            self.loop.run_until_complete(main)
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.thread.join(WAIT)
+        self.loop.close()
+
+
+def test_chromium_websocket_works_beside_an_h2_page(pki, page_upstream, tmp_path, monkeypatch):
+    """The page comes over h2; its WebSocket (no extended CONNECT) goes over HTTP/1.1 on
+    the same listener, and makes a round trip through the proxy."""
+    pytest.importorskip("websockets", reason="needs the websockets package")
+    home = nss_home(tmp_path, pki.ca_pem)
+    cert, key = pki.server
+    tls = TLSSettings(certificates=(CertificatePair(Path(cert), Path(key)),))
+    with RecordingWebSocketServer() as ws:
+        monkeypatch.setattr(PageHandler, "ws_round_trip", ws.round_trip)
+        services = [Service(name="page", upstreams=(page_upstream,)),
+                    Service(name="ws", upstreams=(Upstream(f"http://127.0.0.1:{ws.port}", "127.0.0.1", ws.port),),
+                            path_prefix="/ws")]
+        with ProxyThread(proxy_config(pki, services, tmp_path, tls=tls)) as px:
+            dom = load_page(px.url("/ws-page"), home, tmp_path / "profile")
+        assert WS_RESULT.search(dom), dom[-2000:]
+        assert ws.received == ["ping", "got:echo:ping"]
+    protocols = {r["path"]: (r["protocol"], r["status"]) for r in access_records(tmp_path / "access.log")}
+    assert protocols["/ws-page"] == ("HTTP/2", 200)
+    assert protocols["/ws/chat"] == ("HTTP/1.1", 101)
 
 
 def test_chromium_refuses_the_proxy_without_the_ca_in_its_nss_database(pki, page_upstream, tmp_path):
