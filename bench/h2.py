@@ -165,7 +165,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--client-cpu", default="0", help="core for h2load/wrk and the upstream ('' = no pinning)")
     parser.add_argument("--server-cpu", default="1", help="core for the targets ('' = no pinning)")
     parser.add_argument("--profile", action="store_true",
-                        help="py-spy record tlsproxy during its first h2-small run -> bench/results/h2-profile.svg")
+                        help="py-spy record tlsproxy during its first --profile-test run -> bench/results/h2-profile.svg")
+    parser.add_argument("--profile-test", choices=("h2-small", "h2-large"), default="h2-small")
     parser.add_argument("--profile-format", choices=("svg", "txt", "json"), default="svg")
     parser.add_argument("--output", type=Path, default=run.RESULTS_DIR / "h2.json")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (configs, logs)")
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                         result = run.run_wrk(wrk_spec, server, args.duration, args.client_cpu, upstream)
                     else:
                         small = test == "h2-small"
-                        profile = profile_to if (small and name == "tlsproxy" and n == 0) else None
+                        profile = profile_to if (test == args.profile_test and name == "tlsproxy" and n == 0) else None
                         if profile is not None:
                             profile.parent.mkdir(parents=True, exist_ok=True)
                         result = run_h2load(server, upstream, "/small" if small else "/1m",
