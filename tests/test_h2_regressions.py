@@ -70,3 +70,35 @@ def test_a_stream_cancelled_while_its_body_pump_stops_closes_its_upstream_connec
             assert [c.upstream.port for c in ended] == [upstream.port], "the upstream connection was left open"
         finally:
             client.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "h2 validates content-length against DATA as a connection error (InvalidBodyLengthError -> "
+    "GOAWAY PROTOCOL_ERROR): every other stream of the client dies; RFC 9113 8.1.1: a stream error"))
+def test_a_content_length_mismatch_ends_its_stream_not_its_neighbours(pki, upstream, tmp_path):
+    with ProxyThread(proxy_config(pki, service("app", upstream), tmp_path)) as px:
+        client = H2Client(px.port, pki.ca_pem)
+        try:
+            held = client.get("/held", f"localhost:{px.port}")
+            assert upstream.holding.wait(WAIT)
+            post_headers(client, held + 2, "/echo", px.port, 10)
+            client.sock.sendall(DataFrame(held + 2, b"abc", flags=["END_STREAM"]).serialize())  # 3 of 10
+            refused = None
+            while refused is None:
+                frames = client.frames()
+                assert frames, "the proxy closed the connection"
+                for frame in frames:
+                    assert not isinstance(frame, GoAwayFrame), f"GOAWAY error {frame.error_code}: the connection died"
+                    if frame.stream_id == held + 2 and isinstance(frame, (RstStreamFrame, HeadersFrame)):
+                        refused = frame
+            upstream.let_go()
+            status = None
+            while status is None:
+                frames = client.frames()
+                assert frames, "the proxy closed the connection"
+                status = next((f.fields[b":status"] for f in frames
+                               if isinstance(f, HeadersFrame) and f.stream_id == held), None)
+            assert status == b"200"  # the neighbour was answered
+            assert [r["target"] for r in upstream.requests] == ["/held"]  # the malformed one never went upstream
+        finally:
+            client.close()
