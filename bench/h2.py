@@ -165,7 +165,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--client-cpu", default="0", help="core for h2load/wrk and the upstream ('' = no pinning)")
     parser.add_argument("--server-cpu", default="1", help="core for the targets ('' = no pinning)")
     parser.add_argument("--profile", action="store_true",
-                        help="py-spy record tlsproxy during its first --profile-test run -> bench/results/h2-profile.svg")
+                        help="py-spy record tlsproxy during its first --profile-test run "
+                             "-> bench/results/h2-profile.svg")
     parser.add_argument("--profile-test", choices=("h2-small", "h2-large"), default="h2-small")
     parser.add_argument("--profile-format", choices=("svg", "txt", "json"), default="svg")
     parser.add_argument("--output", type=Path, default=run.RESULTS_DIR / "h2.json")

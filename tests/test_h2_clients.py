@@ -2,7 +2,8 @@
 http2 module and nghttp, each against the proxy on 127.0.0.1 with the session PKI's
 certificate — what they accept, and what they are refused. A client that asks for h2 on
 a listener configured ``tls.alpn: [http/1.1]`` falls back (curl --http2, httpx) or gets
-the ``no_application_protocol`` alert (h2 only: node's http2, nghttp). WebSockets stay on HTTP/1.1 on the default listener, which offers h2 too.
+the ``no_application_protocol`` alert (h2 only: node's http2, nghttp). WebSockets stay
+on HTTP/1.1 on the default listener, which offers h2 too.
 
 Each tool missing from the machine skips its tests, naming the tool."""
 
