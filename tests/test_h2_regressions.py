@@ -11,6 +11,9 @@
    its body), it ends its request with an empty DATA + END_STREAM, and when that arrives
    before the proxy's RST_STREAM the connection dies with the 413's body unsent
    (``curl: (18) HTTP/2 stream 1 was not closed cleanly``, 3 times in 10).
+3. Empty DATA frames (CVE-2019-9518, "empty frames flood") were not counted against the
+   control-frame budget the session's docstring says they draw on: 5,000 of them on one
+   stream were all processed, where 5,000 PINGs get GOAWAY ENHANCE_YOUR_CALM.
 """
 
 from __future__ import annotations
@@ -102,3 +105,36 @@ def test_a_content_length_mismatch_ends_its_stream_not_its_neighbours(pki, upstr
             assert [r["target"] for r in upstream.requests] == ["/held"]  # the malformed one never went upstream
         finally:
             client.close()
+
+
+def empty_data_flood(px: ProxyThread, pki, frames: int) -> tuple[GoAwayFrame | None, bytes | None]:
+    """A POST whose body is ``frames`` empty DATA frames, then END_STREAM: the GOAWAY the
+    proxy sent, if any, and the stream's :status, if it was answered."""
+    client = H2Client(px.port, pki.ca_pem)
+    try:
+        client.conn.send_headers(1, [(":method", "POST"), (":scheme", "https"),
+                                     (":authority", f"localhost:{px.port}"), (":path", "/echo")])
+        # one write: the head and the flood are read together, before any answer could come
+        client.sock.sendall(client.conn.data_to_send() + DataFrame(1, b"").serialize() * frames
+                            + DataFrame(1, b"", flags=["END_STREAM"]).serialize())
+        while True:
+            received = client.frames()
+            if not received:
+                return None, None
+            for frame in received:
+                if isinstance(frame, GoAwayFrame):
+                    return frame, None
+                if isinstance(frame, HeadersFrame) and frame.stream_id == 1:
+                    return None, frame.fields[b":status"]
+    finally:
+        client.close()
+
+
+def test_a_flood_of_empty_data_frames_gets_goaway_enhance_your_calm(pki, upstream, tmp_path):
+    """CVE-2019-9518 ("empty frames flood"): empty DATA frames cost the proxy work and
+    carry nothing; they draw on the control-frame budget, as PING and SETTINGS do."""
+    with ProxyThread(proxy_config(pki, service("app", upstream), tmp_path)) as px:
+        assert empty_data_flood(px, pki, 3) == (None, b"200")  # a few are ordinary (curl ends bodies so)
+        goaway, status = empty_data_flood(px, pki, 5000)
+        assert goaway is not None and goaway.error_code == 0xB, (goaway, status)  # ENHANCE_YOUR_CALM
+        assert empty_data_flood(px, pki, 0) == (None, b"200")  # and the proxy goes on serving
