@@ -157,7 +157,7 @@ class ServerCodec:
         if connection_window > DEFAULT_WINDOW:
             conn.increment_flow_control_window(connection_window - DEFAULT_WINDOW)
         self._extra: list[bytes] = []  # frames written beside h2 (a draining GOAWAY)
-        self.control_frames = 0  # PING / SETTINGS / PRIORITY / unknown frames received: flood accounting
+        self.control_frames = 0  # PING / SETTINGS / PRIORITY / empty DATA / unknown frames received: flood accounting
 
     def feed(self, data: bytes) -> list[Event]:
         """Events for ``data`` received; ``ConnectionFailed`` when the client broke the
@@ -174,8 +174,11 @@ class ServerCodec:
             if kind is h2.events.DataReceived:
                 if event.data:
                     append(StreamData(event.stream_id, event.data, event.flow_controlled_length))
-                elif event.flow_controlled_length:  # padding only: nothing to wait for
-                    self.ack(event.stream_id, event.flow_controlled_length)
+                else:
+                    if event.stream_ended is None:  # empty, not even ending the body: a PING's worth
+                        self.control_frames += 1  # of work for nothing (CVE-2019-9518)
+                    if event.flow_controlled_length:  # padding only: nothing to wait for
+                        self.ack(event.stream_id, event.flow_controlled_length)
             elif kind is h2.events.RequestReceived:
                 append(StreamOpened(event.stream_id, event.headers, event.stream_ended is not None))
             elif kind is h2.events.StreamEnded:
