@@ -281,11 +281,12 @@ def upstream_nginx_conf(prefix: Path, port: int, docroot: Path) -> str:
 
 def terminator_nginx_conf(prefix: Path, port: int, upstream_port: int, cert: Path, key: Path,
                           workers: int = 1, *, connections: int = 4096, nofile: int | None = None,
-                          idle_timeout: str = "120s") -> str:
+                          idle_timeout: str = "120s", http2: bool = False) -> str:
     """nginx as the TLS terminator (TLS 1.3, no tickets, no session cache, upstream
-    keep-alive); ``connections``/``nofile``/``idle_timeout`` make room for bench/idle.py."""
+    keep-alive); ``connections``/``nofile``/``idle_timeout`` make room for bench/idle.py;
+    ``http2``: offer h2 by ALPN too (``listen ... ssl http2``, nginx 1.22; bench/h2.py)."""
     # Several workers: one listening socket each (reuseport), as tlsproxy's workers do.
-    reuseport = " reuseport" if workers > 1 else ""
+    listen_options = (" reuseport" if workers > 1 else "") + (" http2" if http2 else "")
     return (
         nginx_common(prefix, workers, connections, nofile)
         + "http {\n"
@@ -301,7 +302,7 @@ def terminator_nginx_conf(prefix: Path, port: int, upstream_port: int, cert: Pat
         keepalive_requests 10000000;
     }}
     server {{
-        listen 127.0.0.1:{port} ssl backlog=4096{reuseport};
+        listen 127.0.0.1:{port} ssl backlog=4096{listen_options};
         ssl_certificate {cert};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.3;
@@ -493,6 +494,21 @@ class LoadTest:
     script: Path | None = None
 
 
+def measure_load(argv: list[str], server: Server, upstream: Server, cpu: str | None,
+                 timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run the load generator ``argv`` (pinned to ``cpu``) to its end: its completed
+    process, and the cores the server, the upstream and the load generator used meanwhile
+    (CPU seconds / wall seconds; bench/h2.py's h2load runs go through here too)."""
+    client0 = _children_cpu()
+    server_cpu0, upstream_cpu0, wall0 = cpu_seconds(server.pid), cpu_seconds(upstream.pid), time.monotonic()
+    proc = subprocess.run(pinned(cpu, argv), capture_output=True, text=True, timeout=timeout)
+    wall = time.monotonic() - wall0
+    client_cpu = _children_cpu() - client0
+    server_cpu, upstream_cpu = cpu_seconds(server.pid) - server_cpu0, cpu_seconds(upstream.pid) - upstream_cpu0
+    return proc, {"server_cores": server_cpu / wall, "upstream_cores": upstream_cpu / wall,
+                  "client_cores": client_cpu / wall, "wall_s": wall}
+
+
 def run_wrk(spec: LoadTest, server: Server, duration: float, cpu: str | None, upstream: Server,
             profile_to: Path | None = None) -> dict:
     argv = ["wrk", "-t1", f"-c{spec.connections}", f"-d{max(1, round(duration))}s", "--timeout", "5s"]
@@ -509,20 +525,9 @@ def run_wrk(spec: LoadTest, server: Server, duration: float, cpu: str | None, up
              "--duration", str(max(1, round(duration)))],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
-    client0 = _children_cpu()
-    server_cpu0, upstream_cpu0, wall0 = cpu_seconds(server.pid), cpu_seconds(upstream.pid), time.monotonic()
-    proc = subprocess.run(pinned(cpu, argv), capture_output=True, text=True, timeout=duration + 60)
-    wall = time.monotonic() - wall0
-    client_cpu = _children_cpu() - client0
-    server_cpu, upstream_cpu = cpu_seconds(server.pid) - server_cpu0, cpu_seconds(upstream.pid) - upstream_cpu0
+    proc, cores = measure_load(argv, server, upstream, cpu, duration + 60)
     result = parse_wrk(proc.stdout)
-    result.update(
-        server_cores=server_cpu / wall,
-        upstream_cores=upstream_cpu / wall,
-        client_cores=client_cpu / wall,
-        wall_s=wall,
-        wrk_exit=proc.returncode,
-    )
+    result.update(cores, wrk_exit=proc.returncode)
     if proc.returncode != 0 or result["requests_per_s"] is None:
         result["wrk_output"] = (proc.stdout + proc.stderr)[-2000:]
     if profiler is not None:

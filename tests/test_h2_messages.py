@@ -107,3 +107,13 @@ def test_budget_allows_a_burst_then_a_rate():
     assert not budget.spend(10.0)  # the burst is spent
     assert not budget.spend(10.5)  # half a token back, still in debt
     assert budget.spend(13.0)  # refilled at the steady rate
+
+
+@pytest.mark.parametrize("values", [(b"abc",), (b"-1",), (b"5", b"6"), (b"",)])
+def test_content_length_must_be_one_number(values):
+    with pytest.raises(BadRequest, match="content-length is not one number"):
+        head(*((b"content-length", value) for value in values), ended=False)
+
+
+def test_repeated_equal_content_lengths_are_one():
+    assert head((b"content-length", b"5"), (b"content-length", b"5"), ended=False).content_length == 5

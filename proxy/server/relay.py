@@ -151,13 +151,15 @@ class Relay(Exchange):
         # A pump still running means the upstream answered before the body was read:
         # the engine then refuses reuse below, and the body bytes still queued for it
         # are for nobody (a close would wait for an upstream that may never read them).
-        # A finished pump is just collected.
+        # A finished pump is just collected. Stopping it waits: a cancellation then (an
+        # HTTP/2 stream reset, the client's connection ending) must not leave the
+        # upstream connection open, in no pool and owned by nobody.
         try:
-            unfinished = await self._stop_pump()
-        except BaseException:  # cancelled meanwhile (the client went away)
+            unsent_body = await self._stop_pump()
+        except BaseException:
             conn.abort()
             raise
-        if unfinished:
+        if unsent_body:
             conn.abort()
         elif conn.engine.start_next_cycle():
             self.pool.release(conn)

@@ -148,6 +148,23 @@ Event = (
 )
 
 
+class _ServerConnection(h2.connection.H2Connection):
+    """h2's connection, but a request's content-length is not held against its DATA here:
+    h2 fails the whole connection when they disagree (every other stream of the client
+    with it), where RFC 9113 8.1.1 makes it an error of that stream. The session counts
+    the DATA per stream instead (``h2_stream.StreamDownstream``) and refuses that one;
+    the value itself is checked in ``messages.request_head``."""
+
+    def _begin_new_stream(self, stream_id, allowed_ids):  # noqa: ANN001 - h2's signature
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream._initialize_content_length = _no_length_check  # noqa: SLF001 - see the docstring
+        return stream
+
+
+def _no_length_check(_headers: object) -> None:
+    """(h2's H2Stream._initialize_content_length, off: the expected length stays None.)"""
+
+
 class _Codec:
     """What both sides share: events in, frames out, windows."""
 
@@ -171,14 +188,14 @@ class _Codec:
             normalize_outbound_headers=False,
             split_outbound_cookies=False,
         )
-        conn = self._conn = h2.connection.H2Connection(config=config)
+        conn = self._conn = (_ServerConnection if not client_side else h2.connection.H2Connection)(config=config)
         conn.local_settings = h2.settings.Settings(client=client_side, initial_values=settings)
         conn.decoder.max_header_list_size = header_list_limit
         conn.initiate_connection()
         if connection_window > DEFAULT_WINDOW:
             conn.increment_flow_control_window(connection_window - DEFAULT_WINDOW)
         self._extra: list[bytes] = []  # frames written beside h2 (a draining GOAWAY)
-        self.control_frames = 0  # PING / SETTINGS / PRIORITY / unknown frames received: flood accounting
+        self.control_frames = 0  # PING / SETTINGS / PRIORITY / empty DATA / unknown frames received: flood accounting
 
     def feed(self, data: bytes) -> list[Event]:
         """Events for ``data`` received; ``ConnectionFailed`` when the client broke the
@@ -193,19 +210,15 @@ class _Codec:
         for event in received:
             kind = type(event)
             if kind is h2.events.DataReceived:
-                if not event.data:
-                    self.control_frames += 1  # empty DATA: no work for us, but a known flood
                 if event.data:
                     append(StreamData(event.stream_id, event.data, event.flow_controlled_length))
-                elif event.flow_controlled_length:  # padding only: nothing to wait for
-                    self.ack(event.stream_id, event.flow_controlled_length)
+                else:
+                    if event.stream_ended is None:  # empty, not even ending the body: a PING's worth
+                        self.control_frames += 1  # of work for nothing (CVE-2019-9518)
+                    if event.flow_controlled_length:  # padding only: nothing to wait for
+                        self.ack(event.stream_id, event.flow_controlled_length)
             elif kind is h2.events.RequestReceived:
                 append(StreamOpened(event.stream_id, event.headers, event.stream_ended is not None))
-                # h2 fails the whole connection when DATA disagrees with content-length;
-                # the session checks it per stream instead (a refusal on that stream).
-                stream = self._conn.streams.get(event.stream_id)
-                if stream is not None:
-                    stream._expected_content_length = None
             elif kind is h2.events.ResponseReceived:
                 append(ResponseOpened(event.stream_id, event.headers, event.stream_ended is not None))
             elif kind is h2.events.InformationalResponseReceived:

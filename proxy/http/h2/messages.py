@@ -63,6 +63,7 @@ def request_head(fields: Headers, *, ended: bool, max_header_bytes: int) -> Requ
     headers: Headers = []
     host: bytes | None = None
     cookies: list[bytes] = []
+    length: bytes | None = None
     regular = False
     for name, value in fields:
         if value.startswith(_EDGE_WHITESPACE) or value.endswith(_EDGE_WHITESPACE):
@@ -91,6 +92,11 @@ def request_head(fields: Headers, *, ended: bool, max_header_bytes: int) -> Requ
             if host is not None:
                 raise _malformed("two host headers")
             host = value
+        elif name == b"content-length":
+            if not value.isdigit() or (length is not None and value != length):
+                raise _malformed("content-length is not one number")
+            length = value
+            headers.append((name, value))
         else:
             headers.append((name, value))
     method = pseudo.get(b":method")
