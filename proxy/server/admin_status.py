@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from cryptography import x509
 
@@ -22,8 +22,9 @@ __all__ = ["status_page"]
 log = logging.getLogger("tlsproxy")
 
 
-def status_page(state: ServerState, events: Callable[[], dict]) -> bytes:
-    """The HTML of ``GET /`` for ``state``; ``events``: every worker's events, merged."""
+def status_page(state: ServerState, events: Callable[[], dict], bound: Sequence[str] = ()) -> bytes:
+    """The HTML of ``GET /`` for ``state``; ``events``: every worker's events, merged;
+    ``bound``: the TLS listeners' real addresses (port 0 in the config is a real port here)."""
     config = state.config
     tls = state.tls
     certificates = [
@@ -38,7 +39,7 @@ def status_page(state: ServerState, events: Callable[[], dict]) -> bytes:
         now=dt.datetime.now(dt.timezone.utc),
         version=__version__,
         workers=config.workers,
-        listeners=_listeners(config),
+        listeners=_listeners(config, bound),
         client_auth=_listener_policy(config),
         services=tuple(_service_row(service) for service in config.services),
         certificates=tuple(certificates),
@@ -47,10 +48,11 @@ def status_page(state: ServerState, events: Callable[[], dict]) -> bytes:
     return render_status_page(view)
 
 
-def _listeners(config: ProxyConfig) -> tuple[tuple[str, str], ...]:
+def _listeners(config: ProxyConfig, bound: Sequence[str]) -> tuple[tuple[str, str], ...]:
     tls = config.tls
     alpn = ", ".join(getattr(tls, "alpn", ("http/1.1",)))
-    rows = [(str(address), f"HTTPS: TLS {tls.min_version}+, ALPN {alpn}") for address in config.listen]
+    addresses = bound if len(bound) == len(config.listen) else [str(address) for address in config.listen]
+    rows = [(address, f"HTTPS: TLS {tls.min_version}+, ALPN {alpn}") for address in addresses]
     rows += [(str(address), "plain HTTP and h2c (listen_plain)") for address in getattr(config, "listen_plain", ())]
     if config.redirect_http is not None:
         rows.append((str(config.redirect_http), "plain HTTP: 308 to https://"))

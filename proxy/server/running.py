@@ -182,7 +182,9 @@ class RunningProxy:
                 metrics=stats if stats is not None else state.metrics,
                 ready=lambda: not state.closing,
                 ca_pem=lambda: _local_ca_pem(state.config),
-                status=lambda: status_page(state, self.merged_events),
+                status=lambda: status_page(
+                    state, self.merged_events, [f"{_url_host(host)}:{port}" for host, port in self.addresses]
+                ),
             )
         self._expiry = ExpiryWatch(
             lambda: certificates_in_files([loaded.path for loaded in state.tls.certificates], log),
