@@ -38,7 +38,7 @@ def test_a_refused_client_is_on_the_page_with_its_reason(pki, guarded):
     refused_handshake(guarded.port, pki.leaf("status-stranger", client=True, ca="other"), pki.ca_pem)
 
     handshake, request = status_rows(admin)["Refused handshakes and requests"]  # newest first
-    assert handshake[2:5] == ["no certificate", "—", "handshake"] and "untrusted" in handshake[5]
+    assert handshake[2:5] == ["not read (see the reason)", "—", "handshake"] and "untrusted" in handshake[5]
     assert request[2:5] == ["CN=bob", "private", "request (403)"]
     assert request[5] == response.text.strip()  # the reason the client was given, in words
     services = status_rows(admin)["Services"]

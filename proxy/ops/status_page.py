@@ -117,11 +117,19 @@ def _certificates(view: StatusView) -> str:
     return _table(("role", "file", "subject", "names (SANs)", "not after", "days left"), rows)
 
 
+# A refused handshake's certificate was never accepted, so never read (Python's ssl does
+# not expose an unverified peer certificate); a refused request had none verified.
+_NO_SUBJECT = {
+    "handshake": '<span class="muted">not read (see the reason)</span>',
+    "request": '<span class="muted">no certificate</span>',
+}
+
+
 def _refusals(refusals: Sequence[dict]) -> str:
     rows = [
         (
             _e(_time(_from_unix(event["time"]))), _e(event["client"]),
-            _e(event["subject"]) if event.get("subject") else '<span class="muted">no certificate</span>',
+            _e(event["subject"]) if event.get("subject") else _NO_SUBJECT[event["stage"]],
             _e(event["service"] or "—"),
             _e(event["stage"] + (f" ({event['status']})" if event.get("status") else "")),
             f'<span class="bad">{_e(event["reason"])}</span>',
