@@ -256,6 +256,7 @@ def test_two_workers_one_page(pki, tmp_path):
                 time.sleep(0.1)  # polling interval of a bounded wait (the publish is periodic)
             assert all(row[1] == "ok" and "takes a restart" in row[2] for row in reloads)
             assert sorted(row[3] for row in reloads) == ["0", "1"]
+            assert sum("takes a restart" in line for line in served.stderr) == 1  # one line, not one per worker
 
             # SIGKILL each worker in turn (the admin one last): nothing counted goes away.
             for victim in sorted(workers, key=lambda pid: pid != workers[1]):
