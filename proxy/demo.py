@@ -165,7 +165,9 @@ def _ipv6_loopback() -> bool:
 
 
 def usage_text(files: DemoFiles, port: int) -> str:
-    """The banner: what was set up and the curl lines to paste."""
+    """The banner: what was set up, the curl lines to paste, and how to trust the CA."""
+    from proxy.pki.trust import ca_banner
+
     url = f"https://localhost:{port}"
     ca = shlex.quote(str(files.ca_pem))
     cert, key = (shlex.quote(str(path)) for path in files.client)
@@ -188,6 +190,9 @@ def usage_text(files: DemoFiles, port: int) -> str:
         "Or trust the demo CA for this shell (curl, Python ssl/requests/httpx, node):",
         f"  export {trust}",
         f"  curl {url}/hello",
+        "",
+        "Or trust it in this machine's stores (system, browsers' NSS databases, Java):",
+        *(f"  {line}" for line in ca_banner(files.ca_pem)),
         "",
     ]
     return "\n".join(lines)

@@ -10,6 +10,7 @@ one HTTP status::
     ├── ConfigError               FILE:LINE: key.path: reason
     ├── PKIError                  certificate toolkit: unreadable file, bad NAME, wrong password
     │   └── VerificationFailed    a certificate a TLS client would refuse; .reason in words
+    ├── ConnectionFailed          a peer broke HTTP/2 for the whole connection (GOAWAY sent)
     └── HTTPError                 one request failed; .status picks the response
         ├── BadRequest            400 (unparseable / ambiguous framing / plain HTTP on TLS port)
         ├── Forbidden             403 (client certificate not allowed for this service)
@@ -61,6 +62,16 @@ class VerificationFailed(PKIError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
+class ConnectionFailed(TlsProxyError):
+    """The peer broke the protocol for the whole connection (an HTTP/2 connection
+    error: its GOAWAY is already queued); the message says how, for the log, and
+    ``kind`` for the metrics: ``protocol`` (a broken peer) or ``abuse`` (a flood)."""
+
+    def __init__(self, message: str, *, kind: str = "protocol") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 class HTTPError(TlsProxyError):
     """One request failed; ``status`` is the response code, the message its body."""
 
@@ -78,6 +89,10 @@ class BadRequest(HTTPError):
 
 class Forbidden(HTTPError):
     status = 403
+
+    def __init__(self, message: str, *, unauthenticated: bool = False) -> None:
+        super().__init__(message)
+        self.unauthenticated = unauthenticated  # no certificate at all (gRPC: UNAUTHENTICATED)
 
 
 class NotFound(HTTPError):

@@ -17,6 +17,7 @@ RECORD = {
     "client": "127.0.0.1",
     "tls_version": "TLSv1.3",
     "sni": "api.localhost",
+    "protocol": "HTTP/2",
     "method": b"GET",
     "path": b"/api/x?q=1",
     "status": 200,
@@ -52,7 +53,7 @@ def test_text_line_is_readable_and_cannot_be_split(capsys):
     log.close()
     first, second = capsys.readouterr().out.splitlines()
     assert first == (
-        '1970-01-01T00:00:00.000Z 127.0.0.1 "GET /api/x?q=1" 200 in=0 out=123 1.235ms service=api '
+        '1970-01-01T00:00:00.000Z 127.0.0.1 "GET /api/x?q=1 HTTP/2" 200 in=0 out=123 1.235ms service=api '
         "upstream=127.0.0.1:9000 sni=api.localhost tls=TLSv1.3 request_id=abc123"
     )
     assert second.startswith('1970-01-01T00:00:00.000Z - "GET /a\\x0a\\"b%20c" 400 in=- out=- -')

@@ -64,7 +64,7 @@ def test_routes(method, target, status, body):
 
 def test_not_found_names_the_path_and_the_admin_paths():
     response = Knobs().routes().respond(b"GET", b"/metric")
-    assert response.body == b"not found: /metric\nadmin paths: /healthz /readyz /metrics /ca.pem\n"
+    assert response.body == b"not found: /metric\nadmin paths: /healthz /readyz /metrics /ca.pem /ca.crt /ca.der /trust\n"
 
 
 def test_readiness_and_ca_follow_their_callables_per_request():

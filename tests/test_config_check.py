@@ -263,3 +263,37 @@ def test_service_host_without_a_certificate_is_a_warning(pki, tmp_path: Path) ->
         "proxy.yaml:5: services[0].hosts[2]: no certificate in tls.certificates names 'api.example'; "
         "clients would get the default certificate and a name mismatch"
     ]
+
+
+def test_check_command_listen_plain_public_address(pki, tmp_path: Path) -> None:
+    cert, key = pki.server
+    write_config(tmp_path, cert, key)
+    config = tmp_path / "proxy.yaml"
+    base = config.read_text()
+    config.write_text("listen_plain: ['0.0.0.0:8080']\n" + base)
+    refused = run_check("-c", "proxy.yaml", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(
+        "tlsproxy: error: proxy.yaml:1: listen_plain[0]: '0.0.0.0:8080' is not a loopback address"
+    )
+    assert "listen_plain_public: true" in refused.stderr
+    config.write_text("listen_plain: ['0.0.0.0:8080']\nlisten_plain_public: true\n" + base)
+    accepted = run_check("-c", "proxy.yaml", cwd=tmp_path)
+    assert accepted.returncode == 0, accepted.stderr
+    assert "listen_plain: 0.0.0.0:8080 (plain HTTP)" in accepted.stdout
+
+
+def test_upstream_tls_files_are_checked(pki, tmp_path: Path) -> None:
+    cert, key = pki.server
+    egress_cert, _ = pki.leaf("egress", "egress", client=True)
+    write_config(tmp_path, cert, key)
+    config = tmp_path / "proxy.yaml"
+    config.write_text(
+        config.read_text()
+        + f"  - name: remote\n    path_prefix: /remote\n    upstream: https://127.0.0.1:9443\n"
+        f"    upstream_tls:\n      ca: {tmp_path / 'missing.pem'}\n      cert: {egress_cert}\n      key: {key}\n"
+    )
+    assert messages(check(config)) == [
+        f"proxy.yaml:10: services[1].upstream_tls.ca: {tmp_path / 'missing.pem'}: no such file",
+        f"proxy.yaml:12: services[1].upstream_tls.key: {key} is not the private key of {egress_cert}",
+    ]

@@ -16,6 +16,7 @@ from proxy.config.model import (
     ServiceClientAuth,
     Timeouts,
     Upstream,
+    UpstreamTLSSettings,
 )
 from proxy.errors import ConfigError, UsageError
 
@@ -198,6 +199,43 @@ def test_same_prefix_on_different_hosts_is_fine(load) -> None:
     assert len(config.services) == 3
 
 
+def test_https_upstream_with_upstream_tls(load, tmp_path: Path) -> None:
+    config = load(
+        """\
+        listen_plain: ["127.0.0.1:8080", "[::1]:8080", "localhost:8081"]
+        services:
+          - name: billing
+            upstream: [https://10.0.0.5, "https://[fd00::5]:8443"]
+            upstream_tls:
+              ca: certs/ca.pem
+              cert: certs/egress.pem
+              key: certs/egress.key
+              server_name: Billing.Internal.
+              http2: true
+          - {name: open, path_prefix: /open, upstream: https://api.example}
+        """
+    )
+    billing, open_service = config.services
+    assert billing.upstreams == (
+        Upstream("https://10.0.0.5", "10.0.0.5", 443, "https"),
+        Upstream("https://[fd00::5]:8443", "fd00::5", 8443, "https"),
+    )
+    assert billing.upstream_tls == UpstreamTLSSettings(
+        ca=tmp_path / "certs/ca.pem", cert=tmp_path / "certs/egress.pem", key=tmp_path / "certs/egress.key",
+        server_name="billing.internal", http2=True,
+    )
+    assert open_service.upstream_tls is None  # the system trust store, the URL's host
+    assert config.listen_plain == (
+        ListenAddress("127.0.0.1", 8080), ListenAddress("::1", 8080), ListenAddress("localhost", 8081),
+    )
+    assert config.listen_plain_public is False
+
+
+def test_listen_plain_public_allows_any_address(load) -> None:
+    config = load("listen_plain: ['0.0.0.0:8080']\nlisten_plain_public: true\n" + SERVICE)
+    assert config.listen_plain == (ListenAddress("0.0.0.0", 8080),)
+
+
 # --- refused: every error names file, line and key path --------------------------------
 
 ERRORS = [
@@ -207,9 +245,39 @@ ERRORS = [
         id="bad-upstream-scheme",
     ),
     pytest.param(
-        "services:\n  - name: api\n    upstream: https://x\n",
-        "proxy.yaml:3: services[0].upstream: 'https://x' is not an http:// URL (upstreams are plain HTTP; TLS ends at the proxy)",
-        id="https-upstream",
+        "services:\n  - name: api\n    upstream: [https://a, http://b]\n",
+        "proxy.yaml:3: services[0].upstream[1]: 'http://b' is http:// but 'https://a' is https://: "
+        "the upstreams of one service share one scheme",
+        id="mixed-upstream-schemes",
+    ),
+    pytest.param(
+        "services:\n  - name: api\n    upstream: http://a:8000\n    upstream_tls:\n      ca: ca.pem\n",
+        "proxy.yaml:4: services[0].upstream_tls: only for https:// upstreams; this service's upstream is "
+        "'http://a:8000' (write https://a:8000 to reach it over TLS)",
+        id="upstream-tls-on-http",
+    ),
+    pytest.param(
+        "services:\n  - name: api\n    upstream: https://a\n    upstream_tls:\n      key: egress.key\n",
+        "proxy.yaml:5: services[0].upstream_tls.key: needs upstream_tls.cert too "
+        "(the client certificate and its key go together)",
+        id="upstream-tls-key-without-cert",
+    ),
+    pytest.param(
+        "services:\n  - name: api\n    upstream: https://a\n    upstream_tls: {server_name: 'a/b'}\n",
+        "proxy.yaml:4: services[0].upstream_tls.server_name: 'a/b' is not a DNS name or IP address",
+        id="upstream-tls-server-name",
+    ),
+    pytest.param(
+        "services:\n  - name: api\n    upstream: https://a\n    upstream_tls: {verify: false}\n",
+        "proxy.yaml:4: services[0].upstream_tls.verify: unknown key",
+        id="upstream-tls-no-verify-switch",
+    ),
+    pytest.param(
+        "listen_plain: ['127.0.0.1:8080', '0.0.0.0:8081']\nservices:\n  - name: api\n    upstream: http://a\n",
+        "proxy.yaml:1: listen_plain[1]: '0.0.0.0:8081' is not a loopback address: a plain-HTTP listener there "
+        "serves the services without TLS to every host that can reach it; listen on 127.0.0.1 or [::1], "
+        "or set listen_plain_public: true to allow it",
+        id="listen-plain-public-refused",
     ),
     pytest.param(
         "services:\n  - name: api\n    upstream:\n      - http://a\n      - http://b/api\n",

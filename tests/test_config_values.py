@@ -8,6 +8,7 @@ from proxy.config.model import AllowEntry, ListenAddress, Upstream
 from proxy.config.values import (
     InvalidValue,
     expand_env,
+    is_loopback,
     parse_allow_entry,
     parse_duration,
     parse_fingerprint,
@@ -105,6 +106,9 @@ def test_listen_address_str_brackets_ipv6() -> None:
         ("http://backend/", Upstream("http://backend", "backend", 80)),
         ("HTTP://backend:8080", Upstream("http://backend:8080", "backend", 8080)),
         ("http://[::1]:9000", Upstream("http://[::1]:9000", "::1", 9000)),
+        ("https://api.internal", Upstream("https://api.internal", "api.internal", 443, "https")),
+        ("HTTPS://10.0.0.5:8443/", Upstream("https://10.0.0.5:8443", "10.0.0.5", 8443, "https")),
+        ("h2c://grpc:50051", Upstream("h2c://grpc:50051", "grpc", 50051, "h2c")),  # parsed; load refuses it for now
     ],
 )
 def test_upstream_accepted(text: str, expected: Upstream) -> None:
@@ -115,7 +119,9 @@ def test_upstream_accepted(text: str, expected: Upstream) -> None:
     "text",
     [
         "htp://x",
-        "https://x",
+        "ws://x",
+        "https://x/api",
+        "https://u:p@x",
         "x:80",
         "http://",
         "http://x/api",
@@ -131,6 +137,14 @@ def test_upstream_accepted(text: str, expected: Upstream) -> None:
 def test_upstream_refused(text: str) -> None:
     with pytest.raises(InvalidValue):
         parse_upstream(text)
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("localhost", True), ("LOCALHOST.", True),
+    ("0.0.0.0", False), ("::", False), ("10.0.0.5", False), ("localhost.example", False),
+])
+def test_loopback_addresses_for_listen_plain(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
 
 
 @pytest.mark.parametrize(

@@ -412,7 +412,10 @@ def test_dockerfile_passes_hadolint() -> None:
 
 
 def test_deploy_scripts_pass_shellcheck() -> None:
-    scripts = ["deploy/compose/run-with-podman.sh", "deploy/compose/make-certs.sh"]
+    scripts = [
+        "deploy/compose/run-with-podman.sh", "deploy/compose/make-certs.sh",
+        "deploy/compose-sidecar/run-with-podman.sh", "deploy/compose-sidecar/make-certs.sh",
+    ]
     result = subprocess.run(
         [_tool("shellcheck"), "-x", *scripts], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
     )
@@ -627,6 +630,21 @@ def test_compose_example_runs_with_podman(podman: Podman, image: str) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + _quiet(result.stderr)[-3000:]
     assert "compose example OK" in result.stdout
+
+
+def test_sidecar_compose_example_runs_with_podman(podman: Podman, image: str) -> None:
+    """deploy/compose-sidecar's containers in compose's order: certs, component-b, ingress
+    (healthy), egress (healthy), then component A, which speaks plain HTTP to its egress and
+    exits 0 only if B saw A's verified identity over mTLS and the impostor's certificate got
+    403; then both proxies stop with exit code 0."""
+    result = subprocess.run(
+        ["bash", str(REPO / "deploy" / "compose-sidecar" / "run-with-podman.sh")],
+        env={**podman.env, "IMAGE": image, "SKIP_BUILD": "1"},
+        capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + _quiet(result.stderr)[-3000:]
+    assert 'Subject="CN=component-a"' in result.stdout
+    assert "sidecar example OK" in result.stdout
 
 
 # --- workers: PID 1 is the supervising parent -----------------------------------------------

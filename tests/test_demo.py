@@ -130,6 +130,11 @@ def test_demo_printed_curl_lines_work_and_ctrl_c_stops_it(tmp_path: Path) -> Non
         demo.wait_for(READY, START_TIMEOUT)
         assert f"https://localhost:{port}" in demo.lines[-1]
 
+        # Where the CA is, and the one command that trusts it (relative to where demo ran).
+        stripped = [line.strip() for line in demo.lines]
+        assert f"CA: {tmp_path / 'certs' / 'ca' / 'ca.pem'}" in stripped
+        assert "trust it: tlsproxy certs trust --ca certs/ca/ca.pem --install" in stripped
+
         commands = printed_commands(demo.lines)
         assert sorted(status for status, _ in commands) == [200, 200, 403]
         for expected, argv in commands:

@@ -252,6 +252,7 @@ PROXY_FAMILIES = {
     "tlsproxy_request_duration_seconds": "histogram",
     "tlsproxy_active_connections": "gauge",
     "tlsproxy_handshake_failures_total": "counter",
+    "tlsproxy_h2_connection_errors_total": "counter",
     "tlsproxy_upstream_connect_errors_total": "counter",
     "tlsproxy_certificate_not_after_seconds": "gauge",
     "tlsproxy_reloads_total": "counter",

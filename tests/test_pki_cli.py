@@ -148,7 +148,8 @@ def test_trust_prints_env_and_snippets(work: Path) -> None:
     ca = str(work / "ca" / "ca.pem")
     for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"):
         assert f"{var}={ca}" in out
-    for client in ("curl --cacert", "requests.get(", "httpx.get(", "NODE_EXTRA_CA_CERTS", "--install"):
+    for client in ("curl --cacert", "requests.get(", "httpx.get(", "NODE_EXTRA_CA_CERTS", "--install",
+                   "--store nss", "keytool -importcert", "pk12util"):
         assert client in out
     assert "verify=False" not in out and "-k " not in out
 
@@ -181,6 +182,10 @@ def test_operation_failures_exit_1(work: Path, args: tuple, words: tuple) -> Non
         ("issue", "--ca", "ca", "--out", "x", "--p12-password", "pw", "x.test"),
         ("issue", "--ca", "ca", "--out", "x", "--key-type", "dsa", "x.test"),
         ("verify", "ca/ca.pem", "--ca", "ca/ca.pem", "--purpose", "client", "--host", "x.test"),
+        ("trust", "--ca", "ca/ca.pem", "--install", "--store", "nss,firefox"),
+        ("trust", "--ca", "ca/ca.pem", "--install", "--store", ","),
+        ("trust", "--ca", "ca/ca.pem", "--install", "--check"),
+        ("trust", "--ca", "ca/ca.pem", "--store", "nss"),  # a store without an action
         ("frobnicate",),
     ],
 )

@@ -188,8 +188,10 @@ def test_slow_upstream_gets_504_naming_the_service(pki, upstream, tmp_path):
 def test_upstream_dying_mid_response_closes_the_client_connection(proxy, pki):
     with pytest.raises((requests.exceptions.ChunkedEncodingError, requests.ConnectionError)):
         get(pki, proxy.url("/die")).content
-    result = curl("-o", "/dev/null", proxy.url("/die"), pki=pki)
+    result = curl("--http1.1", "-o", "/dev/null", proxy.url("/die"), pki=pki)
     assert result.returncode == 18  # CURLE_PARTIAL_FILE: no fake success
+    result = curl("--http2", "-o", "/dev/null", proxy.url("/die"), pki=pki)
+    assert result.returncode == 92 and b"INTERNAL_ERROR" in result.stderr  # HTTP/2: the stream is reset
 
 
 def test_stale_pooled_connection_is_retried_only_when_safe(proxy, pki, upstream):

@@ -139,8 +139,8 @@ def test_a_response_head_needing_no_change_reaches_curl_as_the_upstream_spelled_
     """The upstream sends ``Content-Type`` / ``Content-Length`` (names capitalised): the
     httptools engine relays that head byte for byte, like nginx; h11 re-spells it in
     lowercase. A client that asks to close gets the head re-framed by either engine."""
-    kept = curl("-i", proxy.url("/echo"), pki=pki).stdout.partition(b"\r\n\r\n")[0].split(b"\r\n")
-    closing = curl("-i", "-H", "Connection: close", proxy.url("/echo"), pki=pki).stdout
+    kept = curl("--http1.1", "-i", proxy.url("/echo"), pki=pki).stdout.partition(b"\r\n\r\n")[0].split(b"\r\n")
+    closing = curl("--http1.1", "-i", "-H", "Connection: close", proxy.url("/echo"), pki=pki).stdout
     closing = closing.partition(b"\r\n\r\n")[0].split(b"\r\n")
     length = kept[2].partition(b": ")[2]
     assert kept[0] == closing[0] == b"HTTP/1.1 200 OK"
@@ -173,7 +173,7 @@ def test_20mib_upload_with_content_length_via_curl(proxy, pki, tmp_path):
     with source.open("wb") as file:
         for piece in pattern(size):
             file.write(piece)
-    result = curl("--data-binary", f"@{source}", "-H", "Content-Type: application/octet-stream", "-v",
+    result = curl("--http1.1", "--data-binary", f"@{source}", "-H", "Content-Type: application/octet-stream", "-v",
                   proxy.url("/echo"), pki=pki)
     body = json.loads(result.stdout)
     assert (body["body_bytes"], body["body_sha256"]) == (size, pattern_sha256(size))

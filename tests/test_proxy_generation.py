@@ -19,7 +19,9 @@ from cryptography.hazmat.primitives import serialization
 from test_metrics import parse_exposition
 from upstream import WAIT, ProxyThread, proxy_config, proxy_log_waiter, service
 
-from proxy.config.model import AllowEntry, CertificatePair, ClientAuthSettings, Limits, ServiceClientAuth, TLSSettings
+from proxy.config.model import (
+    AllowEntry, CertificatePair, ClientAuthSettings, Limits, ListenAddress, ServiceClientAuth, TLSSettings,
+)
 from proxy.pki.build import issue_leaf, make_crl
 from proxy.pki.store import load_certificates, write_leaf
 
@@ -120,8 +122,9 @@ def test_identity_headers_are_rendered_again_after_a_reload_changes_forward(pki,
         (lambda c: dataclasses.replace(c, limits=dataclasses.replace(c.limits, max_connections=7)),
          "limits.max_connections"),
         (lambda c: dataclasses.replace(c, workers=3), "workers"),
+        (lambda c: dataclasses.replace(c, listen_plain=(ListenAddress("127.0.0.1", 0),)), "listen_plain"),
     ],
-    ids=["max_connections", "workers"],
+    ids=["max_connections", "workers", "listen_plain"],
 )
 def test_settings_that_need_a_restart_are_logged_and_the_rest_applies(pki, upstream, tmp_path, change, name):
     config = proxy_config(pki, service("app", upstream), tmp_path, limits=Limits(max_connections=50))
@@ -134,6 +137,7 @@ def test_settings_that_need_a_restart_are_logged_and_the_rest_applies(pki, upstr
         published = px.running.state.generation.config
         assert published.limits.max_body_bytes == 10  # the rest of the new config applies
         assert published.limits.max_connections == 50 and published.workers == 1  # what still runs
+        assert published.listen_plain == () and px.running.plain_addresses == []
 
 
 def test_the_not_after_gauge_follows_the_certificates_of_a_reload(pki, upstream, tmp_path):

@@ -94,8 +94,8 @@ def test_a_failed_retry_is_a_502_too(pki, closing, tmp_path, session, monkeypatc
     naming the service, never an internal error without a response."""
     acquire = UpstreamPool.acquire
 
-    async def dead_fresh_connection(self, service, *, fresh=False):
-        conn = await acquire(self, service, fresh=fresh)
+    async def dead_fresh_connection(self, service, *, fresh=False, **options):
+        conn = await acquire(self, service, fresh=fresh, **options)
         if fresh:
             conn.channel.abort()
         return conn

@@ -85,12 +85,17 @@ def test_zero_config_with_cert_and_sigterm(pki, upstream, tmp_path):
         result = curl("--cacert", str(pki.ca_pem), f"https://localhost:{port}/echo")
         assert result.returncode == 0 and b'"target": "/echo"' in result.stdout
         assert served.stop() == 0
+        served.wait_for(re.compile(r"tlsproxy: stopping"))  # every start-up line was read by now
+        assert not any("trust it:" in line for line in served.stderr)  # no local CA in use: no hint
 
 
 def test_zero_config_issues_a_certificate_from_the_local_ca(upstream, tmp_path):
     with Served(["--listen", "127.0.0.1:0", "--upstream", upstream.url], tmp_path) as served:
         port = served.wait_for(LISTENING).group(1)
         ca = tmp_path / "certs" / "ca" / "ca.pem"
+        assert served.wait_for(re.compile(r"tlsproxy: CA: (.*)")).group(1) == str(ca)
+        trust_it = served.wait_for(re.compile(r"tlsproxy: trust it: (.*)")).group(1)
+        assert trust_it == "tlsproxy certs trust --ca certs/ca/ca.pem --install"
         assert curl("--cacert", str(ca), f"https://localhost:{port}/echo").returncode == 0
         untrusted = curl(f"https://localhost:{port}/echo")  # system trust store only
         assert untrusted.returncode == 60  # CURLE_PEER_FAILED_VERIFICATION

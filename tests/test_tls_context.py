@@ -234,10 +234,33 @@ def test_the_client_chooses_among_the_allowed_ciphers(pki):
     assert handshake(tls, client).cipher == "ECDHE-ECDSA-CHACHA20-POLY1305"
 
 
-def test_alpn_offers_http11(pki):
+def alpn_outcome(pki, offer: list[str] | None, **tls_fields) -> Outcome:
     client = client_context(pki)
-    client.set_alpn_protocols(["h2", "http/1.1"])
-    assert handshake(ServerTLS.from_config(config_for(pki.server)), client).alpn == "http/1.1"
+    if offer is not None:
+        client.set_alpn_protocols(offer)
+    return handshake(ServerTLS.from_config(config_for(pki.server, **tls_fields)), client)
+
+
+def test_alpn_picks_h2_first_and_http11_for_the_rest(pki):
+    assert alpn_outcome(pki, ["h2", "http/1.1"]).alpn == "h2"
+    assert alpn_outcome(pki, ["http/1.1", "h2"]).alpn == "h2"  # our preference decides
+    assert alpn_outcome(pki, ["http/1.1"]).alpn == "http/1.1"
+    assert alpn_outcome(pki, ["http/1.0"]).alpn == "http/1.0"  # curl --http1.0 (served as HTTP/1.1 is)
+    no_alpn = alpn_outcome(pki, None)
+    assert no_alpn.accepted and no_alpn.alpn is None  # no offer at all: HTTP/1.1
+
+
+def test_alpn_http11_only_listener_refuses_an_h2_only_client_with_an_alert(pki):
+    assert alpn_outcome(pki, ["h2", "http/1.1"], alpn=("http/1.1",)).alpn == "http/1.1"
+    refused = alpn_outcome(pki, ["h2"], alpn=("http/1.1",))
+    assert not refused.accepted
+    assert "NO APPLICATION PROTOCOL" in (refused.client_error or "").upper()
+    assert "NO_APPLICATION_PROTOCOL" in (refused.server_error or "").upper()
+
+
+def test_alpn_h2_only_listener_refuses_an_http11_only_client(pki):
+    assert alpn_outcome(pki, ["h2"], alpn=("h2",)).alpn == "h2"
+    assert "NO APPLICATION PROTOCOL" in (alpn_outcome(pki, ["http/1.1"], alpn=("h2",)).client_error or "").upper()
 
 
 # --- resumption ------------------------------------------------------------------------

@@ -74,6 +74,15 @@ def check_files(
         cas = checker.ca_bundle("client_auth.ca", config.client_auth.ca)
         if config.client_auth.crl is not None:
             checker.crl("client_auth.crl", config.client_auth.crl, cas)
+    for index, service in enumerate(config.services):
+        settings = service.upstream_tls
+        if settings is None:
+            continue
+        key = f"services[{index}].upstream_tls"
+        if settings.ca is not None:
+            checker.ca_bundle(f"{key}.ca", settings.ca)
+        if settings.cert is not None and settings.key is not None:
+            checker.certificate_pair(key, CertificatePair(settings.cert, settings.key), server=False)
     return checker.report
 
 
@@ -102,16 +111,18 @@ class _Checker:
         message = str(ConfigError(self._file, line, key, reason))
         self.report.findings.append(Finding(severity, message))
 
-    def certificate_pair(self, key: str, pair: CertificatePair) -> None:
+    def certificate_pair(self, key: str, pair: CertificatePair, *, server: bool = True) -> None:
+        """A server certificate (``server``), or a client one presented upstream."""
         try:
             chain = load_pem_certificates(pair.cert)
         except PKIError as exc:
             self._add("error", f"{key}.cert", str(exc))
             return
         leaf = chain[0]
-        self.report.certificates.append(
-            CertificateInfo(pair.cert, server_names(leaf), leaf.not_valid_after_utc, self._days_left(leaf))
-        )
+        if server:  # the summary and the host coverage are about server certificates
+            self.report.certificates.append(
+                CertificateInfo(pair.cert, server_names(leaf), leaf.not_valid_after_utc, self._days_left(leaf))
+            )
         self._chain_order(f"{key}.cert", pair.cert, chain)
         self._validity(f"{key}.cert", pair.cert, chain)
         try:
@@ -120,7 +131,7 @@ class _Checker:
             self._add("error", f"{key}.key", str(exc))
             return
         try:
-            load_cert_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), pair)
+            load_cert_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT), pair)
         except PKIError as exc:
             self._add("error", f"{key}.cert", str(exc))
 

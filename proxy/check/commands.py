@@ -65,6 +65,8 @@ def run_check(args: argparse.Namespace) -> int:
 def summary(config: ProxyConfig, report: CheckReport) -> str:
     """A few lines a person reads to confirm the config says what they meant."""
     lines = [f"listen: {', '.join(map(str, config.listen))}"]
+    if config.listen_plain:
+        lines.append(f"listen_plain: {', '.join(map(str, config.listen_plain))} (plain HTTP)")
     if config.redirect_http is not None:
         lines.append(f"redirect_http: {config.redirect_http} -> https")
     if config.admin.listen is not None:
@@ -77,6 +79,8 @@ def summary(config: ProxyConfig, report: CheckReport) -> str:
         client_auth = ""
         if service.client_auth is not None:
             client_auth = " [client cert required]" if service.client_auth.require else " [client cert checked]"
+        if service.upstream_tls is not None and service.upstream_tls.cert is not None:
+            client_auth += f" [presents {service.upstream_tls.cert.name} upstream]"
         lines.append(f"  {service.name}: {hosts}{service.path_prefix} -> {upstreams}{client_auth}")
     if report.certificates:
         lines.append("certificates:")

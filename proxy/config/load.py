@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from proxy.config.model import (
     ALLOW_KINDS,
+    ALPN_PROTOCOLS,
     CLIENT_AUTH_MODES,
     FORWARD_MODES,
     HTTP_ENGINES,
@@ -35,10 +36,13 @@ from proxy.config.model import (
     ServiceClientAuth,
     Timeouts,
     TLSSettings,
+    Upstream,
+    UpstreamTLSSettings,
 )
 from proxy.config.nodes import ConfigNode, compose_file
 from proxy.config.values import (
     InvalidValue,
+    is_loopback,
     parse_allow_entry,
     parse_choice,
     parse_duration,
@@ -48,6 +52,7 @@ from proxy.config.values import (
     parse_int,
     parse_listen,
     parse_path_prefix,
+    parse_server_name,
     parse_service_name,
     parse_upstream,
     parse_workers,
@@ -67,11 +72,15 @@ TOP_LEVEL_KEYS = (
     "client_auth",
     "timeouts",
     "limits",
+    "listen_plain",
+    "listen_plain_public",
     "access_log",
     "admin",
     "services",
 )
-SERVICE_KEYS = ("name", "hosts", "path_prefix", "strip_prefix", "upstream", "client_auth", "set_headers")
+SERVICE_KEYS = (
+    "name", "hosts", "path_prefix", "strip_prefix", "upstream", "upstream_tls", "client_auth", "set_headers",
+)
 
 
 def default_config_path(environ: Mapping[str, str] = os.environ) -> Path:
@@ -125,9 +134,11 @@ def _proxy_config(root: ConfigNode, base: Path, source: Path) -> ProxyConfig:
         client_auth=client_auth,
         timeouts=_optional(keys, "timeouts", _timeouts, defaults.timeouts),
         limits=_optional(keys, "limits", _limits, defaults.limits),
+        listen_plain=_listen_plain(keys),
+        listen_plain_public=_optional(keys, "listen_plain_public", ConfigNode.boolean, False),
         access_log=_optional(keys, "access_log", lambda n: _access_log(n, base), defaults.access_log),
         admin=_optional(keys, "admin", _admin, defaults.admin),
-        services=_services(keys["services"], listener_ca=client_auth.ca),
+        services=_services(keys["services"], listener_ca=client_auth.ca, base=base),
         source=source,
     )
 
@@ -153,9 +164,9 @@ def _optional_path(node: ConfigNode, base: Path) -> Path | None:
     return None if node.is_null else _path(node, base)
 
 
-def _listen_list(node: ConfigNode) -> tuple[ListenAddress, ...]:
+def _listen_list(node: ConfigNode, *, allow_empty: bool = False) -> tuple[ListenAddress, ...]:
     items = node.one_or_more()
-    if not items:
+    if not items and not allow_empty:
         raise node.error("needs at least one HOST:PORT")
     addresses: dict[ListenAddress, ConfigNode] = {}
     for item in items:
@@ -164,6 +175,25 @@ def _listen_list(node: ConfigNode) -> tuple[ListenAddress, ...]:
             raise item.error(f"'{address}' is listed twice")
         addresses[address] = item
     return tuple(addresses)
+
+
+def _listen_plain(keys: Mapping[str, ConfigNode]) -> tuple[ListenAddress, ...]:
+    """Plain-HTTP listeners: loopback only unless ``listen_plain_public: true`` (a plain
+    port on the network would serve the services to anyone without TLS)."""
+    node = keys.get("listen_plain")
+    if node is None or node.is_null:
+        return ()
+    addresses = _listen_list(node, allow_empty=True)
+    public = _optional(keys, "listen_plain_public", ConfigNode.boolean, False)
+    if not public:
+        for item, address in zip(node.one_or_more(), addresses):
+            if not is_loopback(address.host):
+                raise item.error(
+                    f"'{address}' is not a loopback address: a plain-HTTP listener there serves the "
+                    "services without TLS to every host that can reach it; listen on 127.0.0.1 or [::1], "
+                    "or set listen_plain_public: true to allow it"
+                )
+    return addresses
 
 
 def _optional_listen(node: ConfigNode) -> ListenAddress | None:
@@ -187,7 +217,22 @@ def _tls(node: ConfigNode, base: Path) -> TLSSettings:
         ca_dir=_optional(keys, "ca_dir", lambda n: _path(n, base), defaults.ca_dir),
         min_version=_optional(keys, "min_version", lambda n: _choice(n, TLS_VERSIONS), defaults.min_version),
         session_tickets=_optional(keys, "session_tickets", ConfigNode.boolean, defaults.session_tickets),
+        alpn=_optional(keys, "alpn", _alpn, defaults.alpn),
     )
+
+
+def _alpn(node: ConfigNode) -> tuple[str, ...]:
+    """The protocols offered by ALPN: a non-empty list of h2 and http/1.1, each once."""
+    items = node.one_or_more()
+    if not items:
+        raise node.error(f"needs at least one of {', '.join(ALPN_PROTOCOLS)}")
+    protocols: list[str] = []
+    for item in items:
+        protocol = _choice(item, ALPN_PROTOCOLS)
+        if protocol in protocols:
+            raise item.error(f"'{protocol}' is listed twice")
+        protocols.append(protocol)
+    return tuple(protocols)
 
 
 def _certificate_pair(node: ConfigNode, base: Path) -> CertificatePair:
@@ -229,7 +274,7 @@ def _allow_list(node: ConfigNode) -> tuple[AllowEntry, ...]:
     return tuple(entries)
 
 
-def _services(node: ConfigNode, listener_ca: Path | None) -> tuple[Service, ...]:
+def _services(node: ConfigNode, listener_ca: Path | None, base: Path) -> tuple[Service, ...]:
     items = node.sequence()
     if not items:
         raise node.error("at least one service is needed")
@@ -238,7 +283,7 @@ def _services(node: ConfigNode, listener_ca: Path | None) -> tuple[Service, ...]
     routes: dict[tuple[str, str], tuple[str, Service]] = {}
     for item in items:
         keys = item.mapping(SERVICE_KEYS, required=("name", "upstream"))
-        service = _service(keys, listener_ca)
+        service = _service(keys, listener_ca, base)
         if service.name in paths_by_name:
             raise keys["name"].error(f"'{service.name}' is already the name of {paths_by_name[service.name]}")
         paths_by_name[service.name] = item.path
@@ -257,21 +302,58 @@ def _services(node: ConfigNode, listener_ca: Path | None) -> tuple[Service, ...]
     return tuple(services)
 
 
-def _service(keys: Mapping[str, ConfigNode], listener_ca: Path | None) -> Service:
+def _service(keys: Mapping[str, ConfigNode], listener_ca: Path | None, base: Path) -> Service:
     name = keys["name"].parse(parse_service_name)
     upstream_nodes = keys["upstream"].one_or_more()
     if not upstream_nodes:
         raise keys["upstream"].error("needs at least one http:// URL")
+    upstreams = _upstreams(upstream_nodes)
     hosts = _optional(keys, "hosts", lambda n: [item.parse(parse_host_pattern) for item in n.one_or_more()], [])
     client_auth = _optional(keys, "client_auth", lambda n: _service_client_auth(n, listener_ca), None)
     return Service(
         name=name,
-        upstreams=tuple(item.parse(parse_upstream) for item in upstream_nodes),
+        upstreams=upstreams,
         hosts=tuple(dict.fromkeys(hosts)),
         path_prefix=_optional(keys, "path_prefix", lambda n: n.parse(parse_path_prefix), "/"),
         strip_prefix=_optional(keys, "strip_prefix", ConfigNode.boolean, False),
         client_auth=client_auth,
         set_headers=_optional(keys, "set_headers", _set_headers, ()),
+        upstream_tls=_optional(keys, "upstream_tls", lambda n: _upstream_tls(n, upstreams[0], base), None),
+    )
+
+
+def _upstreams(nodes: list[ConfigNode]) -> tuple[Upstream, ...]:
+    """One scheme per service (a list mixing TLS and plain upstreams would make the
+    service's transport depend on the round-robin turn)."""
+    upstreams = tuple(item.parse(parse_upstream) for item in nodes)
+    first = upstreams[0]
+    for item, upstream in zip(nodes, upstreams):
+        if upstream.scheme != first.scheme:
+            raise item.error(
+                f"'{upstream.url}' is {upstream.scheme}:// but '{first.url}' is {first.scheme}://: "
+                "the upstreams of one service share one scheme"
+            )
+    return upstreams
+
+
+def _upstream_tls(node: ConfigNode, upstream: Upstream, base: Path) -> UpstreamTLSSettings | None:
+    if node.is_null:
+        return None
+    if upstream.scheme != "https":
+        raise node.error(
+            f"only for https:// upstreams; this service's upstream is '{upstream.url}' "
+            f"(write https://{upstream.url.partition('://')[2]} to reach it over TLS)"
+        )
+    keys = node.mapping(_field_names(UpstreamTLSSettings))
+    if ("cert" in keys) != ("key" in keys):
+        present, missing = ("cert", "key") if "cert" in keys else ("key", "cert")
+        raise keys[present].error(f"needs upstream_tls.{missing} too (the client certificate and its key go together)")
+    return UpstreamTLSSettings(
+        ca=_optional(keys, "ca", lambda n: _optional_path(n, base), None),
+        cert=_optional(keys, "cert", lambda n: _path(n, base), None),
+        key=_optional(keys, "key", lambda n: _path(n, base), None),
+        server_name=_optional(keys, "server_name", lambda n: n.parse(parse_server_name), None),
+        http2=_optional(keys, "http2", ConfigNode.boolean, False),
     )
 
 
@@ -337,6 +419,14 @@ def _flag(flag: str, parser: Callable[..., T], *args: object) -> T:
         raise UsageError(f"{flag}: {exc}") from None
 
 
+def _flag_upstreams(urls: list[str]) -> tuple[Upstream, ...]:
+    upstreams = tuple(_flag("--upstream", parse_upstream, url) for url in urls)
+    for upstream in upstreams:
+        if upstream.scheme != upstreams[0].scheme:
+            raise UsageError(f"--upstream: '{upstream.url}' and '{upstreams[0].url}': one scheme for all upstreams")
+    return upstreams
+
+
 def config_from_args(
     listen: str,
     upstream: str | list[str],
@@ -367,7 +457,7 @@ def config_from_args(
         certificates = (CertificatePair(Path(cert).absolute(), Path(key).absolute()),)
     return ProxyConfig(
         services=(
-            Service(name="default", upstreams=tuple(_flag("--upstream", parse_upstream, url) for url in urls)),
+            Service(name="default", upstreams=_flag_upstreams(urls)),
         ),
         listen=(_flag("--listen", parse_listen, listen),),
         tls=TLSSettings(certificates=certificates, auto=not certificates, ca_dir=Path(ca_dir).absolute()),

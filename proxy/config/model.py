@@ -17,6 +17,9 @@ FORWARD_MODES = ("none", "xfcc", "rfc9440", "headers")
 ALLOW_KINDS = ("cn", "ou", "dns", "uri", "email", "fingerprint")
 HTTP_ENGINES = ("auto", "httptools", "h11")
 TLS_VERSIONS = ("1.2", "1.3")
+ALPN_PROTOCOLS = ("h2", "http/1.1")
+# http: HTTP/1.1; https: TLS to the upstream (``upstream_tls``); h2c: HTTP/2 cleartext
+UPSTREAM_SCHEMES = ("http", "https", "h2c")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class TLSSettings:
     ca_dir: Path = Path("certs/ca")
     min_version: str = "1.2"
     session_tickets: bool = True
+    alpn: tuple[str, ...] = ("h2", "http/1.1")  # offered to clients, in order of preference
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class Limits:
     max_header_bytes: int = 65536
     max_body_bytes: int = 0  # 0 = unlimited
     max_connections: int = 10000
+    max_concurrent_streams: int = 100  # per HTTP/2 connection
 
 
 @dataclass(frozen=True)
@@ -106,11 +111,24 @@ class AdminSettings:
 
 @dataclass(frozen=True)
 class Upstream:
-    """A plain-HTTP upstream origin, parsed from ``http://host:port``."""
+    """An upstream origin, parsed from ``http://host:port`` (or ``https://``, ``h2c://``)."""
 
     url: str
     host: str
     port: int
+    scheme: str = "http"  # one of UPSTREAM_SCHEMES
+
+
+@dataclass(frozen=True)
+class UpstreamTLSSettings:
+    """How to reach ``https://`` upstreams: whom to trust, what name to verify, which
+    client certificate to present (mTLS on the way out)."""
+
+    ca: Path | None = None  # None: the system's default trust store
+    cert: Path | None = None  # with ``key``: presented to the upstream
+    key: Path | None = None
+    server_name: str | None = None  # SNI and the name verified; None: the URL's host
+    http2: bool = False  # offer only h2 by ALPN and speak HTTP/2 (gRPC over TLS)
 
 
 @dataclass(frozen=True)
@@ -122,6 +140,12 @@ class Service:
     strip_prefix: bool = False
     client_auth: ServiceClientAuth | None = None
     set_headers: tuple[tuple[str, str], ...] = ()
+    upstream_tls: UpstreamTLSSettings | None = None  # https:// upstreams only
+
+    @property
+    def upstream_scheme(self) -> str:
+        """The one scheme of the service's upstreams (the loader refuses mixes)."""
+        return self.upstreams[0].scheme
 
 
 @dataclass(frozen=True)
@@ -129,6 +153,8 @@ class ProxyConfig:
     services: tuple[Service, ...]
     listen: tuple[ListenAddress, ...] = (ListenAddress("0.0.0.0", 8443),)
     redirect_http: ListenAddress | None = None
+    listen_plain: tuple[ListenAddress, ...] = ()  # plain-HTTP listeners (sidecar egress)
+    listen_plain_public: bool = False  # allow listen_plain addresses other than loopback
     workers: int = 1  # "auto" is resolved to os.cpu_count() at load time
     http_engine: str = "auto"
     tls: TLSSettings = field(default_factory=TLSSettings)

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import NoReturn
 
-from proxy.config.model import ALLOW_KINDS, AllowEntry, ListenAddress, Upstream
+from proxy.config.model import ALLOW_KINDS, UPSTREAM_SCHEMES, AllowEntry, ListenAddress, Upstream
 
 
 class InvalidValue(ValueError):
@@ -179,24 +179,49 @@ def parse_listen(text: str) -> ListenAddress:
 
 
 def parse_upstream(text: str) -> Upstream:
-    """``http://host[:port][/]`` -> Upstream. Upstreams are plain HTTP origins only:
-    no path (the request path is forwarded as is), no query, no credentials."""
+    """``http://host[:port][/]`` (or ``https://``, ``h2c://``) -> Upstream. An upstream is
+    an origin only: no path (the request path is forwarded as is), no query, no
+    credentials. Default ports: 80 for http:// and h2c://, 443 for https://."""
     url = text.strip()
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() != "http":
-        hint = " (upstreams are plain HTTP; TLS ends at the proxy)" if scheme.lower() == "https" else ""
-        fail(f"'{text}' is not an http:// URL{hint}")
+    scheme = scheme.lower()
+    if not sep or scheme not in UPSTREAM_SCHEMES:
+        fail(f"'{text}' is not an http:// URL")
+    shape = f"{scheme}://host[:port]"
     authority, slash, path = rest.partition("/")
     if path or any(c in authority for c in "?#"):
-        fail(f"'{text}' has a path or query; an upstream is http://host[:port] only")
+        fail(f"'{text}' has a path or query; an upstream is {shape} only")
     if "@" in authority:
-        fail(f"'{text}' contains credentials; an upstream is http://host[:port] only")
+        fail(f"'{text}' contains credentials; an upstream is {shape} only")
     host, port = _split_host_port(authority, what="upstream URL")
     if not host:
         fail(f"'{text}' has no host")
     _check_host(host, text)
-    port_number = 80 if port is None else _parse_port(port, text, minimum=1)
-    return Upstream(url=f"http://{authority}", host=host, port=port_number)
+    default_port = 443 if scheme == "https" else 80
+    port_number = default_port if port is None else _parse_port(port, text, minimum=1)
+    return Upstream(url=f"{scheme}://{authority}", host=host, port=port_number, scheme=scheme)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and ``localhost``: reachable from this machine only."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_server_name(text: str) -> str:
+    """``upstream_tls.server_name``: a DNS name or an IP address (verified as an IP SAN)."""
+    name = text.strip()
+    try:
+        return str(ipaddress.ip_address(name.strip("[]")))
+    except ValueError:
+        pass
+    if not _is_hostname(name):
+        fail(f"'{text}' is not a DNS name or IP address")
+    return name.lower().rstrip(".")
 
 
 def parse_host_pattern(text: str) -> str:

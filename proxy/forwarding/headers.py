@@ -52,12 +52,14 @@ def upstream_request_headers(
     request_id: bytes | None = None,
     identity_headers: Sequence[tuple[bytes, bytes]] = (),
     upgrade: bool = False,
+    proto: bytes = b"https",
 ) -> tuple[Headers, bytes]:
     """The headers to send upstream and the X-Request-Id they carry.
 
     ``request_id`` is the id to use when the client sent no sane one (one is generated
     when it is None too); a sane client id always wins so ids follow a request across
-    hops.
+    hops. ``proto``: how the client reached the proxy (``http`` on a ``listen_plain``
+    listener), for X-Forwarded-Proto and Forwarded.
     """
     drop = HOP_BY_HOP_KEEP_UPGRADE if upgrade else HOP_BY_HOP
     kept: Headers = []
@@ -93,11 +95,11 @@ def upstream_request_headers(
         kept = _finish_hop_by_hop(kept, listed, drop, upgrade)
     forwarded_for.append(client_ip.encode("ascii"))
     kept.append((b"x-forwarded-for", b", ".join(forwarded_for)))
-    kept.append((b"x-forwarded-proto", b"https"))
+    kept.append((b"x-forwarded-proto", proto))
     if host is not None:
         kept.append((b"x-forwarded-host", host))
     kept.append((b"x-forwarded-port", _port_bytes(server_port)))
-    forwarded.append(forwarded_element(client_ip, host))
+    forwarded.append(forwarded_element(client_ip, host, proto))
     kept.append((b"forwarded", b", ".join(forwarded)))
     used_id = client_request_id or request_id or new_request_id()
     kept.append((b"x-request-id", used_id))
@@ -146,11 +148,11 @@ def _finish_hop_by_hop(kept: Headers, listed: set[bytes] | None, drop: frozenset
 
 
 @lru_cache(maxsize=4096)  # pure, and a connection's requests repeat the same pair
-def forwarded_element(client_ip: str, host: bytes | None) -> bytes:
+def forwarded_element(client_ip: str, host: bytes | None, proto: bytes = b"https") -> bytes:
     """One RFC 7239 element: ``for=1.2.3.4;proto=https;host=x``; IPv6 becomes
     ``for="[::1]"``, and values that are not tokens (``host:port``) are quoted."""
     node = f'"[{client_ip}]"' if ":" in client_ip else client_ip
-    element = b"for=" + node.encode("ascii") + b";proto=https"
+    element = b"for=" + node.encode("ascii") + b";proto=" + proto
     if host is not None:
         element += b";host=" + _token_or_quoted(host)
     return element

@@ -88,7 +88,10 @@ class Body:
 
 @dataclass(slots=True)
 class EndOfMessage:
-    """The body (and any trailers, which are dropped) is complete."""
+    """The body is complete. ``trailers``: what an HTTP/2 peer sent after it (gRPC's
+    status); HTTP/1.1 engines drop trailers and leave it empty."""
+
+    trailers: Headers = ()  # type: ignore[assignment]
 
 
 @dataclass(slots=True)

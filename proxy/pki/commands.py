@@ -18,7 +18,8 @@ from proxy.errors import PKIError, UsageError
 from proxy.pki import build, store
 from proxy.pki.inspect import JSON_KEYS, inspect_file, render_text, rfc3339
 from proxy.pki.names import name_text, parse_names
-from proxy.pki.trust import find_system_store, install_ca, trust_instructions
+from proxy.pki import trust_stores
+from proxy.pki.trust import trust_instructions
 from proxy.pki.verify import PURPOSES, shallow_wildcards, verify_certificate
 
 
@@ -85,9 +86,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("--crl", type=Path, metavar="FILE", help="also refuse certificates this CRL revokes")
     verify.add_argument("--password", metavar="PW", help="PKCS#12 password")
 
-    trust = _command(commands, "trust", cmd_trust, "how to make clients trust a CA (or --install it)")
+    trust = _command(commands, "trust", cmd_trust,
+                     "how to make clients trust a CA, or --install / --uninstall / --check it in trust stores")
     trust.add_argument("--ca", required=True, type=Path, metavar="CAFILE", help="the CA certificate (or CA folder)")
-    trust.add_argument("--install", action="store_true", help="add it to the system store (Debian/Alpine; root)")
+    action = trust.add_mutually_exclusive_group()
+    action.add_argument("--install", dest="action", action="store_const", const="install",
+                        help="add it to every trust store found (or those of --store)")
+    action.add_argument("--uninstall", dest="action", action="store_const", const="uninstall",
+                        help="remove what --install added")
+    action.add_argument("--check", dest="action", action="store_const", const="check",
+                        help="exit 0 when every store found trusts it")
+    trust.add_argument("--store", type=_store_list, metavar="system,nss,java",
+                       help="only these stores (default: all): system (OS), nss (browsers), java (cacerts)")
 
     crl = _command(commands, "crl", cmd_crl, "write a CRL revoking the given certificates (extension)")
     crl.add_argument("--ca", required=True, type=Path, metavar="DIR", help="CA folder (from `certs ca`)")
@@ -209,21 +219,40 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_trust(args: argparse.Namespace) -> int:
     ca_pem = _ca_file(args.ca)
-    ca_cert = store.load_certificates(ca_pem)[0]
-    if not args.install:
+    if args.action is None:
+        if args.store is not None:
+            raise UsageError("--store needs --install, --uninstall or --check")
+        ca_cert = store.load_certificates(ca_pem)[0]
         print(trust_instructions(ca_pem, ca_cert))
         return 0
-    system = find_system_store()
-    target = install_ca(ca_pem, system)
-    _say(
-        f"wrote {target}  and ran {' '.join(system.update_command)} ({system.name})",
-        f"system bundle: {system.bundle} now includes '{ca_cert.subject.rfc4514_string()}'",
-        "note: Python requests/httpx use certifi unless told otherwise: export REQUESTS_CA_BUNDLE="
-        f"{system.bundle}; Node needs NODE_EXTRA_CA_CERTS={_q(ca_pem)}",
-        f"undo: rm {target} && {' '.join(system.update_command)} --fresh"
-        if system.update_command[0] == "update-ca-certificates" else f"undo: rm {target}",
-    )
+    outcomes = trust_stores.apply(args.action, ca_pem, args.store or tuple(trust_stores.STORES))
+    _say(*(outcome.line() for outcome in outcomes))
+    code = trust_stores.exit_code(args.action, outcomes)
+    if args.action == "install" and code == 0:
+        _say("restart browsers to pick it up; Python requests/httpx use certifi unless told otherwise: "
+             f"REQUESTS_CA_BUNDLE={_q(ca_pem)}; Node needs NODE_EXTRA_CA_CERTS={_q(ca_pem)}")
+    if code != 0:
+        raise PKIError(_trust_failure(args.action, outcomes))
     return 0
+
+
+def _trust_failure(action: str, outcomes: list) -> str:
+    failed = [o.store for o in outcomes if o.status is trust_stores.Status.FAILED]
+    if failed:
+        return f"trust --{action}: {', '.join(dict.fromkeys(failed))} could not be changed (see above)"
+    if any(o.status is trust_stores.Status.NOT_TRUSTED for o in outcomes):
+        return "trust --check: not every store found trusts this CA (see above)"
+    return "trust --check: no trust store could be checked (see above)"
+
+
+def _store_list(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [name for name in names if name not in trust_stores.STORES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown store {', '.join(map(repr, unknown)) or repr(text)}; choose from {','.join(trust_stores.STORES)}"
+        )
+    return names
 
 
 def cmd_crl(args: argparse.Namespace) -> int:

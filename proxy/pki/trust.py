@@ -1,59 +1,32 @@
-"""How to make clients trust a CA, instead of turning verification off.
+"""How to make clients trust a CA, instead of turning verification off (pure text).
 
-``trust_instructions`` is pure text (tested as such); ``install_ca`` copies the CA into
-the system store and runs the distribution's update tool, which is the only part that
-touches the machine (its folder and command are parameters so tests use a temp folder).
+``trust_instructions`` is what ``certs trust`` prints without an action: per-client
+snippets, then browsers, Java and a client certificate for mTLS in a browser.
+``ca_banner`` is the two lines ``demo`` and ``serve`` print about the CA they issue from.
+Changing trust stores is ``proxy.pki.trust_stores``.
 """
 
 from __future__ import annotations
 
-import re
+import json
+import os
 import shlex
-import shutil
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
 
-from proxy.errors import PKIError
-from proxy.pki.build import is_ca
-from proxy.pki.store import certs_pem, load_certificates, write_atomic
-
-
-@dataclass(frozen=True)
-class SystemStore:
-    """Where a distribution takes extra CAs from, and the command that rebuilds its bundle."""
-
-    name: str
-    anchors: Path
-    update_command: tuple[str, ...]
-    bundle: Path
-
-
-# Debian/Ubuntu and Alpine share the ca-certificates layout; Fedora/RHEL as a courtesy.
-SYSTEM_STORES = (
-    SystemStore(
-        "Debian/Ubuntu/Alpine",
-        Path("/usr/local/share/ca-certificates"),
-        ("update-ca-certificates",),
-        Path("/etc/ssl/certs/ca-certificates.crt"),
-    ),
-    SystemStore(
-        "Fedora/RHEL",
-        Path("/etc/pki/ca-trust/source/anchors"),
-        ("update-ca-trust", "extract"),
-        Path("/etc/pki/tls/certs/ca-bundle.crt"),
-    ),
-)
+from proxy.pki.trust_stores.model import entry_name
 
 
 def trust_instructions(ca_pem: Path, ca_cert: x509.Certificate, url: str = "https://localhost:8443/") -> str:
-    """Copy-paste ways to trust CA_PEM in a shell, curl, requests, httpx and node."""
+    """Copy-paste ways to trust CA_PEM: shell, curl, requests, httpx, node, browsers, Java."""
     path = str(Path(ca_pem).absolute())
     quoted = shlex.quote(path)
     fingerprint = ca_cert.fingerprint(hashes.SHA256()).hex()
+    name = entry_name(ca_cert)
+    origin = url.rstrip("/")
     return "\n".join(
         [
             f"CA {ca_cert.subject.rfc4514_string()}  (SHA-256 {fingerprint})",
@@ -71,46 +44,55 @@ def trust_instructions(ca_pem: Path, ca_cert: x509.Certificate, url: str = "http
             f"  node:     NODE_EXTRA_CA_CERTS={quoted} node app.js",
             f"            (or https.get(url, {{ca: fs.readFileSync({path!r})}}))",
             "",
-            f"System-wide (Debian/Ubuntu/Alpine, as root): tlsproxy certs trust --ca {quoted} --install",
+            "Install it into every trust store found (--store system,nss,java to choose; undo with",
+            "--uninstall, see where it is with --check). The system store needs root, the browsers'",
+            "databases are per user, so run them apart:",
+            f"  sudo tlsproxy certs trust --ca {quoted} --install --store system    # curl, Python ssl, Go",
+            f"  tlsproxy certs trust --ca {quoted} --install --store nss,java       # browsers, Java",
+            "",
+            "Browsers: Chromium, Chrome and Firefox on Linux read NSS databases, not the system store",
+            "(--store nss does ~/.pki/nssdb and every Firefox profile). By hand:",
+            f"  certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n {name} -i {quoted}",
+            "  Firefox: Settings > Privacy & Security > Certificates > View Certificates > Authorities",
+            "           > Import, tick 'Trust this CA to identify websites'",
+            "  macOS and Windows: Chrome, Edge and Safari use the system store (--store system);",
+            "           restart the browser after installing.",
+            "",
+            "Java reads its own cacerts (--store java: $JAVA_HOME or the java on PATH). By hand:",
+            f"  keytool -importcert -noprompt -cacerts -storepass changeit -alias {name} -file {quoted}",
+            f"  or per run: java -Djavax.net.ssl.trustStore=FILE ...  (FILE made with keytool -importcert "
+            f"-keystore FILE -file {quoted})",
+            "",
+            *client_certificate_instructions(ca_cert, origin),
         ]
     )
 
 
-def installed_name(ca_cert: x509.Certificate) -> str:
-    """A stable file name per CA (same CA -> same file, so installing twice is harmless)."""
-    cns = ca_cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
-    slug = re.sub(r"[^a-z0-9]+", "-", str(cns[0].value).lower()).strip("-") if cns else "ca"
-    return f"tlsproxy-{slug or 'ca'}-{ca_cert.fingerprint(hashes.SHA256()).hex()[:12]}.crt"
+def client_certificate_instructions(ca_cert: x509.Certificate, origin: str) -> list[str]:
+    """Importing a client certificate (``certs issue --client --p12``) into a browser for mTLS."""
+    cns = ca_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    issuer_cn = str(cns[0].value) if cns else ca_cert.subject.rfc4514_string()
+    rule = json.dumps({"pattern": origin, "filter": {"ISSUER": {"CN": issuer_cn}}})
+    policy = json.dumps({"AutoSelectCertificateForUrls": [rule]})
+    return [
+        "A client certificate for mTLS in a browser (make one with",
+        "`tlsproxy certs issue --ca DIR --client --p12 --out certs/alice alice`, password changeit):",
+        "  Chromium/Chrome on Linux: pk12util -d sql:$HOME/.pki/nssdb -i certs/alice.p12 -W changeit",
+        "  Firefox: Settings > Privacy & Security > Certificates > View Certificates > Your Certificates > Import",
+        "  macOS: security import certs/alice.p12 -P changeit   (into the login keychain)",
+        "  Windows: certutil -user -p changeit -importPFX certs\\alice.p12",
+        "  Chromium asks which certificate to send unless the AutoSelectCertificateForUrls policy picks",
+        "  one, e.g. in /etc/chromium/policies/managed/tlsproxy.json (Chrome: /etc/opt/chrome/...):",
+        f"    {policy}",
+    ]
 
 
-def find_system_store() -> SystemStore:
-    """The first store whose update tool is installed; PKIError if none is."""
-    for store in SYSTEM_STORES:
-        if shutil.which(store.update_command[0]):
-            return store
-    raise PKIError(
-        "no system CA store tool found (install ca-certificates: apt-get install ca-certificates, "
-        "or apk add ca-certificates)"
-    )
-
-
-def install_ca(ca_pem: Path, store: SystemStore | None = None) -> Path:
-    """Copy the CA into the store's anchor folder and rebuild the system bundle."""
-    certs = load_certificates(ca_pem)
-    ca_cert = certs[0]
-    if not is_ca(ca_cert):
-        raise PKIError(f"{ca_pem} is not a CA certificate; only CAs belong in the system store")
-    store = store or find_system_store()
-    target = store.anchors / installed_name(ca_cert)
-    try:
-        write_atomic(target, certs_pem([ca_cert]), force=True)
-    except PKIError as exc:
-        raise PKIError(f"{exc} (installing into the system store needs root: try sudo)") from None
-    try:
-        result = subprocess.run(store.update_command, capture_output=True, text=True, timeout=120, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise PKIError(f"{' '.join(store.update_command)} failed: {exc}") from None
-    if result.returncode != 0:
-        last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise PKIError(f"{' '.join(store.update_command)} exited {result.returncode}: {last[0]}")
-    return target
+def ca_banner(ca_pem: Path, cwd: Path | None = None) -> list[str]:
+    """``CA: /abs/ca.pem`` and the one command that trusts it (path relative to CWD when
+    inside it, so the line pastes as it is)."""
+    absolute = Path(os.path.abspath(ca_pem))
+    shown = absolute
+    base = Path(os.path.abspath(cwd or Path.cwd()))
+    if absolute.is_relative_to(base):
+        shown = absolute.relative_to(base)
+    return [f"CA: {absolute}", f"trust it: tlsproxy certs trust --ca {shlex.quote(str(shown))} --install"]

@@ -3,7 +3,7 @@
 ``json``: one object per line with the keys of ``FIELDS`` (then any extra keys the
 caller added); ``text``: one readable line, nginx-like::
 
-    2026-11-22T23:02:01.123Z 127.0.0.1 "GET /api/x" 200 in=0 out=123 1.234ms service=api
+    2026-11-22T23:02:01.123Z 127.0.0.1 "GET /api/x HTTP/2" 200 in=0 out=123 1.234ms service=api
       upstream=127.0.0.1:9000 sni=api.localhost tls=TLSv1.3 request_id=4f0c…
 
 Records are queued as the caller built them and formatted at flush time, one batch
@@ -47,6 +47,7 @@ FIELDS = (
     "client",
     "tls_version",
     "sni",
+    "protocol",
     "method",
     "path",
     "status",
@@ -301,7 +302,8 @@ def _json_line(record: dict[str, Any]) -> str:
                 return (
                     f'{{"time":{_json_text(stamp if type(stamp) is str else format_time(stamp))},'
                     f'"client":{_json_text(record["client"])},"tls_version":{_json_text(record["tls_version"])},'
-                    f'"sni":{_json_text(record["sni"])},"method":{_json_text(record["method"])},'
+                    f'"sni":{_json_text(record["sni"])},"protocol":{_json_text(record["protocol"])},'
+                    f'"method":{_json_text(record["method"])},'
                     f'"path":{_json_text(record["path"])},"status":{status},'
                     f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"duration_ms":{round(duration, 3)!r},'
                     f'"service":{_json_text(record["service"])},"upstream":{_json_text(record["upstream"])},'
@@ -315,6 +317,8 @@ def _json_line(record: dict[str, Any]) -> str:
 def _text_line(record: dict[str, Any]) -> str:
     f = _fields(record)
     request = f"{_text(f['method'])} {_text(f['path'])}"
+    if f["protocol"]:
+        request += f" {_text(f['protocol'])}"
     duration = f["duration_ms"]
     return (
         f'{f["time"]} {_text(f["client"])} "{request}" {_text(f["status"])} '

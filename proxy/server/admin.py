@@ -8,6 +8,8 @@
     GET /metrics   200 Prometheus text 0.0.4     ``metrics.render()`` (every worker's:
                                                  ``proxy.server.worker_stats``)
     GET /ca.pem    200 the local CA | 404        per ``ca_pem()`` (clients fetch what to trust)
+    GET /ca.crt    200 it as DER | 404           (also /ca.der) what phones install
+    GET /trust     200 HTML | 404                how to trust it on each platform (``trust_page``)
 
 HEAD works wherever GET does; another method on a known path is 405 (with ``Allow``),
 an unknown path 404, an unparseable request 400 (h11's hint, so 431 for a huge head).
@@ -33,6 +35,7 @@ from urllib.parse import urlsplit
 import h11
 
 from proxy.config.model import ListenAddress
+from proxy.server import trust_page
 from proxy.server.metrics import CONTENT_TYPE
 
 __all__ = ["AdminResponse", "AdminRoutes", "AdminServer", "start_admin"]
@@ -87,6 +90,9 @@ class AdminRoutes:
             "/readyz": self._readyz,
             "/metrics": self._render_metrics,
             "/ca.pem": self._ca,
+            "/ca.crt": self._ca_der,
+            "/ca.der": self._ca_der,
+            "/trust": self._trust_page,
         }
         if status is not None:
             self._handlers["/"] = lambda: AdminResponse(200, status(), HTML)
@@ -118,6 +124,18 @@ class AdminRoutes:
         if pem is None:
             return AdminResponse.text(404, "no local CA is in use\n")
         return AdminResponse(200, pem, b"application/x-pem-file")
+
+    def _ca_der(self) -> AdminResponse:
+        return self._from_ca(lambda pem: AdminResponse(
+            200, trust_page.ca_der(pem), trust_page.DER, ((b"content-disposition", trust_page.der_filename(pem)),)
+        ))
+
+    def _trust_page(self) -> AdminResponse:
+        return self._from_ca(lambda pem: AdminResponse(200, trust_page.render_trust_page(pem), trust_page.HTML))
+
+    def _from_ca(self, respond: Callable[[bytes], AdminResponse]) -> AdminResponse:
+        pem = self._ca_pem()
+        return AdminResponse.text(404, "no local CA is in use\n") if pem is None else respond(pem)
 
 
 def request_path(target: bytes) -> str | None:

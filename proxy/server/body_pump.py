@@ -78,14 +78,17 @@ class BodyPump:
             conn.failure = exc  # the request cannot complete: the relay raises this
             conn.abort()  # and stops waiting for the response
 
-    async def stop(self) -> None:
-        """Cancel the pump if it still runs and wait until it has ended.
+    async def stop(self) -> bool:
+        """Cancel the pump if it still runs and wait until it has ended; True when it
+        was still running (the request body was not all sent).
 
         Only the pump's own ending is absorbed (its failure is on the connection): if
         the task calling ``stop`` is cancelled meanwhile, that cancellation propagates."""
         task = self._task
-        if not task.done():
+        running = not task.done()
+        if running:
             task.cancel()
             await asyncio.wait((task,))
         if not task.cancelled():
             task.exception()  # retrieved: a failure was recorded on the connection already
+        return running

@@ -89,6 +89,7 @@ class Channel(asyncio.BufferedProtocol):
         self._unsent_bytes = 0
         self._send_scheduled = False
         self._receive_view: memoryview | None = None
+        self.lost_error: Exception | None = None  # why the transport ended (a TLS alert...)
 
     # -- protocol callbacks ------------------------------------------------------------
 
@@ -130,6 +131,7 @@ class Channel(asyncio.BufferedProtocol):
         return self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_error = exc
         self._eof = True
         self.closed = True
         self._drop_queued()

@@ -17,7 +17,7 @@ import logging
 import time
 
 from proxy.config.model import Service
-from proxy.errors import Forbidden, HTTPError, MisdirectedRequest, NotFound, PayloadTooLarge
+from proxy.errors import BadGateway, Forbidden, HTTPError, MisdirectedRequest, NotFound, PayloadTooLarge
 from proxy.http.engine import RequestHead
 from proxy.forwarding.headers import upstream_request_headers
 from proxy.forwarding.paths import RequestPath, normalize_target
@@ -25,11 +25,15 @@ from proxy.forwarding.routing import normalize_host, upstream_target
 from proxy.server.channel import ConnectionLost
 from proxy.server.downstream import ClientInfo, Downstream
 from proxy.server.generation import Generation
+from proxy.server.h2_relay import H2Relay
 from proxy.server.relay import Relay
 from proxy.server.state import ServerState
 from proxy.tls.authz import misdirected
 
 log = logging.getLogger("tlsproxy")
+
+# The access log's ``protocol``, by the request's version.
+_PROTOCOLS = {b"1.1": "HTTP/1.1", b"1.0": "HTTP/1.0", b"2": "HTTP/2"}
 
 # How long a closing connection waits for the client's side of the TLS shutdown.
 CLOSE_WAIT = 1.0
@@ -61,10 +65,7 @@ async def serve_connection(down: Downstream, state: ServerState) -> None:
                     # the next chunk (read_head's deadline starts at that chunk).
                     head = await down.read_head(timeouts.request_header, timeouts.request_header)
                 except HTTPError as exc:  # unframeable request: answer, log and close
-                    started = time.monotonic()
-                    down.bytes_in = down.bytes_out = 0
-                    _answer_error(down, exc, close=True)
-                    _record(state, down, started, time.time(), None, exc.status)
+                    refuse_request(down, exc, state)
                     return
                 if head is None:
                     return
@@ -108,28 +109,56 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
             raise PayloadTooLarge(f"request body of {head.content_length} bytes is larger than {limit} bytes")
         headers, request_id = upstream_request_headers(
             head.headers, client_ip=info.ip, server_port=info.server_port, service=service,
-            identity_headers=info.identity_headers, upgrade=head.upgrade,
+            identity_headers=info.identity_headers, upgrade=head.upgrade, proto=info.scheme,
         )
-        relay = Relay(
-            down, head, service, state.pool, config.timeouts,
-            max_body_bytes=limit, closing=lambda: state.closing,
-        )
+        if speaks_http2(service):
+            relay = H2Relay(
+                down, head, service, state.h2_pool, config.timeouts,
+                max_body_bytes=limit, closing=lambda: state.closing,
+                upstream_tls=generation.upstream_tls.get(service.name),
+            )
+        else:
+            if down.grpc:
+                raise BadGateway(
+                    f"service {service.name!r}: gRPC needs HTTP/2 to the upstream, and {service.upstreams[0].url} "
+                    "speaks HTTP/1.1: make the service's upstream h2c:// (or https:// with upstream_tls.http2: true)"
+                )
+            relay = Relay(
+                down, head, service, state.pool, config.timeouts,
+                max_body_bytes=limit, closing=lambda: state.closing,
+                upstream_tls=generation.upstream_tls.get(service.name),
+            )
         status = await relay.run(headers, upstream_target(service, path))
-        keep_alive = down.engine.start_next_cycle()
+        keep_alive = down.next_cycle()
     except HTTPError as exc:
         status = exc.status
         subject = info.trusted_identity.subject if info.trusted_identity is not None else None
         state.events.request_error(info.address, subject, service.name if service else None, status, str(exc))
-        keep_alive = _answer_error(down, exc, close=not down.engine.request_complete or state.closing)
+        keep_alive = _answer_error(down, exc, close=not down.request_complete or state.closing)
     except (ConnectionError, TimeoutError, OSError) as exc:
         log.debug("connection from %s ended: %r", info.address, exc)
-        down.channel.abort()
+        down.abort()
     except Exception:  # a bug: log it, never take the process down
         log.exception("internal error while relaying a request from %s", info.address)
-        down.channel.abort()
+        down.abort()
     finally:
         _record(state, down, started, stamp, head, status, service, relay, request_id)
     return keep_alive
+
+
+def speaks_http2(service: Service) -> bool:
+    """The service's upstreams take HTTP/2: ``h2c://``, or ``https://`` with ``http2: true``."""
+    scheme = service.upstream_scheme
+    return scheme == "h2c" or (scheme == "https" and service.upstream_tls is not None and service.upstream_tls.http2)
+
+
+def refuse_request(down: Downstream, exc: HTTPError, state: ServerState) -> None:
+    """A request refused before it has a head the proxy will serve: answer it (and, on
+    HTTP/1.1, close: the rest of the connection cannot be framed), log it."""
+    started = time.monotonic()
+    down.bytes_in = down.bytes_out = 0
+    _answer_error(down, exc, close=True)
+    _record(state, down, started, time.time(), None, exc.status)
 
 
 def _record(
@@ -153,6 +182,7 @@ def _record(
             "client": info.address,
             "tls_version": info.tls_version,
             "sni": info.sni,
+            "protocol": _PROTOCOLS.get(head.http_version, down.protocol) if head is not None else down.protocol,
             "method": head.method if head is not None else None,
             "path": head.target if head is not None else None,
             "status": status,
@@ -196,18 +226,18 @@ def _check_client(
     if decision is None:
         decision = info.decisions[service.name] = generation.authorize(info.trusted_identity, service)
     if not decision.allowed:
-        raise Forbidden(decision.reason)
+        raise Forbidden(decision.reason, unauthenticated=info.trusted_identity is None)
 
 
 def _answer_error(down: Downstream, exc: HTTPError, *, close: bool) -> bool:
     """Answer ``exc`` if no response has started, else abort; True if keep-alive."""
-    if not down.engine.can_respond:
-        down.channel.abort()  # mid-response: only closing tells the client it failed
+    if not down.can_respond:
+        down.abort()  # mid-response: only closing tells the client it failed
         return False
     try:
-        down.send_error(exc.status, str(exc), close=close)
+        down.send_error(exc.status, str(exc), close=close, unauthenticated=getattr(exc, "unauthenticated", False))
     except ConnectionLost:
         return False
     if close:
         return False
-    return down.engine.start_next_cycle()
+    return down.next_cycle()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
-from proxy.http.engine import Body, EndOfMessage, RequestHead, ResponseHead, ServerEngine
+from proxy.http.engine import Body, EndOfMessage, Headers, RequestHead, ResponseHead, ServerEngine
 from proxy.server.channel import Channel
 from proxy.tls.authz import Decision
 from proxy.tls.identity import ClientIdentity
@@ -22,6 +22,7 @@ class ClientInfo:
     ip: str
     port: int
     server_port: int
+    scheme: bytes = b"https"  # as the client reached us: X-Forwarded-Proto, Forwarded proto=
     tls_version: str | None = None
     sni: str | None = None
     ssl_object: object | None = None
@@ -42,6 +43,9 @@ class Downstream:
     """The client connection as the relay sees it."""
 
     __slots__ = ("channel", "engine", "info", "bytes_in", "bytes_out", "method", "write_timeout")
+
+    protocol = "HTTP/1.1"  # (the access log says HTTP/1.0 for such requests: see connection._record)
+    grpc = False  # gRPC calls come over HTTP/2 (h2_stream.StreamDownstream)
 
     def __init__(self, channel: Channel, engine: ServerEngine, info: ClientInfo, write_timeout: float = 0) -> None:
         self.channel = channel
@@ -100,8 +104,12 @@ class Downstream:
     # queued together (a small response is one TLS record and one send()) and large
     # amounts at once: no collecting here.
 
-    def write_head(self, head: ResponseHead) -> None:
-        self.channel.write(self.engine.send_head(head))
+    def write_head(self, head: ResponseHead, *, end: bool = False) -> None:
+        """Send a response head; ``end``: it is the whole response (no body follows)."""
+        if end:
+            self.channel.writelines((self.engine.send_head(head), self.engine.send_end()))
+        else:
+            self.channel.write(self.engine.send_head(head))
 
     def write_body(self, data: bytes) -> bool:
         """Queue a piece of body; True when the client's side is above its high-water
@@ -116,28 +124,58 @@ class Downstream:
         """Wait until the client has taken enough of what was sent (``write_timeout``)."""
         await self.channel.drain(self.write_timeout)
 
-    def write_end(self) -> None:
+    def write_end(self, trailers: Headers = ()) -> None:
+        """Finish the response (HTTP/1.1 clients get no trailers: they are dropped)."""
         self.channel.write(self.engine.send_end())
 
-    def send_error(self, status: int, message: str, *, close: bool = False) -> None:
+    def send_error(self, status: int, message: str, *, close: bool = False, unauthenticated: bool = False) -> None:
         """A complete plain-text response; ``close`` also ends the connection after it."""
         self.send_simple(status, (message + "\n").encode(), close=close)
 
     def send_simple(self, status: int, body: bytes, headers: list | None = None, *, close: bool = False) -> None:
-        all_headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode()),
-            *(headers or ()),
-        ]
-        if close:
-            all_headers.append((b"connection", b"close"))
+        head, body = plain_response(status, body, headers, head_only=self.method == b"HEAD", close=close)
         engine = self.engine
-        pieces = [engine.send_head(ResponseHead(status, all_headers, reason_phrase(status)))]
-        if body and self.method != b"HEAD":
+        pieces = [engine.send_head(head)]
+        if body:
             self.bytes_out += len(body)
             pieces.extend(engine.send_body(body))
         pieces.append(engine.send_end())
         self.channel.writelines(pieces)
+
+    # -- the exchange's end (the calls a request handler makes; an HTTP/2 stream has them too)
+
+    @property
+    def can_respond(self) -> bool:
+        """No byte of a final response went out yet: an error can still be answered."""
+        return self.engine.can_respond
+
+    @property
+    def request_complete(self) -> bool:
+        return self.engine.request_complete
+
+    def next_cycle(self) -> bool:
+        """After a complete exchange: True if the connection can carry another request."""
+        return self.engine.start_next_cycle()
+
+    def abort(self, code: int | None = None) -> None:
+        """The exchange failed mid-way: only closing tells the client (``code``, an
+        HTTP/2 error code for a stream, means nothing here)."""
+        self.channel.abort()
+
+
+def plain_response(
+    status: int, body: bytes, headers: list | None = None, *, head_only: bool = False, close: bool = False
+) -> tuple[ResponseHead, bytes]:
+    """The one plain-text response format every failure uses: its head, and the body to
+    send (none for a HEAD request)."""
+    all_headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        *(headers or ()),
+    ]
+    if close:
+        all_headers.append((b"connection", b"close"))
+    return ResponseHead(status, all_headers, reason_phrase(status)), (b"" if head_only else body)
 
 
 _PHRASES = {status.value: status.phrase.encode() for status in HTTPStatus}

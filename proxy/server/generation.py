@@ -2,7 +2,8 @@
 with, built from one config in one function and published with one assignment.
 
 A ``Generation`` is frozen: the config, the TLS contexts (with the client CAs and CRLs
-they verified), the router and the engine factory; it decides admissions and renders
+they verified; and the client contexts for https:// upstreams), the router and the
+engine factory; it decides admissions and renders
 identity headers. ``build_generation`` makes one (on a reload, off the event loop: it reads
 certificate files and builds SSL contexts); ``ServerState.generation`` is the one
 reference a reload replaces. Each request reads that reference once, at its start, and
@@ -21,7 +22,9 @@ logged (``pin_fixed_settings``), never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 
@@ -34,13 +37,16 @@ from proxy.tls.authz import Decision, authorize_request
 from proxy.tls.context import ServerTLS
 from proxy.tls.crl import crl_for
 from proxy.tls.identity import ClientIdentity, identity_headers
+from proxy.tls.upstream_context import UpstreamTLS, upstream_tls_contexts
 
 __all__ = ["FIXED", "Generation", "build_generation", "pin_fixed_settings"]
 
 IdentityHeaders = tuple[tuple[bytes, bytes], ...]
 
 # Settings a reload cannot change (dotted names into ProxyConfig).
-FIXED: tuple[str, ...] = ("listen", "redirect_http", "admin", "workers", "limits.max_connections")
+FIXED: tuple[str, ...] = (
+    "listen", "listen_plain", "redirect_http", "admin", "workers", "limits.max_connections",
+)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -51,6 +57,12 @@ class Generation:
     tls: ServerTLS
     router: Router
     engines: EngineFactory
+    upstream_tls: Mapping[str, UpstreamTLS]  # service name -> context, https:// upstreams only
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every certificate, key, CA and CRL file this generation read (a change reloads)."""
+        return (*self.tls.files, *(path for tls in self.upstream_tls.values() for path in tls.files))
 
     def still_trusts(self, identity: ClientIdentity) -> str | None:
         """None when this generation's client CAs (and CRL) accept the certificate a
@@ -91,6 +103,7 @@ def build_generation(config: ProxyConfig) -> Generation:
         tls=ServerTLS.from_config(config),
         router=Router(config.services),
         engines=engine_factory(config.http_engine),
+        upstream_tls=upstream_tls_contexts(config),
     )
 
 

@@ -72,27 +72,35 @@ def bind(address: ListenAddress, *, reuse_port: bool = False) -> socket.socket:
 
 class BoundListeners:
     """The proxy's listening sockets, bound once: by ``start_proxy``, or by the parent of
-    several workers before it forks them (so they share the sockets, port 0 included)."""
+    several workers before it forks them (so they share the sockets, port 0 included).
+    ``tls``: ``listen``; ``plain``: ``listen_plain``; ``redirect``: ``redirect_http``."""
 
-    def __init__(self, tls: list[socket.socket], redirect: socket.socket | None) -> None:
+    def __init__(
+        self, tls: list[socket.socket], redirect: socket.socket | None, plain: Sequence[socket.socket] = ()
+    ) -> None:
         self.tls = tls
         self.redirect = redirect
+        self.plain = list(plain)
 
     @classmethod
     def bind(
-        cls, listen: Sequence[ListenAddress], redirect: ListenAddress | None, *, reuse_port: bool = False
+        cls,
+        listen: Sequence[ListenAddress],
+        redirect: ListenAddress | None,
+        *,
+        reuse_port: bool = False,
+        plain: Sequence[ListenAddress] = (),
     ) -> BoundListeners:
         sockets: list[socket.socket] = []
         try:
-            for address in (*listen, *([redirect] if redirect is not None else [])):
+            for address in (*listen, *plain, *([redirect] if redirect is not None else [])):
                 sockets.append(bind(address, reuse_port=reuse_port))
         except OSError:
             for sock in sockets:
                 sock.close()
             raise
-        if redirect is None:
-            return cls(sockets, None)
-        return cls(sockets[:-1], sockets[-1])
+        tls, rest = sockets[: len(listen)], sockets[len(listen) :]
+        return cls(tls, rest[-1] if redirect is not None else None, rest[: len(plain)])
 
     def bind_again(self) -> BoundListeners:
         """Another set on the same (now known) ports, for one more worker: with
@@ -105,10 +113,11 @@ class BoundListeners:
             [same(sock) for sock in self.tls],
             same(self.redirect) if self.redirect is not None else None,
             reuse_port=True,
+            plain=[same(sock) for sock in self.plain],
         )
 
     def close(self) -> None:
-        for sock in (*self.tls, *([self.redirect] if self.redirect else [])):
+        for sock in (*self.tls, *self.plain, *([self.redirect] if self.redirect else [])):
             sock.close()
 
 

@@ -433,6 +433,11 @@ class ProxyMetrics:
         self.handshake_failures = registry.counter(
             "tlsproxy_handshake_failures_total", "Failed TLS handshakes, by reason.", ("reason",)
         )
+        self.h2_connection_errors = registry.counter(
+            "tlsproxy_h2_connection_errors_total",
+            "HTTP/2 connections ended by a GOAWAY with an error, by reason (protocol or abuse).",
+            ("reason",),
+        )
         self.upstream_connect_errors = registry.counter(
             "tlsproxy_upstream_connect_errors_total",
             "Upstream connections refused or timed out, by service.",
@@ -461,6 +466,8 @@ class ProxyMetrics:
             self.handshake_failures.labels(key)
         for result in ("ok", "error"):
             self.reloads.labels(result)
+        for reason in ("protocol", "abuse"):
+            self.h2_connection_errors.labels(reason)
         # Made once the configuration loaded: that start-up load counts as the last one.
         self.last_reload_success.set(1)
         self.last_reload_timestamp.set(time.time())

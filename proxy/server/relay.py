@@ -23,6 +23,7 @@ by the upstream just as the request went out.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from proxy.config.model import Service, Timeouts
@@ -34,6 +35,9 @@ from proxy.server.channel import ConnectionLost
 from proxy.server.downstream import Downstream, reason_phrase
 from proxy.server.tunnel import run_tunnel
 from proxy.server.upstream_pool import UpstreamConnection, UpstreamPool
+from proxy.tls.upstream_context import UpstreamTLS
+
+log = logging.getLogger("tlsproxy")
 
 SWITCHING_PROTOCOLS = 101
 
@@ -67,7 +71,7 @@ class Relay:
 
     __slots__ = (
         "down", "head", "service", "pool", "timeouts", "max_body_bytes", "closing", "upstream_url", "status",
-        "_pump", "_answered",
+        "upstream_tls", "_pump", "_answered",
     )
 
     def __init__(
@@ -80,6 +84,7 @@ class Relay:
         *,
         max_body_bytes: int = 0,
         closing: Callable[[], bool] = lambda: False,
+        upstream_tls: UpstreamTLS | None = None,
     ) -> None:
         self.down = down
         self.head = head
@@ -88,17 +93,18 @@ class Relay:
         self.timeouts = timeouts
         self.max_body_bytes = max_body_bytes
         self.closing = closing  # True once shutting down: tell the client this is the last response
+        self.upstream_tls = upstream_tls  # the service's context in this request's generation (https://)
         self.upstream_url: str | None = None
         self.status = 0
         self._pump: BodyPump | None = None
         self._answered = False  # a response head (100 Continue included) went to the client
 
     async def run(self, headers: Headers, target: bytes) -> int:
-        conn = await self.pool.acquire(self.service)
+        conn = await self.pool.acquire(self.service, tls=self.upstream_tls)
         try:
             return await self._exchange(conn, headers, target)
         except _SendAgain:
-            conn = await self.pool.acquire(self.service, fresh=True)
+            conn = await self.pool.acquire(self.service, fresh=True, tls=self.upstream_tls)
             try:
                 return await self._exchange(conn, headers, target)
             except _SendAgain as again:  # at most once: now it is the upstream's failure
@@ -130,21 +136,30 @@ class Relay:
             await self._stop_pump()
             raise
         # A pump still running means the upstream answered before the body was read:
-        # the engine then refuses reuse below. A finished one is just collected.
-        await self._stop_pump()
-        if conn.engine.start_next_cycle():
+        # the engine then refuses reuse below, and the body bytes still queued for it
+        # are for nobody (a close would wait for an upstream that may never read them).
+        # A finished pump is just collected.
+        if await self._stop_pump():
+            conn.abort()
+        elif conn.engine.start_next_cycle():
             self.pool.release(conn)
         else:
             conn.close()
         return self.status
 
-    async def _stop_pump(self) -> None:
+    async def _stop_pump(self) -> bool:
+        """Stop the body pump; True when it had not sent the whole body."""
         pump = self._pump
-        if pump is not None:
-            self._pump = None
-            await pump.stop()
+        if pump is None:
+            return False
+        self._pump = None
+        return await pump.stop()
 
     def _no_response(self, conn: UpstreamConnection) -> str:
+        tls_failure = conn.tls_failure()  # a TLS 1.3 upstream refusing our certificate says so only now
+        if tls_failure is not None:
+            log.warning("service %r: upstream %s: TLS: %s", self.service.name, conn.upstream.url, tls_failure)
+            return f"service {self.service.name!r}: upstream {conn.upstream.url}: TLS: {tls_failure}"
         return f"service {self.service.name!r}: upstream {conn.upstream.url} closed the connection without a response"
 
     async def _relay_response(self, conn: UpstreamConnection) -> None:

@@ -31,19 +31,22 @@ from collections.abc import Callable
 
 from proxy.config.model import ProxyConfig
 from proxy.errors import TlsProxyError
-from proxy.server.access_log import AccessLog
 from proxy.ops.events import EventLog, merge_events
+from proxy.pki.trust import ca_banner
+from proxy.server.access_log import AccessLog
 from proxy.server.admin import AdminServer, start_admin
 from proxy.server.admin_status import status_page
 from proxy.server.expiry import ExpiryWatch, certificates_in_files
 from proxy.server.generation import Generation, build_generation, pin_fixed_settings
 from proxy.server.listeners import BoundListeners, accept_loop
 from proxy.server.metrics import ProxyMetrics
+from proxy.server.plain_accept import serve_plain_socket
 from proxy.server.redirect import serve_redirect_socket
 from proxy.server.reload import WATCH_INTERVAL, FileWatch
 from proxy.server.state import ServerState
 from proxy.server.tls_accept import serve_tls_socket
-from proxy.server.upstream_pool import UpstreamPool
+from proxy.server.h2_upstream import H2UpstreamPool
+from proxy.server.upstream_pool import UpstreamPool, connect_channel
 from proxy.server.worker_stats import SharedSlots, WorkerStats
 
 log = logging.getLogger("tlsproxy")
@@ -51,6 +54,8 @@ log = logging.getLogger("tlsproxy")
 # After cancelling the connections still busy at the end of the grace period, how long
 # to wait for them to end: a task that ignores its cancellation must not hang shutdown.
 CANCEL_WAIT = 5.0
+# How long pooled upstream connections may take to close (TLS: the close_notify exchange).
+UPSTREAM_CLOSE_WAIT = 1.0
 
 
 class RunningProxy:
@@ -59,8 +64,9 @@ class RunningProxy:
     def __init__(self, state: ServerState, listeners: BoundListeners):
         self.state = state
         self.listeners = listeners
-        self._sockets = [*listeners.tls, *([listeners.redirect] if listeners.redirect else [])]
+        self._sockets = [*listeners.tls, *listeners.plain, *([listeners.redirect] if listeners.redirect else [])]
         self.addresses: list[tuple[str, int]] = [sock.getsockname()[:2] for sock in listeners.tls]
+        self.plain_addresses: list[tuple[str, int]] = [sock.getsockname()[:2] for sock in listeners.plain]
         self.redirect_address: tuple[str, int] | None = (
             listeners.redirect.getsockname()[:2] if listeners.redirect is not None else None
         )
@@ -143,6 +149,7 @@ class RunningProxy:
             connect_timeout=config.timeouts.upstream_connect,
             idle_timeout=config.timeouts.idle,
         )
+        state.h2_pool.configure(connect_timeout=config.timeouts.upstream_connect)
         state.metrics.add_services(service.name for service in config.services)
         state.metrics.record_reload(True)
         state.events.forget_services(service.name for service in config.services)
@@ -158,7 +165,7 @@ class RunningProxy:
         """Reload when certificate files change or an auto certificate is due."""
         state = self.state
         self._file_watch = FileWatch(
-            lambda: state.tls.files, self.reload_soon, due=lambda: state.tls.renewal_due, interval=interval
+            lambda: state.generation.files, self.reload_soon, due=lambda: state.tls.renewal_due, interval=interval
         )
         self._file_watch.start()
 
@@ -187,7 +194,13 @@ class RunningProxy:
                 ),
             )
         self._expiry = ExpiryWatch(
-            lambda: certificates_in_files([loaded.path for loaded in state.tls.certificates], log),
+            lambda: certificates_in_files(
+                [
+                    *(loaded.path for loaded in state.tls.certificates),
+                    *(tls.certificate for tls in state.generation.upstream_tls.values() if tls.certificate),
+                ],
+                log,
+            ),
             log,
             metrics=state.metrics,
         )
@@ -198,9 +211,12 @@ class RunningProxy:
         limiter = asyncio.Semaphore(limit) if limit > 0 else None
         loop = asyncio.get_running_loop()
         state = self.state
-        tls_count = len(self.addresses)
-        for index, sock in enumerate(self._sockets):
-            serve = serve_tls_socket if index < tls_count else serve_redirect_socket
+        handlers = [
+            *[serve_tls_socket] * len(self.addresses),
+            *[serve_plain_socket] * len(self.plain_addresses),
+            serve_redirect_socket,  # the last socket, when there is one
+        ]
+        for sock, serve in zip(self._sockets, handlers):
             # A partial, not a wrapping coroutine: one coroutine per connection, not two.
             handler = functools.partial(serve, state=state)
             self._accept_tasks.append(loop.create_task(accept_loop(sock, handler, self.connection_tasks, limiter)))
@@ -212,12 +228,16 @@ class RunningProxy:
         )
         lines = [f"tlsproxy: listening on https://{_url_host(host)}:{port} (services: {services})"
                  for host, port in self.addresses]
+        lines += [f"tlsproxy: plain HTTP on http://{_url_host(host)}:{port} (same services, no client certificates)"
+                  for host, port in self.plain_addresses]
         if self.redirect_address is not None:
             host, port = self.redirect_address
             lines.append(f"tlsproxy: redirecting http://{_url_host(host)}:{port} to https://")
         if self.admin_address is not None:
             host, port = self.admin_address[:2]
-            lines.append(f"tlsproxy: admin on http://{_url_host(host)}:{port} (/ /healthz /readyz /metrics /ca.pem)")
+            lines.append(f"tlsproxy: admin on http://{_url_host(host)}:{port} (/ /healthz /readyz /metrics /ca.pem /trust)")
+        if _issues_from_local_ca(self.state.config):
+            lines += [f"tlsproxy: {line}" for line in ca_banner(self.state.config.tls.ca_dir / "ca.pem")]
         return lines
 
     async def close(self, grace: float | None = None) -> None:
@@ -247,7 +267,8 @@ class RunningProxy:
             _done, stuck = await asyncio.wait(pending, timeout=CANCEL_WAIT)
             if stuck:
                 log.warning("shutdown: %d connections did not end %gs after being cancelled", len(stuck), CANCEL_WAIT)
-        self.state.pool.close()
+        await self.state.pool.close_and_wait(UPSTREAM_CLOSE_WAIT)
+        await self.state.h2_pool.close_and_wait(UPSTREAM_CLOSE_WAIT)
         self.state.access_log.close()
         if self.stats is not None:
             self.stats.stop()  # the last snapshot: what the parent keeps once we exit
@@ -260,9 +281,13 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _issues_from_local_ca(config: ProxyConfig) -> bool:
+    return config.tls.auto or not config.tls.certificates
+
+
 def _local_ca_pem(config: ProxyConfig) -> bytes | None:
     """The local CA for /ca.pem: only when certificates are issued from it."""
-    if config.tls.certificates and not config.tls.auto:
+    if not _issues_from_local_ca(config):
         return None
     try:
         return (config.tls.ca_dir / "ca.pem").read_bytes()
@@ -303,13 +328,14 @@ async def start_proxy(
     access_log = AccessLog.open(config.access_log)
     if listeners is None:
         try:
-            listeners = BoundListeners.bind(config.listen, config.redirect_http)
+            listeners = BoundListeners.bind(config.listen, config.redirect_http, plain=config.listen_plain)
         except OSError:
             access_log.close()
             raise
     state = ServerState(
         generation=generation,
         pool=pool,
+        h2_pool=H2UpstreamPool(connect_channel, connect_timeout=timeouts.upstream_connect),
         access_log=access_log,
         https_port=listeners.tls[0].getsockname()[1] if listeners.tls else 443,
         metrics=metrics,

@@ -10,7 +10,7 @@ current response.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from proxy.config.model import ProxyConfig
@@ -19,6 +19,7 @@ from proxy.ops.events import EventLog
 from proxy.server.access_log import AccessLog
 from proxy.server.downstream import Downstream
 from proxy.server.generation import Generation
+from proxy.server.h2_upstream import H2UpstreamPool
 from proxy.server.metrics import ProxyMetrics
 from proxy.server.upstream_pool import UpstreamPool
 from proxy.tls.context import ServerTLS
@@ -27,17 +28,20 @@ from proxy.tls.context import ServerTLS
 @dataclass(slots=True, eq=False)
 class TrackedConnection:
     """A live client connection; ``idle`` while no byte of a next request has been
-    received (closing it then loses nothing)."""
+    received (closing it then loses nothing). ``on_shutdown``, when given, is how the
+    connection is told to drain (HTTP/2: GOAWAY) instead of being closed when idle."""
 
     down: Downstream
     idle: bool = True
+    on_shutdown: Callable[[], None] | None = None
 
 
 @dataclass
 class ServerState:
     generation: Generation  # published by one assignment; read once per request
-    pool: UpstreamPool
+    pool: UpstreamPool  # HTTP/1.1 upstreams
     access_log: AccessLog
+    h2_pool: H2UpstreamPool | None = None  # HTTP/2 upstreams (h2c://, https:// with http2)
     https_port: int = 443  # the first TLS listener's port, for redirect_http
     closing: bool = False
     metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
@@ -59,8 +63,8 @@ class ServerState:
         return self.generation.engines
 
     @contextlib.contextmanager
-    def track(self, down: Downstream) -> Iterator[TrackedConnection]:
-        tracked = TrackedConnection(down)
+    def track(self, down: Downstream, on_shutdown: Callable[[], None] | None = None) -> Iterator[TrackedConnection]:
+        tracked = TrackedConnection(down, on_shutdown=on_shutdown)
         self.connections.add(tracked)
         try:
             yield tracked
@@ -73,5 +77,7 @@ class ServerState:
         self.closing = True
         self.metrics.draining.set(1)
         for tracked in list(self.connections):
-            if tracked.idle:
+            if tracked.on_shutdown is not None:
+                tracked.on_shutdown()
+            elif tracked.idle:
                 tracked.down.channel.abort()

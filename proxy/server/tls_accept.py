@@ -13,6 +13,7 @@ import socket
 from proxy.errors import PKIError
 from proxy.server.connection import serve_connection
 from proxy.server.downstream import ClientInfo, Downstream
+from proxy.server.h2_session import H2Session
 from proxy.server.listeners import LINGER_SECONDS, PLAIN_HTTP_RESPONSE
 from proxy.server.state import ServerState
 from proxy.server.tls_channel import NothingReceived, PlainHTTP, TLSChannel
@@ -76,5 +77,8 @@ async def serve_tls_socket(sock: socket.socket, peer: tuple, state: ServerState)
     # What the handshake's generation makes of this client; a reload makes requests redo it.
     info.generation, info.trusted_identity = generation, info.identity
     info.identity_headers = generation.identity_headers(info.identity)
+    if ssl_object.selected_alpn_protocol() == "h2":
+        await H2Session(channel, info, state).run()
+        return
     engine = generation.engines.server(generation.config.limits.max_header_bytes)
     await serve_connection(Downstream(channel, engine, info, write_timeout=timeouts.idle), state)

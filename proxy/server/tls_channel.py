@@ -32,6 +32,7 @@ _RECORD = 16 * 1024 + 256  # room for one TLS record's plaintext
 # out of both TLS buffers a record's worth at a time, so neither grows past ~2 records.
 _BIO_STEP = 16 * 1024
 TLS_HANDSHAKE_RECORD = 0x16
+HANDSHAKE_LINGER = 1.0  # after a failed handshake's alert (see _fail_handshake)
 
 
 class PlainHTTP(ConnectionError):
@@ -205,12 +206,25 @@ class TLSChannel(Channel):
         self._wake_handshake()
 
     def _fail_handshake(self, exc: BaseException) -> None:
+        if self._handshake_error is not None:  # the client closed while we lingered: done
+            if self.transport is not None:
+                self.transport.close()
+            return
         self._handshake_error = exc
         self._send_records()  # the alert OpenSSL wrote: this is the point of this class
         self.closed = True
         self._eof = True
-        if self.transport is not None:
-            self.transport.close()  # after the buffered alert is written
+        transport = self.transport
+        if transport is not None:
+            if transport.can_write_eof() and not transport.is_closing():
+                # The alert, then FIN, and what the client still sends is read and dropped
+                # until it closes (or HANDSHAKE_LINGER): in TLS 1.3 a client whose
+                # certificate is refused has already sent its request, and closing with
+                # it unread would reset the connection, destroying the alert on its way.
+                transport.write_eof()
+                self.loop.call_later(HANDSHAKE_LINGER, transport.close)
+            else:
+                transport.close()  # after the buffered alert is written
         self._wake_handshake()
 
     def _wake_handshake(self) -> None:

@@ -49,7 +49,7 @@ def run_workers(
     config: ProxyConfig, config_source: Callable[[], ProxyConfig] | None, serve: ServeFunction
 ) -> int:
     """Bind, fork ``config.workers`` workers, each running ``serve``, supervise them until told to stop."""
-    first = BoundListeners.bind(config.listen, config.redirect_http, reuse_port=True)
+    first = BoundListeners.bind(config.listen, config.redirect_http, reuse_port=True, plain=config.listen_plain)
     sets = [first]
     try:
         for _ in range(config.workers - 1):

@@ -3,7 +3,8 @@ a complete new set and swap it in (or keep the old one when this raises ConfigEr
 
 Policy, Mozilla's "intermediate" server profile: TLS 1.2 and 1.3 only, ECDHE + AEAD
 ciphers for 1.2 (1.3 suites are all AEAD), key exchange groups X25519, P-256 and P-384
-only, no compression, no renegotiation, ALPN ``http/1.1``; the client picks among those
+only, no compression, no renegotiation, ALPN ``tls.alpn`` (h2 and http/1.1; a client offering neither gets
+the ``no_application_protocol`` alert: ``openssl_ctl.strict_alpn``); the client picks among those
 ciphers (Mozilla: server preference off).
 
 Certificates: one SSLContext per configured certificate, each carrying the same client
@@ -57,7 +58,6 @@ GROUPS = ("X25519", "P-256", "P-384")
 # Without libssl through ctypes, Python can set one curve: the one every client has.
 FALLBACK_CURVE = "prime256v1"
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-ALPN = ["http/1.1"]
 
 # Set by the SNI callback on the connection's SSLObject: an attribute (not a table in
 # ServerTLS) so it outlives a context swap on reload and needs no cleanup.
@@ -189,7 +189,8 @@ class _Builder:
         # Python turns server preference on; Mozilla turns it off: every cipher left is
         # strong, and clients without AES hardware rightly prefer ChaCha20.
         context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
-        context.set_alpn_protocols(ALPN)
+        context.set_alpn_protocols(list(tls.alpn))  # (the fallback if strict_alpn cannot be set)
+        openssl_ctl.strict_alpn(context, tls.alpn)
         if not tls.session_tickets:
             context.options |= ssl.OP_NO_TICKET
             context.num_tickets = 0

@@ -39,6 +39,7 @@ HANDSHAKE_FAILURE_KEYS = (
     "crl_unavailable",
     "protocol_version",
     "no_shared_cipher",
+    "no_application_protocol",
     "plain_http",
     "malformed",
     "client_alert",
@@ -75,6 +76,11 @@ _SSL_REASONS: dict[str, tuple[str, str]] = {
     "WRONG_SSL_VERSION": _OLD_VERSION,
     "TLSV1_ALERT_PROTOCOL_VERSION": ("protocol_version", "client refused every TLS version offered"),
     "NO_SHARED_CIPHER": ("no_shared_cipher", "client and listener share no cipher suite"),
+    "NO_APPLICATION_PROTOCOL": (
+        "no_application_protocol",
+        "client offered by ALPN no protocol this listener serves (tls.alpn; e.g. an HTTP/2-only client "
+        "on a listener with alpn: [http/1.1])",
+    ),
     "NO_SHARED_GROUPS": ("no_shared_cipher", "client and listener share no key-exchange group"),
     "NO_SUITABLE_SIGNATURE_ALGORITHM": ("no_shared_cipher", "client and listener share no signature scheme"),
     "HTTP_REQUEST": ("plain_http", "client sent plain HTTP to the TLS port"),

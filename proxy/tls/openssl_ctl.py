@@ -1,12 +1,17 @@
-"""The two OpenSSL settings Python 3.11's ``ssl`` module does not expose, set through
+"""The OpenSSL settings Python 3.11's ``ssl`` module does not expose, set through
 ctypes on an SSLContext's own ``SSL_CTX``:
 
 - ``disable_session_cache``: SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF), so
   ``session_tickets: false`` also ends TLS 1.2 session-ID resumption;
 - ``set_groups``: SSL_CTX_set1_groups_list(ctx, "X25519:P-256:P-384"), the key exchange
-  groups of Mozilla's "intermediate" profile (``set_ecdh_curve`` takes one curve only).
+  groups of Mozilla's "intermediate" profile (``set_ecdh_curve`` takes one curve only);
+- ``strict_alpn``: an ALPN selection that refuses a client whose offer has nothing in
+  common with ours with the ``no_application_protocol`` alert (RFC 7301 3.2), as nginx
+  and Go do. Python's own selection carries on without ALPN instead, so an h2-only
+  client on an ``alpn: [http/1.1]`` listener would send HTTP/2 to an HTTP/1.1 server
+  and get a 400 that says nothing useful.
 
-Both are macros over ``SSL_CTX_ctrl``. The library is the libssl the ``_ssl`` module
+The first two are macros over ``SSL_CTX_ctrl``. The library is the libssl the ``_ssl`` module
 itself is linked against (same process, same copy). The ``SSL_CTX`` pointer is the first
 field after PyObject_HEAD in CPython's PySSLContext; it is only trusted after
 SSL_CTX_get_options on it returns exactly ``context.options``, so a different layout
@@ -24,6 +29,14 @@ _SSL_CTRL_SET_SESS_CACHE_MODE = 44
 _SSL_CTRL_GET_SESS_CACHE_MODE = 45
 _SSL_CTRL_SET_GROUPS_LIST = 92
 _SSL_SESS_CACHE_OFF = 0
+_SSL_TLSEXT_ERR_OK = 0
+_SSL_TLSEXT_ERR_ALERT_FATAL = 2
+# int (*cb)(SSL *, const unsigned char **out, unsigned char *outlen,
+#           const unsigned char *in, unsigned int inlen, void *arg)
+_ALPN_SELECT = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ubyte),
+    ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p,
+)
 _libssl: ctypes.CDLL | None = None
 
 
@@ -53,6 +66,46 @@ def set_groups(context: ssl.SSLContext, groups: Sequence[str]) -> bool:
         return False
 
 
+def strict_alpn(context: ssl.SSLContext, protocols: Sequence[str]) -> bool:
+    """Select the first of ``protocols`` (our order) that the client offers; when it
+    offers ALPN but none of them, fail the handshake with ``no_application_protocol``.
+    A client that offers no ALPN at all is served (HTTP/1.1). True when installed;
+    otherwise the context keeps Python's lenient selection."""
+    ours = [protocol.encode("ascii") for protocol in protocols]
+    if b"http/1.1" in ours:
+        ours.append(b"http/1.0")  # what curl --http1.0 offers: served as HTTP/1.1 clients are (nginx too)
+
+    def select(_ssl, out, outlen, offer, offer_length, _arg):  # called by OpenSSL, in the handshake
+        try:
+            offered = ctypes.string_at(offer, offer_length)
+            starts = {}
+            index = 0
+            while index < len(offered):
+                size = offered[index]
+                starts.setdefault(offered[index + 1:index + 1 + size], index + 1)
+                index += 1 + size
+            for protocol in ours:
+                start = starts.get(protocol)
+                if start is not None:
+                    out[0] = offer + start  # into the client's list: it outlives this call
+                    outlen[0] = len(protocol)
+                    return _SSL_TLSEXT_ERR_OK
+        except Exception:  # noqa: BLE001 - nothing may escape into OpenSSL
+            pass
+        return _SSL_TLSEXT_ERR_ALERT_FATAL
+
+    try:
+        lib, pointer = _ssl_ctx(context)
+        if pointer is None:
+            return False
+        callback = _ALPN_SELECT(select)
+        lib.SSL_CTX_set_alpn_select_cb(pointer, callback, None)
+    except (OSError, AttributeError, ValueError):
+        return False
+    context._tlsproxy_alpn_select = callback  # type: ignore[attr-defined]  # lives as long as the context
+    return True
+
+
 def _ssl_ctx(context: ssl.SSLContext) -> tuple[ctypes.CDLL, int | None]:
     """libssl and CONTEXT's SSL_CTX pointer (None when it cannot be trusted)."""
     lib = _openssl()
@@ -77,4 +130,6 @@ def _load_libssl() -> ctypes.CDLL:
     lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
     lib.SSL_CTX_ctrl.restype = ctypes.c_long
     lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    lib.SSL_CTX_set_alpn_select_cb.restype = None
+    lib.SSL_CTX_set_alpn_select_cb.argtypes = [ctypes.c_void_p, _ALPN_SELECT, ctypes.c_void_p]
     return lib
