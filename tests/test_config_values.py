@@ -108,7 +108,7 @@ def test_listen_address_str_brackets_ipv6() -> None:
         ("http://[::1]:9000", Upstream("http://[::1]:9000", "::1", 9000)),
         ("https://api.internal", Upstream("https://api.internal", "api.internal", 443, "https")),
         ("HTTPS://10.0.0.5:8443/", Upstream("https://10.0.0.5:8443", "10.0.0.5", 8443, "https")),
-        ("h2c://grpc:50051", Upstream("h2c://grpc:50051", "grpc", 50051, "h2c")),  # parsed; load refuses it for now
+        ("h2c://grpc:50051", Upstream("h2c://grpc:50051", "grpc", 50051, "h2c")),
     ],
 )
 def test_upstream_accepted(text: str, expected: Upstream) -> None:

@@ -414,7 +414,7 @@ def test_dockerfile_passes_hadolint() -> None:
 def test_deploy_scripts_pass_shellcheck() -> None:
     scripts = [
         "deploy/compose/run-with-podman.sh", "deploy/compose/make-certs.sh",
-        "deploy/compose-sidecar/run-with-podman.sh", "deploy/compose-sidecar/make-certs.sh",
+        "deploy/compose-sidecar/run-with-podman.sh", "deploy/compose-sidecar/make-certs.sh", "deploy/compose-podman.sh",
     ]
     result = subprocess.run(
         [_tool("shellcheck"), "-x", *scripts], cwd=REPO, capture_output=True, text=True, timeout=60, check=False

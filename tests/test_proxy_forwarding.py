@@ -185,7 +185,7 @@ def test_20mib_upload_with_content_length_via_curl(proxy, pki, tmp_path):
 def test_expect_continue_lets_the_upstream_refuse_before_the_body(proxy, pki, tmp_path):
     source = tmp_path / "body"
     source.write_bytes(b"x" * 4 * MiB)
-    result = curl("-H", "Expect: 100-continue", "--data-binary", f"@{source}", "-w", "\n%{http_code}",
+    result = curl("--http1.1", "-H", "Expect: 100-continue", "--data-binary", f"@{source}", "-w", "\n%{http_code}",
                   "-v", proxy.url("/early"), pki=pki)
     assert result.stdout.endswith(b"\n413")
     assert b"< HTTP/1.1 100" not in result.stderr

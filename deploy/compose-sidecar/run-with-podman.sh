@@ -15,57 +15,16 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-# shellcheck source=deploy/podman-here.sh
-source "$repo/deploy/podman-here.sh"
-
 image=${IMAGE:-localhost/tlsproxy:local}
 project=tlsproxy-sidecar-$$
-health_deadline=${HEALTH_DEADLINE:-30}
+containers=(certs component-b ingress egress component-a)
+# shellcheck source=deploy/compose-podman.sh
+source "$repo/deploy/compose-podman.sh"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 b_port=$(free_port); ingress_port=$(free_port); ingress_admin=$(free_port)
 egress_tls=$(free_port); egress_plain=$(free_port); egress_admin=$(free_port)
-containers=(certs component-b ingress egress component-a)
 
-cleanup() {
-  status=$?
-  if [ "$status" -ne 0 ]; then
-    for name in "${containers[@]}"; do
-      podman logs "$project-$name" >/dev/null 2>&1 || continue
-      echo "--- logs: $name ---" >&2; podman logs "$project-$name" >&2 2>&1 || true
-    done
-  fi
-  for name in component-a egress ingress component-b certs; do podman rm -f -t 0 "$project-$name" >/dev/null 2>&1 || true; done
-  podman volume rm -f "$project-pki" >/dev/null 2>&1 || true
-  exit "$status"
-}
-trap cleanup EXIT
-
-step() { printf '\n== %s\n' "$*"; }
-
-wait_healthy() {  # depends_on: {condition: service_healthy} -- no systemd runs health checks here
-  local deadline=$((SECONDS + health_deadline))
-  until podman healthcheck run "$project-$1" >/dev/null 2>&1; do
-    if [ "$(podman inspect --format '{{.State.Running}}' "$project-$1")" != true ] || [ "$SECONDS" -ge "$deadline" ]; then
-      echo "$1 did not become healthy within ${health_deadline}s" >&2
-      exit 1
-    fi
-    sleep 0.5  # polling interval of a bounded wait
-  done
-  echo "$1 healthy"
-}
-
-if [ -z "${SKIP_BUILD:-}" ]; then
-  step "build $image"
-  podman build --pull=never --format docker --network host -t "$image" "$repo"
-fi
-
-podman volume create "$project-pki" >/dev/null
-
-step "certs (one-shot): CA + client certificates into the pki volume"
-podman run --name "$project-certs" --network host --no-healthcheck \
-  -v "$here/make-certs.sh:/deploy/make-certs.sh:ro" -v "$project-pki:/certs" \
-  --entrypoint /bin/sh "$image" /deploy/make-certs.sh
+build_and_make_certs "CA + client certificates"
 
 step "component-b: tlsproxy echo (plain HTTP) on 127.0.0.1:$b_port"
 podman run -d --name "$project-component-b" --network host --no-healthcheck \
@@ -97,10 +56,6 @@ podman run --name "$project-component-a" --network host --no-healthcheck \
   --entrypoint python3 "$image" /deploy/component-a-check.py
 
 step "stop egress and ingress (SIGTERM: drain, exit 0)"
-for name in egress ingress; do
-  podman stop -t 10 "$project-$name" >/dev/null 2> >(grep -v systemd >&2)
-  code=$(podman inspect --format '{{.State.ExitCode}}' "$project-$name")
-  echo "$name exit code $code"
-  [ "$code" = 0 ]
-done
+stop_expecting_exit_0 egress
+stop_expecting_exit_0 ingress
 echo "sidecar example OK"

@@ -13,43 +13,15 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-# shellcheck source=deploy/podman-here.sh
-source "$repo/deploy/podman-here.sh"
-
 image=${IMAGE:-localhost/tlsproxy:local}
 project=tlsproxy-example-$$
-health_deadline=${HEALTH_DEADLINE:-30}
+containers=(certs upstream tlsproxy client)
+# shellcheck source=deploy/compose-podman.sh
+source "$repo/deploy/compose-podman.sh"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 tls_port=$(free_port); admin_port=$(free_port); upstream_port=$(free_port)
 
-cleanup() {
-  status=$?
-  if [ "$status" -ne 0 ]; then
-    for name in certs upstream tlsproxy client; do
-      podman logs "$project-$name" >/dev/null 2>&1 || continue
-      echo "--- logs: $name ---" >&2; podman logs "$project-$name" >&2 2>&1 || true
-    done
-  fi
-  for name in client tlsproxy upstream certs; do podman rm -f -t 0 "$project-$name" >/dev/null 2>&1 || true; done
-  podman volume rm -f "$project-pki" >/dev/null 2>&1 || true
-  exit "$status"
-}
-trap cleanup EXIT
-
-step() { printf '\n== %s\n' "$*"; }
-
-if [ -z "${SKIP_BUILD:-}" ]; then
-  step "build $image"
-  podman build --pull=never --format docker --network host -t "$image" "$repo"
-fi
-
-podman volume create "$project-pki" >/dev/null
-
-step "certs (one-shot): CA + client certificate into the pki volume"
-podman run --name "$project-certs" --network host --no-healthcheck \
-  -v "$here/make-certs.sh:/deploy/make-certs.sh:ro" -v "$project-pki:/certs" \
-  --entrypoint /bin/sh "$image" /deploy/make-certs.sh
+build_and_make_certs "CA + client certificate"
 
 step "upstream: tlsproxy echo on 127.0.0.1:$upstream_port"
 podman run -d --name "$project-upstream" --network host --no-healthcheck \
@@ -63,16 +35,7 @@ podman run -d --name "$project-tlsproxy" --network host \
   -e "TLSPROXY_ADMIN=127.0.0.1:$admin_port" \
   "$image" >/dev/null 2> >(grep -v systemd >&2)
 
-# depends_on: {condition: service_healthy} -- no systemd here runs health checks on a timer
-deadline=$((SECONDS + health_deadline))
-until podman healthcheck run "$project-tlsproxy" >/dev/null 2>&1; do
-  if [ "$(podman inspect --format '{{.State.Running}}' "$project-tlsproxy")" != true ] || [ "$SECONDS" -ge "$deadline" ]; then
-    echo "tlsproxy did not become healthy within ${health_deadline}s" >&2
-    exit 1
-  fi
-  sleep 0.5  # polling interval of a bounded wait
-done
-echo "healthy"
+wait_healthy tlsproxy
 
 step "client: with and without its certificate"
 podman run --name "$project-client" --network host --no-healthcheck \
@@ -82,9 +45,5 @@ podman run --name "$project-client" --network host --no-healthcheck \
   --entrypoint python3 "$image" /deploy/client-check.py
 
 step "stop tlsproxy (SIGTERM: drain, exit 0)"
-start=$EPOCHREALTIME
-podman stop -t 10 "$project-tlsproxy" >/dev/null 2> >(grep -v systemd >&2)
-code=$(podman inspect --format '{{.State.ExitCode}}' "$project-tlsproxy")
-awk -v a="$start" -v b="$EPOCHREALTIME" -v c="$code" 'BEGIN { printf "stopped in %.1f s, exit code %s\n", b - a, c }'
-[ "$code" = 0 ]
+stop_expecting_exit_0 tlsproxy
 echo "compose example OK"

@@ -93,7 +93,12 @@ class H2Relay:
             stream.cancel()  # the upstream stops working for a client that is gone
             await self._stop_pump()
             raise
-        if await self._stop_pump():
+        try:
+            unfinished = await self._stop_pump()
+        except BaseException:  # cancelled meanwhile (the client went away)
+            stream.cancel()
+            raise
+        if unfinished:
             stream.cancel()  # answered before the whole request: stop the upload
         else:
             stream.finished()

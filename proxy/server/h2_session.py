@@ -144,6 +144,8 @@ class H2Session:
                         return
             except (ConnectionError, TimeoutError):
                 pass
+            except Exception:  # a bug: log it, never take the process down
+                log.exception("internal error on the HTTP/2 connection from %s", self.info.address)
             finally:
                 try:
                     await self._end_streams()
@@ -194,6 +196,7 @@ class H2Session:
             self.finish(stream)
             return
         stream.grpc = grpc.is_grpc(head.header(b"content-type"))
+        stream.expected_length = head.content_length
         stream.task = self.loop.create_task(self._serve(stream, head))
 
     async def _serve(self, stream: StreamDownstream, head: object) -> None:
@@ -298,8 +301,6 @@ class H2Session:
         self.codec.send_headers(stream.stream_id, fields, end=end)
         if end:
             stream.end_queued = stream.end_sent = True
-            if not stream.request_ended:
-                stream.reset_after_end = True
         self.flush()
 
     def reset_stream(self, stream: StreamDownstream, code: int) -> None:

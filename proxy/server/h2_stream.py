@@ -21,6 +21,7 @@ import asyncio
 from collections import deque
 from typing import Protocol
 
+from proxy.errors import BadRequest, HTTPError
 from proxy.http.engine import Body, EndOfMessage, Headers, ResponseHead
 from proxy.http.h2 import grpc
 from proxy.http.h2.codec import INTERNAL_ERROR
@@ -54,7 +55,8 @@ class StreamDownstream:
     __slots__ = (
         "session", "stream_id", "info", "bytes_in", "bytes_out", "method", "write_timeout", "task",
         "request_ended", "reset", "out", "out_bytes", "end_queued", "end_sent", "response_started",
-        "reset_after_end", "trailers", "grpc", "_body", "_body_waiter", "_drain_waiter",
+        "reset_after_end", "trailers", "grpc", "expected_length", "received_length", "body_error",
+        "_body", "_body_waiter", "_drain_waiter",
     )
 
     protocol = "HTTP/2"
@@ -78,6 +80,9 @@ class StreamDownstream:
         self.reset_after_end = False  # then tell the client to stop sending its body (RFC 9113 8.1)
         self.trailers: Headers = ()  # sent after the body, ending the stream (gRPC's status)
         self.grpc = False  # a gRPC call: the proxy's own answers are gRPC statuses
+        self.expected_length: int | None = None  # the request's content-length
+        self.received_length = 0  # DATA received so far
+        self.body_error: HTTPError | None = None  # the DATA broke the request's framing
         self._body: deque[tuple[bytes, int]] = deque()  # (data, flow-controlled length)
         self._body_waiter: asyncio.Future | None = None
         self._drain_waiter: asyncio.Future | None = None
@@ -85,12 +90,34 @@ class StreamDownstream:
     # -- from the session ------------------------------------------------------------
 
     def received(self, data: bytes, flow_length: int) -> None:
+        self.received_length += len(data)
+        expected = self.expected_length
+        if expected is not None and self.received_length > expected:
+            self._framing_error()
+        if self.body_error is not None:
+            self.session.ack(self.stream_id, flow_length)  # dropped, but the window reopens
+            return
         self._body.append((data, flow_length))
         self._wake_reader()
 
     def ended(self) -> None:
         self.request_ended = True
+        if self.expected_length is not None and self.received_length != self.expected_length:
+            self._framing_error()
         self._wake_reader()
+
+    def _framing_error(self) -> None:
+        """DATA disagrees with content-length (RFC 9113 8.1.1): the request is malformed;
+        what was not yet passed on never is, and the stream is refused."""
+        if self.body_error is None:
+            self.body_error = BadRequest(
+                f"malformed HTTP/2 request: content-length {self.expected_length} but "
+                f"{self.received_length}{'' if self.request_ended else ' or more'} bytes of DATA"
+            )
+            for _data, flow_length in self._body:
+                self.session.ack(self.stream_id, flow_length)
+            self._body.clear()
+            self._wake_reader()
 
     def was_reset(self) -> None:
         self.reset = True
@@ -117,6 +144,8 @@ class StreamDownstream:
         TimeoutError if the client sends nothing for ``timeout``."""
         body = self._body
         while not body:
+            if self.body_error is not None:
+                raise self.body_error
             if self.request_ended:
                 return _END
             if self.reset:
@@ -127,6 +156,8 @@ class StreamDownstream:
                     await waiter
             finally:
                 self._body_waiter = None
+        if self.body_error is not None:
+            raise self.body_error
         data, flow_length = body.popleft()
         self.session.ack(self.stream_id, flow_length)
         return Body(data)

@@ -139,7 +139,12 @@ class Relay:
         # the engine then refuses reuse below, and the body bytes still queued for it
         # are for nobody (a close would wait for an upstream that may never read them).
         # A finished pump is just collected.
-        if await self._stop_pump():
+        try:
+            unfinished = await self._stop_pump()
+        except BaseException:  # cancelled meanwhile (the client went away)
+            conn.abort()
+            raise
+        if unfinished:
             conn.abort()
         elif conn.engine.start_next_cycle():
             self.pool.release(conn)

@@ -7,10 +7,11 @@ without touching the I/O or the request path.
 
 What h2 is told, and why:
 
-* header validation off (``validate_inbound_headers``): h2 treats a malformed request as
-  a connection error, which would end every other stream of the client too. The rules
-  are checked per stream instead (``proxy.http.h2.messages.request_head``), so a
-  malformed request is refused on its own stream, with a reason.
+* header validation off (``validate_inbound_headers``), and its content-length check
+  off for requests: h2 treats a malformed request as a connection error, which would
+  end every other stream of the client too. The rules are checked per stream instead
+  (``proxy.http.h2.messages.request_head``, and ``h2_stream`` counts the DATA against
+  content-length), so a malformed request is refused on its own stream, with a reason.
 * outbound normalisation off: the response fields are built lowercase and without
   connection-specific headers (``messages.response_fields``); checking them again
   costs time per response.
@@ -195,6 +196,11 @@ class _Codec:
                     self.ack(event.stream_id, event.flow_controlled_length)
             elif kind is h2.events.RequestReceived:
                 append(StreamOpened(event.stream_id, event.headers, event.stream_ended is not None))
+                # h2 fails the whole connection when DATA disagrees with content-length;
+                # the session checks it per stream instead (a refusal on that stream).
+                stream = self._conn.streams.get(event.stream_id)
+                if stream is not None:
+                    stream._expected_content_length = None
             elif kind is h2.events.ResponseReceived:
                 append(ResponseOpened(event.stream_id, event.headers, event.stream_ended is not None))
             elif kind is h2.events.InformationalResponseReceived:
