@@ -14,14 +14,26 @@ import requests
 from test_ops_workers import get, refused_handshake, status_rows
 from upstream import WAIT, ProxyThread, proxy_config, service
 
-from proxy.config.model import AdminSettings, AllowEntry, ClientAuthSettings, ListenAddress, ServiceClientAuth
+from proxy.config.model import (
+    AdminSettings,
+    AllowEntry,
+    ClientAuthSettings,
+    ListenAddress,
+    Service,
+    ServiceClientAuth,
+    UpstreamTLSSettings,
+)
+from proxy.config.values import parse_upstream
 
 
 @pytest.fixture
 def guarded(pki, upstream, tmp_path):
     private = service("private", upstream, path_prefix="/private",
                       client_auth=ServiceClientAuth(require=True, allow=(AllowEntry("cn", "alice"),)))
-    config = proxy_config(pki, [private, service("app", upstream)], tmp_path,
+    client_cert, client_key = pki.leaf("status-egress", "egress", client=True, cn="egress")
+    egress = Service(name="egress", upstreams=(parse_upstream("https://127.0.0.1:9"),), path_prefix="/out",
+                     upstream_tls=UpstreamTLSSettings(ca=pki.ca_pem, cert=client_cert, key=client_key))
+    config = proxy_config(pki, [private, service("app", upstream), egress], tmp_path,
                           admin=AdminSettings(ListenAddress("127.0.0.1", 0)))
     config = dataclasses.replace(config, client_auth=ClientAuthSettings(mode="optional", ca=pki.ca_pem))
     with ProxyThread(config) as px:
@@ -42,8 +54,12 @@ def test_a_refused_client_is_on_the_page_with_its_reason(pki, guarded):
     assert request[2:5] == ["CN=bob", "private", "request (403)"]
     assert request[5] == response.text.strip()  # the reason the client was given, in words
     services = status_rows(admin)["Services"]
-    assert [row[0] for row in services] == ["private", "app"]
+    assert [row[0] for row in services] == ["private", "app", "egress"]
     assert "allow cn=alice" in services[0][3]
+    roles = {row[0]: row for row in status_rows(admin)["Certificates"]}
+    assert set(roles) == {"server", "client CA", "client, to egress's upstream"}
+    assert roles["client, to egress's upstream"][2] == "CN=egress"
+    assert roles["client CA"][1] == str(pki.ca_pem)
     listeners = status_rows(admin)["Listeners"]
     assert listeners[0][0] == f"127.0.0.1:{guarded.port}" and "HTTPS" in listeners[0][1]
 

@@ -1,7 +1,8 @@
 """The status page's data, gathered from a running proxy (``proxy.ops.status_page``
-renders it). Reads the current generation (config, loaded certificates and client
-CAs) and the events merged over every worker; the certificate files are read again per
-page view (a few small files, only when someone looks) for subjects and SANs."""
+renders it). Reads the current generation (config, server certificates, client CAs, the
+client certificates presented to https:// upstreams) and the events merged over every
+worker; the certificate files are read again per page view (a few small files, only when
+someone looks) for subjects and SANs."""
 
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ def status_page(state: ServerState, events: Callable[[], dict], bound: Sequence[
     certificates = [
         CertificateRow("server", path, subject_of(cert), _sans(cert), cert.not_valid_after_utc)
         for path, cert in certificates_in_files([loaded.path for loaded in tls.certificates], log)
+    ]
+    upstream_clients = {str(tls.certificate): name for name, tls in state.generation.upstream_tls.items() if tls.certificate}
+    certificates += [
+        CertificateRow(f"client, to {upstream_clients[path]}'s upstream", path, subject_of(cert), _sans(cert),
+                       cert.not_valid_after_utc)
+        for path, cert in certificates_in_files(list(upstream_clients), log)
     ]
     ca_path = str(config.client_auth.ca) if config.client_auth.ca is not None else ""
     certificates += [
