@@ -64,7 +64,7 @@ def _listeners(config: ProxyConfig, bound: Sequence[str]) -> tuple[tuple[str, st
     if config.redirect_http is not None:
         rows.append((str(config.redirect_http), "plain HTTP: 308 to https://"))
     if config.admin.listen is not None:
-        rows.append((str(config.admin.listen), "admin (plain HTTP): / /healthz /readyz /metrics"))
+        rows.append((str(config.admin.listen), "admin (plain HTTP): / /healthz /readyz /metrics /ca.pem /trust"))
     return tuple(rows)
 
 
