@@ -37,8 +37,7 @@ COPY deploy/container/proxy.yaml /config/proxy.yaml
 
 # CMD is just `serve` and the config path comes from TLSPROXY_CONFIG, so `-e TLSPROXY_CONFIG=...`
 # works without restating the command; `serve -c FILE` still overrides it.
-# TLSPROXY_ADMIN is where the admin listener is (the default config reads it), and where the
-# HEALTHCHECK asks for /healthz.
+# TLSPROXY_ADMIN is where the default config puts the admin listener.
 ENV PATH=/opt/tlsproxy/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -55,9 +54,11 @@ EXPOSE 8443
 # (default 30 s) and exits 0, with or without `--init`.
 STOPSIGNAL SIGTERM
 
-# No curl in the image: Python's urllib asks the admin listener; any non-2xx or no answer fails.
+# `tlsproxy health` reads the same config `serve` does ($TLSPROXY_CONFIG) and asks what it
+# names: GET /healthz on admin.listen, whatever its port, or, with no admin listener, a TLS
+# handshake on the first listen address. One line says what it checked (podman/docker inspect).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-  CMD ["python3", "-c", "import os, urllib.request as u; u.urlopen('http://%s/healthz' % os.environ.get('TLSPROXY_ADMIN', '127.0.0.1:9901'), timeout=2)"]
+  CMD ["tlsproxy", "health", "--timeout", "2"]
 
 ENTRYPOINT ["tlsproxy"]
 CMD ["serve"]

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "proxy.pki.commands",  # certs ...
     "proxy.server.commands",  # serve
     "proxy.check.commands",  # check
+    "proxy.ops.health",  # health
     "proxy.echo",  # echo
     "proxy.demo",  # demo
 )

@@ -438,7 +438,7 @@ def test_image_metadata_and_size(podman: Podman, image: str) -> None:
     assert "8443/tcp" in settings["ExposedPorts"]
     # kept only with --format docker; podman names the key either way depending on the path
     healthcheck = config.get("Healthcheck") or config.get("HealthCheck") or settings.get("Healthcheck")
-    assert healthcheck and "/healthz" in " ".join(healthcheck["Test"])
+    assert healthcheck and healthcheck["Test"][1:3] == ["tlsproxy", "health"]  # follows the config
     base = json.loads(podman.run("image", "inspect", "python:3.11-slim").stdout)[0]
     added = config["Size"] - base["Size"]
     print(f"image size {config['Size'] / 1e6:.1f} MB ({added / 1e6:.1f} MB over python:3.11-slim)")
@@ -539,7 +539,59 @@ def test_default_config_healthcheck(podman: Podman, auto: Container) -> None:
     assert result.returncode == 0, f"unhealthy: {result.stdout}{_quiet(result.stderr)}\n{podman.logs(auto.name)}"
 
 
-# --- stopping: SIGTERM to PID 1 drains and exits 0 ------------------------------------------
+# --- the health check follows the config it runs ---------------------------------------------
+
+
+HEALTH_CONFIG = """\
+listen: ["127.0.0.1:{tls_port}"]
+tls: {{certificates: [{{cert: /certs/server/server.pem, key: /certs/server/server.key}}]}}
+{admin}services:
+  - name: open
+    upstream: http://127.0.0.1:{echo_port}
+"""
+
+
+@pytest.mark.parametrize("admin", [True, False], ids=["admin-on-its-own-port", "no-admin"])
+def test_healthcheck_follows_the_config_and_fails_once_the_proxy_stopped(
+    podman: Podman, image: str, mounted_pki: Path, echo_upstream: int, admin: bool
+) -> None:
+    """The image's HEALTHCHECK (`tlsproxy health`) asks the admin listener the config names,
+    on a port that is neither 9901 nor $TLSPROXY_ADMIN (left at the image's default), or,
+    with no admin listener, the TLS listener. The proxy runs under a shell here so that it
+    can be stopped inside a container that keeps running: then the check fails."""
+    tls_port, admin_port = free_port(), free_port()
+    root = Path(tempfile.mkdtemp(prefix="tlsproxy-health-"))
+    name = f"tlsproxy-pytest-health-{uuid.uuid4().hex[:8]}"
+    admin_line = f'admin: {{listen: "127.0.0.1:{admin_port}"}}\n' if admin else ""
+    expected = (f"healthy: http://127.0.0.1:{admin_port}/healthz (admin.listen) answered 200" if admin
+                else f"healthy: 127.0.0.1:{tls_port} (listen; no admin listener configured) completed")
+    try:
+        root.chmod(0o755)
+        (root / "proxy.yaml").write_text(HEALTH_CONFIG.format(tls_port=tls_port, echo_port=echo_upstream, admin=admin_line))
+        (root / "proxy.yaml").chmod(0o644)
+        podman.run(
+            "run", "-d", "--network", "host", "--name", name, "--read-only",
+            "-v", f"{root}:/config:ro", "-v", f"{mounted_pki / 'certs'}:/certs:ro",
+            "--entrypoint", "sh", image, "-c", "tlsproxy serve; echo 'the proxy exited'; exec sleep 300",
+        )
+        wait_for_port(tls_port, time.monotonic() + START_DEADLINE, alive=lambda: podman.running(name))
+        result = health(podman, name, time.monotonic() + HEALTH_DEADLINE)
+        assert result.returncode == 0, f"unhealthy: {result.stdout}{_quiet(result.stderr)}\n{podman.logs(name)}"
+        assert expected in podman.run("inspect", name).stdout  # the check's one line, kept in its log
+
+        podman.run("exec", name, "sh", "-c", "kill -TERM $(cat /proc/1/task/1/children)")
+        deadline = time.monotonic() + START_DEADLINE
+        while "the proxy exited" not in podman.logs(name):
+            assert time.monotonic() < deadline, podman.logs(name)
+            time.sleep(0.2)  # polling interval of a bounded wait
+        assert podman.running(name)
+        result = podman.run("healthcheck", "run", name, check=False, timeout=30)
+        assert result.returncode != 0, result.stdout
+        assert "unhealthy" in result.stdout + result.stderr
+        assert "unhealthy: " in podman.run("inspect", name).stdout  # and it says what it asked
+    finally:
+        remove(podman, name)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # --- the deploy examples ---------------------------------------------------------------------
@@ -549,7 +601,7 @@ def test_kubernetes_example_config_checks_in_the_image(podman: Podman, image: st
     """deploy/kubernetes's ConfigMap, with Secret-shaped files, passes `tlsproxy check`."""
     import yaml
 
-    configmap = yaml.safe_load((REPO / "deploy" / "kubernetes" / "configmap.yaml").read_text())
+    configmap = yaml.safe_load((REPO / "deploy" / "kubernetes" / "base" / "configmap.yaml").read_text())
     root = Path(tempfile.mkdtemp(prefix="tlsproxy-k8s-"))
     try:
         for sub in ("config", "certs"):

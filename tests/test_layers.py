@@ -23,7 +23,8 @@ ALLOWED = {
     "tls": {"config", "pki"},
     "forwarding": {"config", "http", "tls"},
     "check": {"config", "pki", "tls", "forwarding"},
-    "server": {"config", "pki", "tls", "http", "forwarding"},
+    "ops": {"config", "tls"},
+    "server": {"config", "pki", "tls", "http", "forwarding", "ops"},
 }
 
 

@@ -2,9 +2,11 @@
 
 ::
 
+    GET /          200 HTML status page          per ``status()`` (``proxy.ops.status_page``)
     GET /healthz   200 "ok"                      the process is alive (liveness probe)
     GET /readyz    200 "ready" | 503 "draining"  per ``ready()`` (readiness probe)
-    GET /metrics   200 Prometheus text 0.0.4     ``metrics.render()``
+    GET /metrics   200 Prometheus text 0.0.4     ``metrics.render()`` (every worker's:
+                                                 ``proxy.server.worker_stats``)
     GET /ca.pem    200 the local CA | 404        per ``ca_pem()`` (clients fetch what to trust)
     GET /ca.crt    200 it as DER | 404           (also /ca.der) what phones install
     GET /trust     200 HTML | 404                how to trust it on each platform (``trust_page``)
@@ -47,6 +49,7 @@ REQUEST_TIMEOUT = 60.0  # from the end of one response until the next one is sen
 MAX_CONNECTIONS = 64
 ALLOWED_METHODS = (b"GET", b"HEAD")
 TEXT = b"text/plain; charset=utf-8"
+HTML = b"text/html; charset=utf-8"
 
 
 class MetricsPage(Protocol):
@@ -72,7 +75,12 @@ class AdminRoutes:
     CA, draining) shows up at once; one that raises becomes a 500, not a dead listener."""
 
     def __init__(
-        self, *, metrics: MetricsPage, ready: Callable[[], bool], ca_pem: Callable[[], bytes | None]
+        self,
+        *,
+        metrics: MetricsPage,
+        ready: Callable[[], bool],
+        ca_pem: Callable[[], bytes | None],
+        status: Callable[[], bytes] | None = None,
     ) -> None:
         self._metrics = metrics
         self._ready = ready
@@ -86,6 +94,8 @@ class AdminRoutes:
             "/ca.der": self._ca_der,
             "/trust": self._trust_page,
         }
+        if status is not None:
+            self._handlers["/"] = lambda: AdminResponse(200, status(), HTML)
 
     def respond(self, method: bytes, target: bytes) -> AdminResponse:
         path = request_path(target)
@@ -201,12 +211,13 @@ async def start_admin(
     metrics: MetricsPage,
     ready: Callable[[], bool],
     ca_pem: Callable[[], bytes | None],
+    status: Callable[[], bytes] | None = None,
 ) -> AdminServer:
     """Listen on ``listen`` (port 0 = any free port) and answer admin requests.
 
     Raises OSError when the address cannot be bound (as the proxy's own listeners do).
     """
-    admin = AdminServer(AdminRoutes(metrics=metrics, ready=ready, ca_pem=ca_pem))
+    admin = AdminServer(AdminRoutes(metrics=metrics, ready=ready, ca_pem=ca_pem, status=status))
     admin.server = await asyncio.start_server(admin.handle, listen.host, listen.port)
     return admin
 

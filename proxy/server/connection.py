@@ -133,6 +133,8 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
         keep_alive = down.next_cycle()
     except HTTPError as exc:
         status = exc.status
+        subject = info.trusted_identity.subject if info.trusted_identity is not None else None
+        state.events.request_error(info.address, subject, service.name if service else None, status, str(exc))
         keep_alive = _answer_error(down, exc, close=not down.request_complete or state.closing)
     except (ConnectionError, TimeoutError, OSError) as exc:
         log.debug("connection from %s ended: %r", info.address, exc)

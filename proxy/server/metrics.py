@@ -10,7 +10,11 @@ first sight of a tuple converts the values to text once; ``200`` and ``"200"`` s
 child (one series), the second just adds a cache entry.
 
 Everything belongs to one process and is touched from its event loop only (no locks);
-with ``workers > 1`` each worker counts its own requests.
+with ``workers > 1`` each worker counts its own requests, and ``Registry.snapshot()``
+turns them into plain data that ``proxy.ops.metrics_merge`` sums over the workers and
+``Registry.from_snapshot`` renders: every family is merged by its kind (counters and
+histograms summed; gauges per their ``aggregate``), so a metric added later is covered
+with no code of its own.
 
 ``ProxyMetrics`` is the project's metric set in one object; the proxy core bumps its
 attributes, the admin listener renders ``ProxyMetrics.registry``.
@@ -242,10 +246,23 @@ class Counter(_Family[_CounterSeries]):
         return self._unlabelled().value
 
 
+GAUGE_AGGREGATES = ("worker", "sum", "once")
+
+
 class Gauge(_Family[_GaugeSeries]):
-    """A value that goes up and down, or is computed at render time (``set_function``)."""
+    """A value that goes up and down, or is computed at render time (``set_function``).
+
+    ``aggregate`` says what one page for several workers shows: ``worker`` one series per
+    worker (a ``worker`` label added), ``sum`` the sum (open connections), ``once`` one
+    worker's value (the same in all of them: a certificate's expiry)."""
 
     kind = "gauge"
+
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = (), aggregate: str = "worker") -> None:
+        if aggregate not in GAUGE_AGGREGATES:
+            raise ValueError(f"{name}: aggregate must be one of {GAUGE_AGGREGATES}")
+        self.aggregate = aggregate
+        super().__init__(name, help, labelnames)
 
     def _new_series(self, labels_text: str) -> _GaugeSeries:
         return _GaugeSeries(labels_text)
@@ -312,8 +329,8 @@ class Registry:
     def counter(self, name: str, help: str, labelnames: Sequence[str] = ()) -> Counter:
         return self.register(Counter(name, help, labelnames))
 
-    def gauge(self, name: str, help: str, labelnames: Sequence[str] = ()) -> Gauge:
-        return self.register(Gauge(name, help, labelnames))
+    def gauge(self, name: str, help: str, labelnames: Sequence[str] = (), aggregate: str = "worker") -> Gauge:
+        return self.register(Gauge(name, help, labelnames, aggregate))
 
     def histogram(
         self, name: str, help: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = DEFAULT_BUCKETS
@@ -323,6 +340,60 @@ class Registry:
     def render(self) -> bytes:
         """The whole page in the text exposition format 0.0.4 (see CONTENT_TYPE)."""
         return "".join(line for family in list(self._families.values()) for line in family.render()).encode()
+
+    def snapshot(self) -> list[dict]:
+        """Every family and series as plain JSON-able data (gauge callbacks evaluated
+        now), for ``proxy.ops.metrics_merge``: what one worker shows the others."""
+        out = []
+        for family in list(self._families.values()):
+            entry: dict = {"name": family.name, "kind": family.kind, "help": family.help,
+                           "labelnames": list(family.labelnames)}
+            if isinstance(family, Gauge):
+                entry["aggregate"] = family.aggregate
+            if isinstance(family, Histogram):
+                entry["buckets"] = list(family.bounds)
+            entry["series"] = [
+                [list(values), value]
+                for values, series in list(family._series.items())
+                if (value := _series_value(series)) is not None
+            ]
+            out.append(entry)
+        return out
+
+    @classmethod
+    def from_snapshot(cls, families: Iterable[dict]) -> Registry:
+        """A registry holding exactly what ``families`` (a snapshot, or a merge of
+        several) says, to be rendered like a live one."""
+        registry = cls()
+        for entry in families:
+            kind, labelnames = entry["kind"], entry["labelnames"]
+            if kind == "counter":
+                family: _Family = registry.counter(entry["name"], entry["help"], labelnames)
+            elif kind == "gauge":
+                family = registry.gauge(entry["name"], entry["help"], labelnames, entry.get("aggregate", "worker"))
+            else:
+                family = registry.histogram(entry["name"], entry["help"], labelnames, entry["buckets"])
+            for values, value in entry["series"]:
+                series = family.labels(*values)
+                if kind == "histogram":
+                    series.counts = list(value["counts"])
+                    series.sum, series.count = value["sum"], value["count"]
+                else:
+                    series.value = value
+        return registry
+
+
+def _series_value(series: _CounterSeries | _GaugeSeries | _HistogramSeries) -> object:
+    """A series' value as plain data; None for a gauge whose callback failed."""
+    if isinstance(series, _HistogramSeries):
+        return {"counts": list(series.counts), "sum": series.sum, "count": series.count}
+    if isinstance(series, _GaugeSeries) and series.function is not None:
+        try:
+            return series.function()
+        except Exception:
+            log.exception("metrics: a gauge callback failed")
+            return None
+    return series.value
 
 
 # --- the proxy's metric set -------------------------------------------------------------
@@ -357,7 +428,7 @@ class ProxyMetrics:
             buckets,
         )
         self.active_connections = registry.gauge(
-            "tlsproxy_active_connections", "Client connections open now."
+            "tlsproxy_active_connections", "Client connections open now.", aggregate="sum"
         )
         self.handshake_failures = registry.counter(
             "tlsproxy_handshake_failures_total", "Failed TLS handshakes, by reason.", ("reason",)
@@ -376,6 +447,7 @@ class ProxyMetrics:
             "tlsproxy_certificate_not_after_seconds",
             "When each server certificate in use expires (Unix time).",
             ("path", "subject"),
+            aggregate="once",
         )
         self.reloads = registry.counter(
             "tlsproxy_reloads_total", "Configuration reloads, by result (ok or error).", ("result",)

@@ -31,9 +31,11 @@ from collections.abc import Callable
 
 from proxy.config.model import ProxyConfig
 from proxy.errors import ConfigError, TlsProxyError
+from proxy.ops.events import EventLog, merge_events
 from proxy.pki.trust import ca_banner
 from proxy.server.access_log import AccessLog
 from proxy.server.admin import AdminServer, start_admin
+from proxy.server.admin_status import status_page
 from proxy.server.expiry import ExpiryWatch, certificates_in_files
 from proxy.server.generation import Generation, build_generation, pin_fixed_settings
 from proxy.server.listeners import BoundListeners, accept_loop
@@ -45,6 +47,7 @@ from proxy.server.state import ServerState
 from proxy.server.tls_accept import serve_tls_socket
 from proxy.server.h2_upstream import H2UpstreamPool
 from proxy.server.upstream_pool import UpstreamPool, connect_channel
+from proxy.server.worker_stats import SharedSlots, WorkerStats
 
 log = logging.getLogger("tlsproxy")
 
@@ -76,6 +79,8 @@ class RunningProxy:
         self.config_source: Callable[[], ProxyConfig] | None = None
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task] = set()  # reload_soon's tasks, kept until done
+        self.worker = 0  # this process's worker index (0 without workers)
+        self.stats: WorkerStats | None = None  # with workers: what this one shares with the others
 
     def reload(self, config: ProxyConfig | None = None) -> bool:
         """Replace the config (``config``, else a fresh one from ``config_source``),
@@ -126,13 +131,15 @@ class RunningProxy:
         reason = str(exc).replace("\n", "; ") if isinstance(exc, TlsProxyError) else repr(exc)  # one log line
         log.error("reload failed, still serving the previous configuration: %s", reason)
         self.state.metrics.record_reload(False)
+        self.state.events.reload(False, f"kept the previous configuration: {reason}")
         return False
 
     def _publish(self, generation: Generation, fixed: list[str], access_log: AccessLog | None) -> bool:
         state = self.state
         config = generation.config
-        if fixed:
-            log.warning("reload: %s changed; that takes a restart", ", ".join(fixed))
+        restart = f"{', '.join(fixed)} changed; that takes a restart" if fixed else ""
+        if fixed and self.worker == 0:  # every worker pins the same settings: one line says it
+            log.warning("reload: %s", restart)
         if access_log is not None:
             state.access_log.close()
             state.access_log = access_log
@@ -145,6 +152,8 @@ class RunningProxy:
         state.h2_pool.configure(connect_timeout=config.timeouts.upstream_connect)
         state.metrics.add_services(service.name for service in config.services)
         state.metrics.record_reload(True)
+        state.events.forget_services(service.name for service in config.services)
+        state.events.reload(True, f"{len(config.services)} services" + (f"; {restart}" if restart else ""))
         log.info("reloaded the configuration (%d services)", len(config.services))
         if self._expiry is not None:
             self._expiry.check()  # the gauge and the warnings follow the new certificates
@@ -160,6 +169,12 @@ class RunningProxy:
         )
         self._file_watch.start()
 
+    def merged_events(self) -> dict:
+        """Every worker's events (this process's alone without workers)."""
+        if self.stats is not None:
+            return self.stats.merged()[1]
+        return merge_events([self.state.events.snapshot()])
+
     @property
     def admin_address(self) -> tuple[str, int] | None:
         return self.admin.address if self.admin is not None else None
@@ -168,11 +183,15 @@ class RunningProxy:
         """The admin listener and the expiry watch (after the proxy's own sockets bound)."""
         state = self.state
         if admin and state.config.admin.listen is not None:
+            stats = self.stats
             self.admin = await start_admin(
                 state.config.admin.listen,
-                metrics=state.metrics,
+                metrics=stats if stats is not None else state.metrics,
                 ready=lambda: not state.closing,
                 ca_pem=lambda: _local_ca_pem(state.config),
+                status=lambda: status_page(
+                    state, self.merged_events, [f"{_url_host(host)}:{port}" for host, port in self.addresses]
+                ),
             )
         self._expiry = ExpiryWatch(
             lambda: certificates_in_files(
@@ -216,7 +235,7 @@ class RunningProxy:
             lines.append(f"tlsproxy: redirecting http://{_url_host(host)}:{port} to https://")
         if self.admin_address is not None:
             host, port = self.admin_address[:2]
-            lines.append(f"tlsproxy: admin on http://{_url_host(host)}:{port} (/healthz /readyz /metrics /ca.pem /trust)")
+            lines.append(f"tlsproxy: admin on http://{_url_host(host)}:{port} (/ /healthz /readyz /metrics /ca.pem /trust)")
         if _issues_from_local_ca(self.state.config):
             lines += [f"tlsproxy: {line}" for line in ca_banner(self.state.config.tls.ca_dir / "ca.pem")]
         return lines
@@ -251,6 +270,8 @@ class RunningProxy:
         await self.state.pool.close_and_wait(UPSTREAM_CLOSE_WAIT)
         await self.state.h2_pool.close_and_wait(UPSTREAM_CLOSE_WAIT)
         self.state.access_log.close()
+        if self.stats is not None:
+            self.stats.stop()  # the last snapshot: what the parent keeps once we exit
         if self.admin is not None:
             self.admin.close()
             await self.admin.wait_closed()
@@ -281,13 +302,16 @@ async def start_proxy(
     watch_interval: float = WATCH_INTERVAL,
     listeners: BoundListeners | None = None,
     admin: bool = True,
+    worker: int = 0,
+    shared: SharedSlots | None = None,
 ) -> RunningProxy:
     """Build everything from ``config``, bind the listeners and start accepting.
 
     With ``config_source`` (how to load the config again), ``reload()`` without an
     argument re-reads it, and changed certificate files trigger that by themselves.
     ``listeners``: sockets bound already (a worker's, inherited from its parent);
-    ``admin=False``: no admin listener (workers other than the first).
+    ``admin=False``: no admin listener (workers other than the first); ``worker``: this
+    worker's index and ``shared``: the memory its snapshots go to (``worker_stats``).
     Raises ConfigError (bad TLS files) or OSError (cannot bind) before accepting."""
     generation = build_generation(config)
     engines = generation.engines
@@ -315,9 +339,14 @@ async def start_proxy(
         access_log=access_log,
         https_port=listeners.tls[0].getsockname()[1] if listeners.tls else 443,
         metrics=metrics,
+        events=EventLog(worker),
     )
     metrics.active_connections.set_function(lambda: len(state.connections))
     running = RunningProxy(state, listeners)
+    running.worker = worker
+    if shared is not None:
+        running.stats = WorkerStats(shared, worker, metrics, state.events)
+        running.stats.start()
     try:
         await running._start_companions(admin)
     except OSError:
@@ -353,10 +382,11 @@ def serve_blocking(
     *,
     listeners: BoundListeners | None = None,
     worker: int = 0,
+    shared: SharedSlots | None = None,
 ) -> int:
     """One process serving until SIGINT / SIGTERM (a worker: on its parent's sockets)."""
     with _runner() as runner:
-        runner.run(_serve_until_signal(config, config_source, listeners, worker))
+        runner.run(_serve_until_signal(config, config_source, listeners, worker, shared))
     return 0
 
 
@@ -365,8 +395,11 @@ async def _serve_until_signal(
     config_source: Callable[[], ProxyConfig] | None,
     listeners: BoundListeners | None,
     worker: int,
+    shared: SharedSlots | None = None,
 ) -> None:
-    running = await start_proxy(config, config_source=config_source, listeners=listeners, admin=worker == 0)
+    running = await start_proxy(
+        config, config_source=config_source, listeners=listeners, admin=worker == 0, worker=worker, shared=shared
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = [signal.SIGINT, signal.SIGTERM]

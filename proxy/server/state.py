@@ -2,8 +2,9 @@
 
 The current config ``Generation`` (config, TLS contexts, router, engines;
 replaced as a whole by a reload, see ``proxy.server.generation``), the upstream pool,
-the access log, the metrics, plus the live connections, so shutdown can close the idle
-ones at once and let busy ones finish their current response.
+the access log, the metrics and recent events (the status page's), plus the live
+connections, so shutdown can close the idle ones at once and let busy ones finish their
+current response.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 from proxy.config.model import ProxyConfig
 from proxy.http.engines import EngineFactory
+from proxy.ops.events import EventLog
 from proxy.server.access_log import AccessLog
 from proxy.server.downstream import Downstream
 from proxy.server.generation import Generation
@@ -43,6 +45,7 @@ class ServerState:
     https_port: int = 443  # the first TLS listener's port, for redirect_http
     closing: bool = False
     metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
+    events: EventLog = field(default_factory=EventLog)  # refusals, reloads, upstream errors
     connections: set[TrackedConnection] = field(default_factory=set)
 
     # The current generation's parts, for code outside a request (start-up, admin,

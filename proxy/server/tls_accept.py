@@ -48,12 +48,14 @@ async def serve_tls_socket(sock: socket.socket, peer: tuple, state: ServerState)
     except PlainHTTP:
         state.metrics.handshake_failures.labels("plain_http").inc()
         log.info("plain HTTP from %s on the TLS port: answered 400", _address(peer))
+        state.events.refused_handshake(_address(peer), "plain HTTP sent to the TLS port (answered 400)")
         await channel.refuse_plain_http(PLAIN_HTTP_RESPONSE, LINGER_SECONDS)
         return
     except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError; the alert went out
         key, words = describe_handshake_failure(exc)
         state.metrics.handshake_failures.labels(key).inc()
         log.warning("TLS handshake with %s failed: %s", _address(peer), words)
+        state.events.refused_handshake(_address(peer), words)
         return
 
     ssl_object = channel.ssl_object
@@ -69,6 +71,7 @@ async def serve_tls_socket(sock: socket.socket, peer: tuple, state: ServerState)
         info.identity = client_identity(ssl_object, generation.tls.client_cas)
     except PKIError as exc:  # verified by OpenSSL yet unparseable: refuse the connection
         log.warning("client certificate from %s cannot be used: %s", _address(peer), exc)
+        state.events.refused_handshake(_address(peer), f"client certificate cannot be used: {exc}")
         channel.abort()
         return
     # What the handshake's generation makes of this client; a reload makes requests redo it.

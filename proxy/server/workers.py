@@ -11,8 +11,11 @@ supervises:
 * a worker that dies otherwise is replaced (after a pause if it died young, so a
   crash loop does not spin).
 
-Only worker 0 runs the admin listener and prints the start-up lines, so /metrics shows
-worker 0's counters. The access log is shared safely (O_APPEND, one write per batch).
+Only worker 0 runs the admin listener and prints the start-up lines; its /metrics and
+status page show every worker: each publishes snapshots into shared memory the parent
+made before forking, and the parent folds a dead worker's last one into the totals it
+keeps (``proxy.server.worker_stats``). The access log is shared safely (O_APPEND, one
+write per batch).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Callable
 
 from proxy.config.model import ProxyConfig
 from proxy.server.listeners import BoundListeners
+from proxy.server.worker_stats import SharedSlots, fold_dead_worker
 
 log = logging.getLogger("tlsproxy")
 
@@ -36,7 +40,7 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR
 YOUNG_WORKER = 1.0  # a worker dying sooner than this after start is restarted after a pause
 
 
-# How a worker serves: (config, config_source, listeners=, worker=) -> exit code. The
+# How a worker serves: (config, config_source, listeners=, worker=, shared=) -> exit code. The
 # caller passes it in (``running.serve_blocking``), so this module never imports back.
 ServeFunction = Callable[..., int]
 
@@ -66,6 +70,7 @@ class _Supervisor:
         self.sets = sets
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started)
         self.stopping = False
+        self.shared = SharedSlots(len(sets) + 1)  # one slot per worker, one for the dead ones' totals
 
     def run(self) -> int:
         for signum in FORWARDED_SIGNALS:
@@ -79,7 +84,13 @@ class _Supervisor:
             except ChildProcessError:
                 break
             index, started = self.children.pop(pid, (None, 0.0))
-            if index is None or self.stopping:
+            if index is None:
+                continue
+            try:  # before its replacement publishes into its slot
+                fold_dead_worker(self.shared, index)
+            except Exception:  # supervision goes on whatever the snapshot held
+                log.exception("worker %d: keeping its final counts failed", index)
+            if self.stopping:
                 continue
             log.error("worker %d (pid %d) exited (status %d); starting another", index, pid, status)
             if time.monotonic() - started < YOUNG_WORKER:
@@ -115,7 +126,9 @@ class _Supervisor:
             for other, bound in enumerate(self.sets):
                 if other != index:
                     bound.close()
-            code = self.serve(self.config, self.config_source, listeners=self.sets[index], worker=index)
+            code = self.serve(
+                self.config, self.config_source, listeners=self.sets[index], worker=index, shared=self.shared
+            )
         except BaseException:
             traceback.print_exc()
         finally:
