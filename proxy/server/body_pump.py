@@ -22,6 +22,7 @@ from proxy.errors import HTTPError, PayloadTooLarge
 from proxy.http.engine import Body
 from proxy.server.channel import ConnectionLost
 from proxy.server.downstream import Downstream
+from proxy.server.task import stop_task
 from proxy.server.upstream_pool import UpstreamConnection
 
 REQUEST_TIMEOUT = 408
@@ -84,11 +85,4 @@ class BodyPump:
 
         Only the pump's own ending is absorbed (its failure is on the connection): if
         the task calling ``stop`` is cancelled meanwhile, that cancellation propagates."""
-        task = self._task
-        running = not task.done()
-        if running:
-            task.cancel()
-            await asyncio.wait((task,))
-        if not task.cancelled():
-            task.exception()  # retrieved: a failure was recorded on the connection already
-        return running
+        return await stop_task(self._task)

@@ -21,60 +21,38 @@ goes once more on a fresh connection — when no body byte was taken from the cl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
-from proxy.config.model import Service, Timeouts
 from proxy.errors import BadGateway, GatewayTimeout, HTTPError, PayloadTooLarge
 from proxy.forwarding.headers import downstream_response_headers
-from proxy.http.engine import Body, EndOfMessage, Headers, RequestHead, ResponseHead
+from proxy.http.engine import Body, Headers, ResponseHead
 from proxy.http.h2.messages import request_fields
 from proxy.server.body_pump import REQUEST_TIMEOUT
 from proxy.server.channel import ConnectionLost
-from proxy.server.downstream import Downstream, reason_phrase
+from proxy.server.downstream import reason_phrase
 from proxy.server.h2_upstream import H2UpstreamPool, UpstreamReset, UpstreamStream
-from proxy.tls.upstream_context import UpstreamTLS
+from proxy.server.relay import Exchange
+from proxy.server.task import stop_task
 
 
-class H2Relay:
+class H2Relay(Exchange):
     """One request's trip to an HTTP/2 upstream and back; ``run`` returns the status."""
 
-    __slots__ = (
-        "down", "head", "service", "pool", "timeouts", "max_body_bytes", "closing", "upstream_url", "status",
-        "_scheme", "_pump", "_body_events", "_tls",
-    )
+    __slots__ = ("_scheme", "_pump", "_body_events")
 
-    def __init__(
-        self,
-        down: Downstream,
-        head: RequestHead,
-        service: Service,
-        pool: H2UpstreamPool,
-        timeouts: Timeouts,
-        *,
-        max_body_bytes: int = 0,
-        closing: Callable[[], bool] = lambda: False,
-        upstream_tls: UpstreamTLS | None = None,
-    ) -> None:
-        self._tls = upstream_tls
-        self.down = down
-        self.head = head
-        self.service = service
-        self.pool = pool
-        self.timeouts = timeouts
-        self.max_body_bytes = max_body_bytes
-        self.closing = closing
-        self.upstream_url: str | None = None
-        self.status = 0
-        self._scheme = b"https" if service.upstream_scheme == "https" else b"http"
+    pool: H2UpstreamPool
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._scheme = b"https" if self.service.upstream_scheme == "https" else b"http"
         self._pump: asyncio.Task | None = None
-        self._body_events = 0
+        self._body_events = 0  # pieces of body taken from the client: 0 = may be sent again
 
     async def run(self, headers: Headers, target: bytes) -> int:
         upstream = self.service.upstreams[0]
         authority = f"[{upstream.host}]:{upstream.port}" if ":" in upstream.host else f"{upstream.host}:{upstream.port}"
         fields = request_fields(self.head, headers, target, scheme=self._scheme, authority=authority.encode())
         for attempt in (1, 2):
-            stream = await self.pool.open_stream(self.service, fields, end=not self.head.has_body, tls=self._tls)
+            stream = await self.pool.open_stream(self.service, fields, end=not self.head.has_body, tls=self.upstream_tls)
             self.upstream_url = stream.connection.upstream.url
             try:
                 return await self._exchange(stream)
@@ -110,13 +88,7 @@ class H2Relay:
         if pump is None:
             return False
         self._pump = None
-        running = not pump.done()
-        if running:
-            pump.cancel()
-            await asyncio.wait((pump,))
-        if not pump.cancelled():
-            pump.exception()  # retrieved: a failure was recorded on the stream already
-        return running
+        return await stop_task(pump)
 
     async def _send_body(self, stream: UpstreamStream) -> None:
         down = self.down

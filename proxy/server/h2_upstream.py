@@ -34,6 +34,7 @@ from proxy.http.h2.codec import (
     InformationalReceived,
     PeerClosing,
     ResponseOpened,
+    SettingsReceived,
     StreamData,
     StreamEnded,
     StreamReset,
@@ -173,7 +174,7 @@ class UpstreamH2Connection:
 
     __slots__ = (
         "upstream", "channel", "codec", "loop", "streams", "retired", "service", "key",
-        "reader", "_on_closed", "_writer", "_waiting_write",
+        "reader", "settled", "_on_closed", "_writer", "_waiting_write",
     )
 
     def __init__(self, upstream: Upstream, channel: Channel, service: str, on_closed: Callable, key: str) -> None:
@@ -190,6 +191,8 @@ class UpstreamH2Connection:
         self._on_closed = on_closed
         self._writer: asyncio.Task | None = None
         self._waiting_write: set[UpstreamStream] = set()
+        # Set when the upstream's SETTINGS arrive: until then its stream limit is unknown.
+        self.settled: asyncio.Future = self.loop.create_future()
         self.flush()  # the preface and our SETTINGS
         self.reader = self.loop.create_task(self._read())  # ends when the connection does
 
@@ -262,6 +265,9 @@ class UpstreamH2Connection:
             reason = f"connection failed ({exc})"
         finally:
             self.retired = True
+            if not self.settled.done():
+                self.settled.set_exception(ConnectionError(reason))
+                self.settled.exception()
             failure = BadGateway(f"service {self.service!r}: upstream {self.upstream.url} {reason}")
             for stream in list(self.streams.values()):
                 stream.fail(failure)
@@ -313,6 +319,9 @@ class UpstreamH2Connection:
                     f"service {self.service!r}: upstream {self.upstream.url} reset the stream "
                     f"({error_name(event.code)})", code=event.code,
                 ))
+        elif kind is SettingsReceived:
+            if not self.settled.done():
+                self.settled.set_result(None)
         elif kind is WindowOpened:
             if event.stream_id == 0:
                 for each in self.streams.values():
@@ -351,6 +360,9 @@ class H2UpstreamPool:
         self._connect_timeout = connect_timeout
         self._connections: dict[str, list[UpstreamH2Connection]] = {}
         self._turns: dict[str, itertools.count] = {}
+        # A connection being opened, per key: requests arriving meanwhile wait for it
+        # rather than each opening its own (HTTP/2's point is one connection).
+        self._opening: dict[str, asyncio.Future] = {}
 
     def configure(self, *, connect_timeout: float) -> None:
         self._connect_timeout = connect_timeout
@@ -372,9 +384,16 @@ class H2UpstreamPool:
         for upstream in self.order(service):
             key = upstream.url if tls is None else tls.pool_key(upstream)
             connection = self._with_room(key)
+            opening = self._opening.get(key)
+            if connection is None and opening is not None:
+                try:
+                    await asyncio.shield(opening)
+                except Exception:  # noqa: BLE001 - its opener reports why
+                    pass
+                connection = self._with_room(key)
             if connection is None:
                 try:
-                    connection = await self._new_connection(upstream, key, service.name, tls)
+                    connection = await self._opened(upstream, key, service.name, tls)
                 except (OSError, TimeoutError) as exc:
                     failures.append(connect_failure(exc, service, upstream, tls, self._connect_timeout))
                     continue
@@ -390,6 +409,23 @@ class H2UpstreamPool:
                 return connection
         return None
 
+    async def _opened(
+        self, upstream: Upstream, key: str, service: str, tls: UpstreamTLS | None
+    ) -> UpstreamH2Connection:
+        """A new connection, announced to requests arriving while it is being opened."""
+        opening = self._opening[key] = asyncio.get_running_loop().create_future()
+        try:
+            connection = await self._new_connection(upstream, key, service, tls)
+        except BaseException as exc:
+            opening.set_exception(exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
+            opening.exception()  # (retrieved: the waiters only wanted to know it ended)
+            raise
+        finally:
+            if self._opening.get(key) is opening:
+                del self._opening[key]
+        opening.set_result(connection)
+        return connection
+
     async def _new_connection(
         self, upstream: Upstream, key: str, service: str, tls: UpstreamTLS | None
     ) -> UpstreamH2Connection:
@@ -404,6 +440,13 @@ class H2UpstreamPool:
                     "upstream_tls.http2 is true: turn it off for an HTTP/1.1 upstream"
                 )
         connection = UpstreamH2Connection(upstream, channel, service, self._closed, key)
+        try:  # its limits first (within what is left of upstream_connect)
+            await asyncio.wait_for(asyncio.shield(connection.settled), self._connect_timeout or None)
+        except ConnectionError as exc:
+            raise BadGateway(f"upstream {upstream.url} closed the connection before its HTTP/2 SETTINGS ({exc})")
+        except BaseException:
+            connection.close()
+            raise
         self._connections.setdefault(key, []).append(connection)
         return connection
 

@@ -66,12 +66,14 @@ class _SendAgain(Exception):
     is the 502's should the repeat fail too."""
 
 
-class Relay:
-    """One request's trip upstream and back; ``run`` returns the response status."""
+class Exchange:
+    """What a relay holds, whichever protocol the upstream speaks (``Relay`` for
+    HTTP/1.1, ``h2_relay.H2Relay`` for HTTP/2): the request, where it goes, and how it
+    went — ``run(headers, target)`` returns the response status."""
 
     __slots__ = (
         "down", "head", "service", "pool", "timeouts", "max_body_bytes", "closing", "upstream_url", "status",
-        "upstream_tls", "_pump", "_answered",
+        "upstream_tls",
     )
 
     def __init__(
@@ -79,7 +81,7 @@ class Relay:
         down: Downstream,
         head: RequestHead,
         service: Service,
-        pool: UpstreamPool,
+        pool: object,
         timeouts: Timeouts,
         *,
         max_body_bytes: int = 0,
@@ -89,13 +91,24 @@ class Relay:
         self.down = down
         self.head = head
         self.service = service
-        self.pool = pool
+        self.pool = pool  # the pool for the upstream's protocol
         self.timeouts = timeouts
         self.max_body_bytes = max_body_bytes
         self.closing = closing  # True once shutting down: tell the client this is the last response
         self.upstream_tls = upstream_tls  # the service's context in this request's generation (https://)
         self.upstream_url: str | None = None
         self.status = 0
+
+
+class Relay(Exchange):
+    """One request's trip to an HTTP/1.1 upstream and back."""
+
+    __slots__ = ("_pump", "_answered")
+
+    pool: UpstreamPool
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self._pump: BodyPump | None = None
         self._answered = False  # a response head (100 Continue included) went to the client
 

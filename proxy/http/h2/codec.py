@@ -130,6 +130,11 @@ class WindowOpened:
 
 
 @dataclass(slots=True)
+class SettingsReceived:
+    """The peer's SETTINGS arrived (the first one is its preface: limits now known)."""
+
+
+@dataclass(slots=True)
 class PeerClosing:
     """The client sent GOAWAY: no new streams; ``last_stream_id`` is the last it will see answered."""
 
@@ -139,7 +144,7 @@ class PeerClosing:
 
 Event = (
     StreamOpened | ResponseOpened | InformationalReceived | StreamData | StreamTrailers | StreamEnded
-    | StreamReset | WindowOpened | PeerClosing
+    | StreamReset | WindowOpened | PeerClosing | SettingsReceived
 )
 
 
@@ -222,6 +227,7 @@ class _Codec:
                     self._conn.encoder.header_table_size = MAX_ENCODER_TABLE
                 if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
                     append(WindowOpened(0))  # every stream's window moved
+                append(SettingsReceived())
             else:  # PING, SETTINGS ack, PRIORITY, unknown frames...
                 self.control_frames += 1
         return events
