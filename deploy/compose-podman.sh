@@ -45,6 +45,18 @@ wait_healthy() {
   echo "$1 healthy"
 }
 
+# Until container $1's output holds $2 (a server that says when it listens), bounded.
+wait_logged() {
+  local deadline=$((SECONDS + health_deadline))
+  until podman logs "$project-$1" 2>&1 | grep -q "$2"; do
+    if [ "$(podman inspect --format '{{.State.Running}}' "$project-$1")" != true ] || [ "$SECONDS" -ge "$deadline" ]; then
+      echo "$1 did not log '$2' within ${health_deadline}s" >&2
+      exit 1
+    fi
+    sleep 0.2  # polling interval of a bounded wait
+  done
+}
+
 # The image (unless SKIP_BUILD), the pki volume, and the one-shot `certs` service
 # (the recipe's make-certs.sh into the volume; must exit 0).
 build_and_make_certs() {
