@@ -174,8 +174,11 @@ class ServerCodec:
             if kind is h2.events.DataReceived:
                 if event.data:
                     append(StreamData(event.stream_id, event.data, event.flow_controlled_length))
-                elif event.flow_controlled_length:  # padding only: nothing to wait for
-                    self.ack(event.stream_id, event.flow_controlled_length)
+                else:
+                    if event.flow_controlled_length:  # padding only: nothing to wait for
+                        self.ack(event.stream_id, event.flow_controlled_length)
+                    if event.stream_ended is None:  # moves nothing: flood accounting (CVE-2019-9518)
+                        self.control_frames += 1
             elif kind is h2.events.RequestReceived:
                 append(StreamOpened(event.stream_id, event.headers, event.stream_ended is not None))
             elif kind is h2.events.StreamEnded:
