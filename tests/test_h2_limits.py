@@ -16,7 +16,7 @@ from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame, SettingsFrame
 from upstream import ProxyThread, proxy_config, service
 
-from proxy.config.model import Limits
+from proxy.config.model import Limits, Timeouts
 
 CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 BASE = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"localhost"), (b":path", b"/echo")]
@@ -202,3 +202,29 @@ def test_empty_data_flood_gets_goaway_enhance_your_calm(pki, upstream, px):
         assert client.wait_goaway() is not None, "an empty DATA flood was never stopped"
         assert client.goaway.error_code == CALM
     served_on_a_new_connection(pki, px)
+
+
+def test_streams_reset_before_they_started_do_not_keep_the_connection_busy(pki, upstream, tmp_path):
+    """Streams opened and reset in the same read are cancelled before their task ever
+    ran: they must still be forgotten, or each leaks for the connection's lifetime and
+    the connection never counts as idle (the idle timeout never closes it)."""
+    config = proxy_config(pki, service("app", upstream), tmp_path, timeouts=Timeouts(idle=0.5))
+    with ProxyThread(config) as px, H2Client(pki, px.port) as client:
+        settled(client)
+        open_and_reset(client, 50)
+        assert client.response(client.request("/echo")).status == 200
+        client.read_until_closed()  # each recv bounded by the client's 5 s timeout
+        assert client.goaway is not None and client.goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+        assert client.closed
+
+
+def test_more_early_resets_than_max_concurrent_streams_leave_the_connection_serving(pki, upstream, tmp_path):
+    """A reset stream is closed (RFC 9113 5.1): it no longer counts against
+    max_concurrent_streams, whether or not its task had started."""
+    config = proxy_config(pki, service("app", upstream), tmp_path, limits=Limits(max_concurrent_streams=10))
+    with ProxyThread(config) as px, H2Client(pki, px.port) as client:
+        settled(client)
+        for _ in range(5):
+            open_and_reset(client, 8)
+        answer = client.response(client.request("/echo"))
+        assert answer.status == 200, answer
