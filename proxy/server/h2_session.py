@@ -189,7 +189,10 @@ class H2Session:
             refuse_request(stream, exc, self.state)
             self.finish(stream)
             return
-        stream.task = self.loop.create_task(self._serve(stream, head))
+        task = stream.task = self.loop.create_task(self._serve(stream, head))
+        # A task cancelled before its first step (a stream reset in the read that opened
+        # it) never runs _serve's ``finally``: finish the stream here, or it stays forever.
+        task.add_done_callback(lambda _task, stream=stream: stream.task is _task and self.finish(stream))
 
     async def _serve(self, stream: StreamDownstream, head: object) -> None:
         try:
