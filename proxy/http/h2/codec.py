@@ -49,7 +49,10 @@ CANCEL = 0x8
 ENHANCE_YOUR_CALM = 0xB
 
 DEFAULT_WINDOW = 65535  # RFC 9113 6.9.2: every window's size before SETTINGS change it
-MAX_ENCODER_TABLE = 4096  # our HPACK encoder's dynamic table, whatever the client allows
+MAX_ENCODER_TABLE = 4096
+# Streams past the advertised MAX_CONCURRENT_STREAMS that h2 lets through for the session
+# to refuse one by one; a client past even that (in one read) has its connection ended.
+STREAM_SLACK = 100  # our HPACK encoder's dynamic table, whatever the client allows
 
 _ERROR_NAMES = {
     0x0: "NO_ERROR", 0x1: "PROTOCOL_ERROR", 0x2: "INTERNAL_ERROR", 0x3: "FLOW_CONTROL_ERROR",
@@ -144,16 +147,25 @@ class ServerCodec:
             split_outbound_cookies=False,
         )
         conn = self._conn = h2.connection.H2Connection(config=config)
-        conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
-                h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 0,  # WebSockets stay on HTTP/1.1
-            },
-        )
+
+        def settings(streams: int) -> h2.settings.Settings:
+            return h2.settings.Settings(
+                client=False,
+                initial_values={
+                    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: streams,
+                    h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
+                    h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 0,  # WebSockets stay on HTTP/1.1
+                },
+            )
+
+        conn.local_settings = settings(max_concurrent_streams)
         conn.decoder.max_header_list_size = header_list_limit
-        conn.initiate_connection()
+        conn.initiate_connection()  # our SETTINGS advertise max_concurrent_streams
+        # h2 treats a stream past its own MAX_CONCURRENT_STREAMS as a connection error
+        # (every other stream would end with it); RFC 9113 5.1.2 makes it a stream error.
+        # So h2 holds a looser bound, and the session refuses each stream past the
+        # advertised one with REFUSED_STREAM.
+        conn.local_settings = settings(max_concurrent_streams + STREAM_SLACK)
         if connection_window > DEFAULT_WINDOW:
             conn.increment_flow_control_window(connection_window - DEFAULT_WINDOW)
         self._extra: list[bytes] = []  # frames written beside h2 (a draining GOAWAY)
