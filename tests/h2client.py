@@ -7,7 +7,8 @@ to build at all (a CONTINUATION flood, an HPACK bomb).
 Every wait is bounded by the socket timeout; nothing sleeps. ``H2Client.response``
 reads until a stream is complete, reset, or the connection ends, and returns what
 arrived on it (``Answer``). Received DATA is acknowledged at once, except on the
-streams in ``hold`` (a client that stops reading one stream).
+streams in ``hold`` (a client that stops reading one stream: their DATA reopens the
+connection's window, never the stream's).
 """
 
 from __future__ import annotations
@@ -164,9 +165,11 @@ class H2Client:
         elif kind is h2.events.DataReceived:
             answer = self.answers.setdefault(event.stream_id, Answer())
             answer.body += event.data
-            if event.stream_id not in self.hold:
-                with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                if event.stream_id not in self.hold:
                     self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif event.flow_controlled_length:  # the connection's window only: the others go on
+                    self.conn.increment_flow_control_window(event.flow_controlled_length)
         elif kind is h2.events.StreamEnded:
             self.answers.setdefault(event.stream_id, Answer()).ended = True
         elif kind is h2.events.StreamReset:
