@@ -215,6 +215,18 @@ class H2Client:
         self.conn.remote_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = 1 << 30
         self.conn.remote_settings.acknowledge()
 
+    def survive_goaway(self) -> None:
+        """Keep this client working after the proxy's GOAWAY: h2 closes its connection
+        state on receiving one and then refuses every frame, even the DATA of the streams
+        the GOAWAY promised to finish (a draining proxy's), and refuses to open streams
+        (which a test of the proxy's refusal wants to do)."""
+        machine = self.conn.state_machine
+        closed = h2.connection.ConnectionState.CLOSED
+        transitions = dict(type(machine)._transitions)
+        for input_ in h2.connection.ConnectionInputs:
+            transitions.setdefault((closed, input_), (None, closed))
+        machine._transitions = transitions
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
