@@ -85,8 +85,13 @@ def proxy_socket(local_port: int | None = None, peer_port: int | None = None) ->
     in-process, so its sockets are here to ask the kernel about."""
     for name in os.listdir("/proc/self/fd"):
         try:
-            sock = socket.socket(fileno=os.dup(int(name)))
+            fd = os.dup(int(name))
         except OSError:
+            continue
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # not a socket
+            os.close(fd)
             continue
         try:
             if sock.type == socket.SOCK_STREAM and sock.family == socket.AF_INET:

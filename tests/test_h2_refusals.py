@@ -5,6 +5,9 @@ through on that same connection."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import h2.errors
 import pytest
 from h2client import H2Client
@@ -134,11 +137,23 @@ class CompletingUpstream(TestUpstream):
     def __init__(self) -> None:
         super().__init__()
         self.complete: list[int] = []
+        self.reading = threading.Event()  # a request head arrived: its body is being read
 
     def _read_body(self, conn, http):
+        self.reading.set()
         size, digest = super()._read_body(conn, http)
         self.complete.append(size)
         return size, digest
+
+
+def settle(px: ProxyThread) -> None:
+    """Let the proxy's loop finish closing what the connection error aborted before the
+    proxy shuts down: transports aborted just before ``running.close()`` returns are not
+    closed yet when ProxyThread closes the loop (uvloop's ResourceWarning, an error
+    here; about one run in four without this)."""
+    assert px.wait_connections_done()
+    for _ in range(3):  # loop iterations, not time
+        px.call(asyncio.sleep(0))
 
 
 @pytest.fixture
@@ -153,10 +168,16 @@ def test_content_length_disagreeing_with_data_never_completes_upstream(pki, comp
     """The head may already have gone upstream when the DATA shows the disagreement
     (the upstream sees a partial body, then the connection aborted), but no request
     ever completes there. h2 treats the disagreement as a connection error: GOAWAY
-    PROTOCOL_ERROR, the other streams of the connection go with it."""
+    PROTOCOL_ERROR, the other streams of the connection go with it. The twin, the
+    same request with an agreeing length, goes through."""
     up, px = completing
     with H2Client(pki, px.port) as client:
+        good = client.request(headers=POST + [("content-length", str(len(sent)))], body=sent, end=True)
+        assert client.response(good).status == 200
+    assert up.complete == [len(sent)]
+    with H2Client(pki, px.port) as client:
         stream_id = client.request(headers=POST + [("content-length", str(declared))], end=False)
+        assert up.reading.wait(5)  # the head went upstream: only the DATA can tell now
         if sent:
             client.send_body(stream_id, sent, end=False)
         client.conn.end_stream(stream_id)
@@ -165,22 +186,27 @@ def test_content_length_disagreeing_with_data_never_completes_upstream(pki, comp
         assert client.goaway is not None and client.goaway.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
         answer = client.answers.get(stream_id)
         assert answer is None or answer.status != 200
-    with H2Client(pki, px.port) as client:  # the proxy serves the next connection
-        good = client.request(headers=POST + [("content-length", str(len(sent)))], body=sent, end=True)
-        assert client.response(good).status == 200
+    settle(px)
     assert up.complete == [len(sent)]  # only the twin's body was ever read to its end
 
 
 def test_data_after_content_length_0_never_reaches_the_upstream(pki, completing):
     """``content-length: 0`` without END_STREAM is a complete request as declared: it may
-    be forwarded (and answered) before the stray DATA shows the disagreement; the stray
-    byte then ends the connection (GOAWAY PROTOCOL_ERROR) and never goes upstream."""
+    be forwarded (and answered) before the stray DATA shows the disagreement. Either the
+    DATA arrives in the read that opened the stream (h2: connection error, GOAWAY
+    PROTOCOL_ERROR), or the stream was answered and reset already (then the DATA is
+    discarded); the stray byte never goes upstream."""
     up, px = completing
     with H2Client(pki, px.port) as client:
         stream_id = client.request(headers=POST + [("content-length", "0")], end=False)
         client.send_body(stream_id, b"x", end=True)
-        client.read_until_closed()
-        assert client.goaway is not None and client.goaway.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        answer = client.response(stream_id)
+        if client.goaway is not None:
+            assert client.goaway.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        else:
+            assert answer.ended and answer.status == 200
+            assert client.response(client.request("/echo")).status == 200  # the connection serves on
+    settle(px)
     assert set(up.complete) <= {0}  # the declared empty body at most; never the stray byte
 
 
