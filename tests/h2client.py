@@ -152,7 +152,7 @@ class H2Client:
             raise
         for event in events:
             self._note(event)
-        with contextlib.suppress(h2.exceptions.ProtocolError):
+        with contextlib.suppress(h2.exceptions.ProtocolError, OSError):  # OSError: the proxy has closed
             self.flush()
         return events
 
