@@ -9,8 +9,8 @@ the HTTP/1.1 path applies per stream. Body DATA goes to its stream; window updat
 release queued response DATA; a reset cancels the stream's task (and so its upstream
 exchange).
 
-Bounds: ``limits.max_concurrent_streams`` (SETTINGS; more are refused, REFUSED_STREAM), header blocks
-(CONTINUATION included) by h2's frame buffer and the HPACK decoder's limit, then
+Bounds: ``limits.max_concurrent_streams`` (SETTINGS; more are refused: REFUSED_STREAM),
+header blocks (CONTINUATION included) by h2's frame buffer and the HPACK decoder's limit, then
 ``max_header_bytes`` per request (431); per-stream receive windows of STREAM_WINDOW and
 a connection window of CONNECTION_WINDOW, reopened only as the upstream takes the data;
 response data per stream by ``h2_stream.STREAM_BUFFER``. The connection is not read

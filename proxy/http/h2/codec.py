@@ -49,10 +49,10 @@ CANCEL = 0x8
 ENHANCE_YOUR_CALM = 0xB
 
 DEFAULT_WINDOW = 65535  # RFC 9113 6.9.2: every window's size before SETTINGS change it
-MAX_ENCODER_TABLE = 4096
+MAX_ENCODER_TABLE = 4096  # our HPACK encoder's dynamic table, whatever the client allows
 # Streams past the advertised MAX_CONCURRENT_STREAMS that h2 lets through for the session
 # to refuse one by one; a client past even that (in one read) has its connection ended.
-STREAM_SLACK = 100  # our HPACK encoder's dynamic table, whatever the client allows
+STREAM_SLACK = 100
 
 _ERROR_NAMES = {
     0x0: "NO_ERROR", 0x1: "PROTOCOL_ERROR", 0x2: "INTERNAL_ERROR", 0x3: "FLOW_CONTROL_ERROR",
