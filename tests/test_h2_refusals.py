@@ -70,7 +70,8 @@ VECTORS = [
     ("host-slash", without(":authority") + [("host", "localhost/x")], without(":authority") + [("host", "localhost")]),
     ("cl-without-body", without(":method") + [(":method", "POST"), ("content-length", "5")],
      without(":method") + [(":method", "POST"), ("content-length", "0")]),
-    ("path-encoded-slash", without(":path") + [(":path", "/a%2f..%2fecho")], without(":path") + [(":path", "/a/../echo")]),
+    ("path-encoded-slash", without(":path") + [(":path", "/a%2f..%2fecho")],
+     without(":path") + [(":path", "/a/../echo")]),
     ("path-fragment", without(":path") + [(":path", "/echo#x")], BASE),
     ("path-not-origin-form", without(":path") + [(":path", "echo")], BASE),
 ]
