@@ -9,8 +9,8 @@ the HTTP/1.1 path applies per stream. Body DATA goes to its stream; window updat
 release queued response DATA; a reset cancels the stream's task (and so its upstream
 exchange).
 
-Bounds: ``limits.max_concurrent_streams`` (SETTINGS; h2 refuses more), header blocks
-(CONTINUATION included) by h2's frame buffer and the HPACK decoder's limit, then
+Bounds: ``limits.max_concurrent_streams`` (SETTINGS; more are refused: REFUSED_STREAM),
+header blocks (CONTINUATION included) by h2's frame buffer and the HPACK decoder's limit, then
 ``max_header_bytes`` per request (431); per-stream receive windows of STREAM_WINDOW and
 a connection window of CONNECTION_WINDOW, reopened only as the upstream takes the data;
 response data per stream by ``h2_stream.STREAM_BUFFER``. The connection is not read
@@ -75,6 +75,7 @@ class H2Session:
     __slots__ = (
         "channel", "info", "state", "loop", "codec", "streams", "draining", "write_timeout",
         "_blocked", "_resets", "_control", "_control_seen", "_writer", "_writable_waiters", "_max_header_bytes",
+        "_max_streams",
     )
 
     def __init__(self, channel: Channel, info: ClientInfo, state: ServerState) -> None:
@@ -85,6 +86,7 @@ class H2Session:
         self.state = state
         self.loop = channel.loop
         self._max_header_bytes = limits.max_header_bytes
+        self._max_streams = limits.max_concurrent_streams
         self.codec = ServerCodec(
             max_concurrent_streams=limits.max_concurrent_streams,
             header_list_limit=max(limits.max_header_bytes, 16 * 1024) * HEADER_LIST_SLACK,
@@ -181,7 +183,7 @@ class H2Session:
 
     def _open(self, event: StreamOpened) -> None:
         stream_id = event.stream_id
-        if self.draining:
+        if self.draining or self._open_streams() >= self._max_streams:  # past our SETTINGS: RFC 9113 5.1.2
             self.codec.reset(stream_id, REFUSED_STREAM)
             return
         method = next((value for name, value in event.fields if name == b":method"), b"")
@@ -197,7 +199,14 @@ class H2Session:
             return
         stream.grpc = grpc.is_grpc(head.header(b"content-type"))
         stream.expected_length = head.content_length
-        stream.task = self.loop.create_task(self._serve(stream, head))
+        task = stream.task = self.loop.create_task(self._serve(stream, head))
+        # A task cancelled before its first step (a stream reset in the read that opened
+        # it) never runs _serve's ``finally``: finish the stream here, or it stays forever.
+        task.add_done_callback(lambda _task, stream=stream: stream.task is _task and self.finish(stream))
+
+    def _open_streams(self) -> int:
+        """Streams counted against max_concurrent_streams: a reset one is closed (RFC 9113 5.1)."""
+        return sum(1 for stream in self.streams.values() if not stream.reset)
 
     async def _serve(self, stream: StreamDownstream, head: object) -> None:
         try:

@@ -52,6 +52,9 @@ ENHANCE_YOUR_CALM = 0xB
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 3.4: a client's first bytes
 DEFAULT_WINDOW = 65535  # RFC 9113 6.9.2: every window's size before SETTINGS change it
 MAX_ENCODER_TABLE = 4096  # our HPACK encoder's dynamic table, whatever the client allows
+# Streams past the advertised MAX_CONCURRENT_STREAMS that h2 lets through for the session
+# to refuse one by one; a client past even that (in one read) has its connection ended.
+STREAM_SLACK = 100
 
 _ERROR_NAMES = {
     0x0: "NO_ERROR", 0x1: "PROTOCOL_ERROR", 0x2: "INTERNAL_ERROR", 0x3: "FLOW_CONTROL_ERROR",
@@ -178,6 +181,7 @@ class _Codec:
         settings: dict[int, int],
         header_list_limit: int,
         connection_window: int,
+        enforced: dict[int, int] | None = None,
     ) -> None:
         config = h2.config.H2Configuration(
             client_side=client_side,
@@ -191,7 +195,9 @@ class _Codec:
         conn = self._conn = (_ServerConnection if not client_side else h2.connection.H2Connection)(config=config)
         conn.local_settings = h2.settings.Settings(client=client_side, initial_values=settings)
         conn.decoder.max_header_list_size = header_list_limit
-        conn.initiate_connection()
+        conn.initiate_connection()  # our SETTINGS, as advertised
+        if enforced is not None:  # what h2 itself holds the peer to, from now on
+            conn.local_settings = h2.settings.Settings(client=client_side, initial_values={**settings, **enforced})
         if connection_window > DEFAULT_WINDOW:
             conn.increment_flow_control_window(connection_window - DEFAULT_WINDOW)
         self._extra: list[bytes] = []  # frames written beside h2 (a draining GOAWAY)
@@ -213,10 +219,10 @@ class _Codec:
                 if event.data:
                     append(StreamData(event.stream_id, event.data, event.flow_controlled_length))
                 else:
-                    if event.stream_ended is None:  # empty, not even ending the body: a PING's worth
-                        self.control_frames += 1  # of work for nothing (CVE-2019-9518)
                     if event.flow_controlled_length:  # padding only: nothing to wait for
                         self.ack(event.stream_id, event.flow_controlled_length)
+                    if event.stream_ended is None:  # moves nothing: flood accounting (CVE-2019-9518)
+                        self.control_frames += 1
             elif kind is h2.events.RequestReceived:
                 append(StreamOpened(event.stream_id, event.headers, event.stream_ended is not None))
             elif kind is h2.events.ResponseReceived:
@@ -314,6 +320,11 @@ class ServerCodec(_Codec):
             },
             header_list_limit=header_list_limit,
             connection_window=connection_window,
+            # h2 treats a stream past its own MAX_CONCURRENT_STREAMS as a connection error
+            # (every other stream would end with it); RFC 9113 5.1.2 makes it a stream error.
+            # So h2 holds a looser bound, and the session refuses each stream past the
+            # advertised one with REFUSED_STREAM.
+            enforced={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams + STREAM_SLACK},
         )
 
     @property
