@@ -219,6 +219,7 @@ def test_malformed_requests_get_an_error_and_a_close(admin, sent, status):
         reply = read_until_closed(sock)
     assert reply.startswith(b"HTTP/1.1 " + status + b" ")
     assert b"connection: close" in reply.lower()
+    assert b"bytearray(" not in reply and b"b'" not in reply  # words, not Python reprs
     assert requests.get(f"{admin.url}/healthz", timeout=TIMEOUT).status_code == 200  # still serving
 
 

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import h11
 
 from proxy.config.model import ListenAddress
+from proxy.http.h11_engine import protocol_error_text
 from proxy.server import trust_page
 from proxy.server.metrics import CONTENT_TYPE
 
@@ -250,7 +251,7 @@ async def _serve_connection(routes: AdminRoutes, reader: asyncio.StreamReader, w
     except h11.RemoteProtocolError as exc:
         with contextlib.suppress(OSError, TimeoutError, h11.LocalProtocolError):
             async with asyncio.timeout(REQUEST_TIMEOUT):
-                error = AdminResponse.text(exc.error_status_hint, f"bad request: {exc}\n")
+                error = AdminResponse.text(exc.error_status_hint, f"bad request: {protocol_error_text(exc)}\n")
                 await _send(conn, writer, error, close=True)
     except (OSError, TimeoutError, h11.LocalProtocolError):
         return
