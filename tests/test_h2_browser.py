@@ -15,8 +15,6 @@ many times and prints the median load times (bench/README.md, "A browser page").
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import re
@@ -30,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from upstream import WAIT, ProxyThread, proxy_config
+from ws_upstream import WebSocketEcho
 
 from proxy.config.model import CertificatePair, Service, TLSSettings, Upstream
 
@@ -209,47 +208,6 @@ def test_chromium_loads_200_assets_over_h2_and_http1(pki, page_upstream, tmp_pat
           f"{sorted(h2_times)}; http/1.1 median {statistics.median(h1_times):.0f} ms {sorted(h1_times)}")
 
 
-class RecordingWebSocketServer:
-    """A WebSocket server (the websockets package) in a thread: echoes "echo:<message>",
-    records what it receives, and sets ``round_trip`` once a message starts with "got:"."""
-
-    def __enter__(self) -> RecordingWebSocketServer:
-        from websockets.asyncio.server import serve
-
-        self.received: list[str] = []
-        self.round_trip = threading.Event()
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        async def echo(connection) -> None:
-            async for message in connection:
-                self.received.append(message)
-                if message.startswith("got:"):
-                    self.round_trip.set()
-                else:
-                    await connection.send(f"echo:{message}")
-
-        async def main() -> None:
-            self.server = await serve(echo, "127.0.0.1", 0)
-            self.port = self.server.sockets[0].getsockname()[1]
-            ready.set()
-            await self.server.serve_forever()
-
-        self.thread = threading.Thread(target=self._run, args=(main(),), daemon=True)
-        self.thread.start()
-        assert ready.wait(WAIT)
-        return self
-
-    def _run(self, main) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            self.loop.run_until_complete(main)
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.thread.join(WAIT)
-        self.loop.close()
-
-
 def test_chromium_websocket_works_beside_an_h2_page(pki, page_upstream, tmp_path, monkeypatch):
     """The page comes over h2; its WebSocket (no extended CONNECT) goes over HTTP/1.1 on
     the same listener, and makes a round trip through the proxy."""
@@ -257,7 +215,7 @@ def test_chromium_websocket_works_beside_an_h2_page(pki, page_upstream, tmp_path
     home = nss_home(tmp_path, pki.ca_pem)
     cert, key = pki.server
     tls = TLSSettings(certificates=(CertificatePair(Path(cert), Path(key)),))
-    with RecordingWebSocketServer() as ws:
+    with WebSocketEcho() as ws:
         monkeypatch.setattr(PageHandler, "ws_round_trip", ws.round_trip)
         services = [Service(name="page", upstreams=(page_upstream,)),
                     Service(name="ws", upstreams=(Upstream(f"http://127.0.0.1:{ws.port}", "127.0.0.1", ws.port),),

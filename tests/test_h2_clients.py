@@ -253,7 +253,7 @@ def test_websocket_on_the_default_listener_that_offers_h2(pki, tmp_path):
     upgrades through the listener that offers h2 first; an h2 connection on the same
     listener works beside it."""
     pytest.importorskip("websockets", reason="needs the websockets package")
-    from test_proxy_operations import WebSocketEcho
+    from ws_upstream import WebSocketEcho
     from websockets.sync.client import connect as ws_connect
 
     with WebSocketEcho() as ws:
@@ -276,7 +276,7 @@ def test_a_websocket_client_that_negotiates_h2_cannot_upgrade(pki, tmp_path):
     """Offered h2 first, the listener picks it: an HTTP/1.1 Upgrade sent on that
     connection is not HTTP/2, and the proxy does not forward it (no extended CONNECT)."""
     pytest.importorskip("websockets", reason="needs the websockets package")
-    from test_proxy_operations import WebSocketEcho
+    from ws_upstream import WebSocketEcho
     from websockets.exceptions import InvalidMessage
     from websockets.sync.client import connect as ws_connect
 

@@ -5,7 +5,6 @@ swap picked up without a signal, and a real WebSocket client across a reload."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -13,19 +12,18 @@ import re
 import signal
 import socket
 import ssl
-import threading
 from pathlib import Path
 
 import pytest
 import requests
 from test_proxy_reload import _reload, der, served_der
 from test_proxy_serve import LISTENING, Served
+from ws_upstream import WebSocketEcho
 from upstream import WAIT, ProxyThread, TestUpstream, pattern_sha256, proxy_config, proxy_log_waiter, service
 
 from proxy.config.model import CertificatePair, Service, TLSSettings, Upstream
 
 websockets = pytest.importorskip("websockets", reason="the WebSocket test needs the websockets package")
-from websockets.asyncio.server import serve as ws_serve  # noqa: E402
 from websockets.sync.client import connect as ws_connect  # noqa: E402
 
 pytestmark = pytest.mark.both_engines  # every test here runs on h11 and on httptools
@@ -131,38 +129,6 @@ def test_secret_symlink_swap_changes_the_served_certificate_without_a_signal(pki
             secret_volume(root, second, 2)
             assert waiter.seen.wait(WAIT), waiter.messages
         assert served_der(pki, px.port) == der(second[0])
-
-
-class WebSocketEcho:
-    """A real WebSocket server (the websockets package) on 127.0.0.1, in a thread."""
-
-    def __enter__(self) -> WebSocketEcho:
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        async def echo(connection) -> None:
-            async for message in connection:
-                await connection.send(f"echo:{message}")
-
-        async def main() -> None:
-            self.server = await ws_serve(echo, "127.0.0.1", 0)
-            self.port = self.server.sockets[0].getsockname()[1]
-            ready.set()
-            await self.server.serve_forever()
-
-        self.thread = threading.Thread(target=self._run, args=(main(),), daemon=True)
-        self.thread.start()
-        assert ready.wait(WAIT)
-        return self
-
-    def _run(self, main) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            self.loop.run_until_complete(main)
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.thread.join(WAIT)
-        self.loop.close()
 
 
 def test_websocket_client_exchanges_messages_across_a_reload(pki, tmp_path):
