@@ -75,6 +75,7 @@ class H2Session:
     __slots__ = (
         "channel", "info", "state", "loop", "codec", "streams", "draining", "write_timeout",
         "_blocked", "_resets", "_control", "_control_seen", "_writer", "_writable_waiters", "_max_header_bytes",
+        "_dirty", "_send_scheduled",
         "_max_streams",
     )
 
@@ -97,6 +98,8 @@ class H2Session:
         self.streams: dict[int, StreamDownstream] = {}  # open, or still sending their response
         self.draining = False  # GOAWAY sent or received: no new streams
         self._blocked: dict[int, StreamDownstream] = {}  # response data waiting for a window
+        self._dirty: dict[int, StreamDownstream] = {}  # written to since the last send pass
+        self._send_scheduled = False
         self._resets = Budget(RESET_BURST + 2 * limits.max_concurrent_streams, RESETS_PER_SECOND)
         self._control = Budget(CONTROL_BURST, CONTROL_PER_SECOND)
         self._control_seen = 0
@@ -235,6 +238,10 @@ class H2Session:
             self.streams.pop(stream.stream_id, None)
             self._blocked.pop(stream.stream_id, None)
             if self.draining and not self.streams:
+                try:
+                    self.flush()  # (what the last stream wrote, framed but maybe not yet sent)
+                except ConnectionLost:
+                    return
                 self.channel.close()  # the read loop sees the end
 
     def _reset_by_client(self, stream_id: int) -> None:
@@ -304,13 +311,24 @@ class H2Session:
         self.codec.ack(stream_id, flow_length)
         self.flush()
 
-    def send_headers(self, stream: StreamDownstream, fields: list, *, end: bool = False) -> None:
-        if stream.reset:
-            raise ConnectionLost("the stream was reset")
-        self.codec.send_headers(stream.stream_id, fields, end=end)
-        if end:
-            stream.end_queued = stream.end_sent = True
-        self.flush()
+    def send_soon(self, stream: StreamDownstream) -> None:
+        """Frame what the stream wrote at the end of this loop iteration, with whatever else
+        it writes meanwhile (its end most often: then END_STREAM rides on its last frame)."""
+        self._dirty[stream.stream_id] = stream
+        if not self._send_scheduled:
+            self._send_scheduled = True
+            self.loop.call_soon(self._send_written)
+
+    def _send_written(self) -> None:
+        self._send_scheduled = False
+        dirty, self._dirty = self._dirty, {}
+        try:
+            for stream in dirty.values():
+                if not stream.reset:
+                    self.send_queued(stream, flush=False)
+            self.flush()
+        except ConnectionLost:
+            pass
 
     def reset_stream(self, stream: StreamDownstream, code: int) -> None:
         self.codec.reset(stream.stream_id, code)
@@ -322,13 +340,21 @@ class H2Session:
             pass
         self._forget_if_done(stream)
 
-    def send_queued(self, stream: StreamDownstream) -> None:
-        """Send what the stream queued, as far as the windows allow; the rest waits in
-        ``_blocked`` for a WINDOW_UPDATE (or for the channel to take writes again)."""
+    def send_queued(self, stream: StreamDownstream, *, flush: bool = True) -> None:
+        """Frame what the stream queued: its heads, then its body as far as the windows
+        allow (the rest waits in ``_blocked`` for a WINDOW_UPDATE, or for the channel to
+        take writes again), then its end."""
         if stream.reset:
             raise ConnectionLost("the stream was reset")
         stream_id = stream.stream_id
         out = stream.out
+        heads = stream.heads
+        while heads:
+            fields = heads.pop(0)
+            whole = not heads and stream.end_queued and not out and not stream.trailers
+            self.codec.send_headers(stream_id, fields, end=whole)
+            if whole:
+                stream.end_sent = True
         if out:
             if self.channel.writing_paused:
                 self._blocked[stream_id] = stream
@@ -366,7 +392,8 @@ class H2Session:
                 if stream.reset_after_end:
                     self.codec.reset(stream_id, NO_ERROR)
                 self._forget_if_done(stream)
-        self.flush()
+        if flush:
+            self.flush()
         if stream.out_bytes < STREAM_BUFFER:
             stream.wake_writer()
 

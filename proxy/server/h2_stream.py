@@ -43,8 +43,7 @@ class Session(Protocol):
     loop: asyncio.AbstractEventLoop
 
     def ack(self, stream_id: int, flow_length: int) -> None: ...
-    def send_headers(self, stream: StreamDownstream, fields: list, *, end: bool = False) -> None: ...
-    def send_queued(self, stream: StreamDownstream) -> None: ...
+    def send_soon(self, stream: StreamDownstream) -> None: ...
     def reset_stream(self, stream: StreamDownstream, code: int) -> None: ...
     def wait_writable(self) -> None: ...
 
@@ -55,7 +54,7 @@ class StreamDownstream:
     __slots__ = (
         "session", "stream_id", "info", "bytes_in", "bytes_out", "method", "write_timeout", "task",
         "request_ended", "reset", "out", "out_bytes", "end_queued", "end_sent", "response_started",
-        "reset_after_end", "trailers", "grpc", "expected_length", "received_length", "body_error",
+        "reset_after_end", "trailers", "grpc", "expected_length", "received_length", "body_error", "heads",
         "_body", "_body_waiter", "_drain_waiter",
     )
 
@@ -79,6 +78,7 @@ class StreamDownstream:
         self.response_started = False  # a final response head went out
         self.reset_after_end = False  # then tell the client to stop sending its body (RFC 9113 8.1)
         self.trailers: Headers = ()  # sent after the body, ending the stream (gRPC's status)
+        self.heads: list[Headers] = []  # response heads (1xx, then the final one) not yet framed
         self.grpc = False  # a gRPC call: the proxy's own answers are gRPC statuses
         self.expected_length: int | None = None  # the request's content-length
         self.received_length = 0  # DATA received so far
@@ -164,19 +164,33 @@ class StreamDownstream:
 
     # -- the response ----------------------------------------------------------------
 
+    # What is written is framed once per loop iteration (``Session.send_soon``), so that
+    # a small response's head, body and end written together leave as one HEADERS and one
+    # DATA frame carrying END_STREAM (a response without a body: one HEADERS frame).
+
     def write_head(self, head: ResponseHead, *, end: bool = False) -> None:
         """Send a response head; ``end``: it is the whole response (gRPC Trailers-Only)."""
-        if head.status >= 200:
+        self._queue_head(response_fields(head), final=head.status >= 200, end=end)
+
+    def _queue_head(self, fields: Headers, *, final: bool, end: bool) -> None:
+        if self.reset:
+            raise ConnectionLost("the stream was reset")
+        if final:
             self.response_started = True
-        self.session.send_headers(self, response_fields(head), end=end)
+        self.heads.append(fields)
+        if end:
+            self.end_queued = True
+        self.session.send_soon(self)
 
     def write_body(self, data: bytes) -> bool:
         """Queue a piece of body; True when the caller must ``await drain()`` first."""
+        if self.reset:
+            raise ConnectionLost("the stream was reset")
         self.bytes_out += len(data)
         if data:
             self.out.append(data)
             self.out_bytes += len(data)
-            self.session.send_queued(self)
+            self.session.send_soon(self)
         return self.out_bytes >= STREAM_BUFFER or self.session.channel.writing_paused
 
     async def drain(self) -> None:
@@ -198,16 +212,18 @@ class StreamDownstream:
             raise ConnectionLost("the stream was reset")
 
     def write_end(self, trailers: Headers = ()) -> None:
+        if self.reset:
+            raise ConnectionLost("the stream was reset")
         self.trailers = trailers
         self.end_queued = True
-        self.session.send_queued(self)
+        self.session.send_soon(self)
 
     def send_error(self, status: int, message: str, *, close: bool = False, unauthenticated: bool = False) -> None:
         """The proxy's own answer: plain text, or for a gRPC call a gRPC status."""
         if self.grpc:
             self.response_started = True
             code = grpc.status_for(status, unauthenticated=unauthenticated)
-            self.session.send_headers(self, grpc.error_fields(code, message), end=True)
+            self._queue_head(grpc.error_fields(code, message), final=True, end=True)
             return
         self.send_simple(status, (message + "\n").encode(), close=close)
 
