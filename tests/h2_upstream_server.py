@@ -32,6 +32,7 @@ class H2Upstream:
         self.peaks: list[int] = []
         self.requests: list[dict] = []
         self.open_now = 0  # streams received and not yet answered, on all connections
+        self.closed_by_peer = 0  # connections the proxy closed
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
@@ -85,6 +86,8 @@ class H2Upstream:
                 try:
                     data = sock.recv(65536)
                     if not data:
+                        with self._lock:
+                            self.closed_by_peer += 1
                         return
                     events = conn.receive_data(data)
                 except TimeoutError:

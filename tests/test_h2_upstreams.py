@@ -14,6 +14,7 @@ import requests
 from h2_upstream_server import H2Upstream
 from upstream import ProxyThread, proxy_config, service
 
+from proxy.config.model import Timeouts
 from proxy.config.values import parse_upstream
 
 WAIT = 10.0
@@ -88,3 +89,14 @@ def test_many_requests_share_one_connection(pki, tmp_path, count):
             statuses = list(pool.map(lambda index: get(pki, px, f"/{index}").status_code, range(count)))
     assert statuses == [200] * count
     assert upstream.connections == 1
+
+
+def test_a_connection_without_streams_for_timeouts_idle_is_closed(pki, tmp_path):
+    with H2Upstream() as upstream:
+        config = proxy_config(pki, service("h2", parse_upstream(upstream.url)), tmp_path,
+                              timeouts=Timeouts(idle=0.3))
+        with ProxyThread(config) as px:
+            assert get(pki, px).status_code == 200
+            assert wait_for(lambda: upstream.closed_by_peer == 1)  # idle 0.3 s: the proxy let it go
+            assert get(pki, px).status_code == 200  # and the next request opens another
+            assert upstream.connections == 2

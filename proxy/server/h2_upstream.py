@@ -174,11 +174,19 @@ class UpstreamH2Connection:
 
     __slots__ = (
         "upstream", "channel", "codec", "loop", "streams", "retired", "service", "key",
-        "reader", "settled", "_on_closed", "_writer", "_waiting_write",
+        "reader", "settled", "idle_timeout", "_on_closed", "_writer", "_waiting_write", "_idle_timer",
     )
 
-    def __init__(self, upstream: Upstream, channel: Channel, service: str, on_closed: Callable, key: str) -> None:
+    def __init__(
+        self, upstream: Upstream, channel: Channel, service: str, on_closed: Callable, key: str,
+        idle_timeout: float = 0.0,
+    ) -> None:
         self.upstream = upstream
+        # Closed after this long without a stream (timeouts.idle), as the HTTP/1.1 pool does:
+        # connections of an older generation's TLS context are not used again, and an
+        # upstream should not keep connections for a proxy that no longer needs them.
+        self.idle_timeout = idle_timeout
+        self._idle_timer: asyncio.TimerHandle | None = None
         self.key = key  # the pool's: the upstream, and the TLS context it was made with
         self.channel = channel
         self.service = service
@@ -201,6 +209,9 @@ class UpstreamH2Connection:
         return not self.retired and not self.channel.closed and self.codec.room > 0
 
     def open(self, fields: Headers, *, end: bool) -> UpstreamStream:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         stream_id = self.codec.next_stream_id()
         stream = UpstreamStream(self, stream_id)
         self.streams[stream_id] = stream
@@ -222,8 +233,17 @@ class UpstreamH2Connection:
 
     def stream_done(self, stream: UpstreamStream) -> None:
         self.streams.pop(stream.stream_id, None)
-        if self.retired and not self.streams:
+        if self.streams:
+            return
+        if self.retired:
             self.channel.close()
+        elif self.idle_timeout > 0 and self._idle_timer is None:
+            self._idle_timer = self.loop.call_later(self.idle_timeout, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if not self.streams:
+            self.close()
 
     def wait_writable(self, stream: UpstreamStream) -> None:
         self._waiting_write.add(stream)
@@ -243,6 +263,9 @@ class UpstreamH2Connection:
 
     def close(self) -> None:
         self.retired = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self.channel.close()
 
     async def _read(self) -> None:
@@ -355,17 +378,19 @@ Connect = Callable[[Upstream, "UpstreamTLS | None"], Awaitable[Channel]]
 class H2UpstreamPool:
     """HTTP/2 connections per upstream; ``open_stream`` starts a request on one."""
 
-    def __init__(self, connect: Connect, *, connect_timeout: float) -> None:
+    def __init__(self, connect: Connect, *, connect_timeout: float, idle_timeout: float = 0.0) -> None:
         self._connect = connect  # a connected Channel to the upstream (TCP, or TLS with ALPN h2)
         self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout  # a connection without streams this long is closed
         self._connections: dict[str, list[UpstreamH2Connection]] = {}
         self._turns: dict[str, itertools.count] = {}
         # A connection being opened, per key: requests arriving meanwhile wait for it
         # rather than each opening its own (HTTP/2's point is one connection).
         self._opening: dict[str, asyncio.Future] = {}
 
-    def configure(self, *, connect_timeout: float) -> None:
+    def configure(self, *, connect_timeout: float, idle_timeout: float) -> None:
         self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
 
     def order(self, service: Service) -> Sequence[Upstream]:
         upstreams = service.upstreams
@@ -439,7 +464,7 @@ class H2UpstreamPool:
                     f"upstream {upstream.url} did not choose HTTP/2 by ALPN ({protocol or 'no ALPN'}), and "
                     "upstream_tls.http2 is true: turn it off for an HTTP/1.1 upstream"
                 )
-        connection = UpstreamH2Connection(upstream, channel, service, self._closed, key)
+        connection = UpstreamH2Connection(upstream, channel, service, self._closed, key, self._idle_timeout)
         try:  # its limits first (within what is left of upstream_connect)
             await asyncio.wait_for(asyncio.shield(connection.settled), self._connect_timeout or None)
         except ConnectionError as exc:

@@ -149,7 +149,7 @@ class RunningProxy:
             connect_timeout=config.timeouts.upstream_connect,
             idle_timeout=config.timeouts.idle,
         )
-        state.h2_pool.configure(connect_timeout=config.timeouts.upstream_connect)
+        state.h2_pool.configure(connect_timeout=config.timeouts.upstream_connect, idle_timeout=config.timeouts.idle)
         state.metrics.add_services(service.name for service in config.services)
         state.metrics.record_reload(True)
         state.events.forget_services(service.name for service in config.services)
@@ -335,7 +335,7 @@ async def start_proxy(
     state = ServerState(
         generation=generation,
         pool=pool,
-        h2_pool=H2UpstreamPool(connect_channel, connect_timeout=timeouts.upstream_connect),
+        h2_pool=H2UpstreamPool(connect_channel, connect_timeout=timeouts.upstream_connect, idle_timeout=timeouts.idle),
         access_log=access_log,
         https_port=listeners.tls[0].getsockname()[1] if listeners.tls else 443,
         metrics=metrics,
