@@ -234,3 +234,18 @@ def test_out_into_a_missing_folder_says_it_created_it(work: Path) -> None:
     assert (work / "new" / "dir" / "leaf.pem").is_file()
     out = ok(certs(work, "issue", "--ca", "ca", "--out", "new/dir/leaf2", "leaf.localhost"))
     assert "created folder" not in out
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(pki):
+    """``tlsproxy certs inspect … | head -1``: no BrokenPipeError traceback, exit 141 (as a
+    command killed by SIGPIPE reports), whatever was left unwritten."""
+    files = [str(pki.server[0])] * 300  # far more output than a pipe buffer holds
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "certs", "inspect", *files],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert process.stdout.readline()  # the reader takes one line...
+    process.stdout.close()  # ...and goes away
+    _out, errors = process.communicate(timeout=60)
+    assert process.returncode == 141
+    assert b"Traceback" not in errors and b"BrokenPipeError" not in errors
