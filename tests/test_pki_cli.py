@@ -249,3 +249,12 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(pki):
     _out, errors = process.communicate(timeout=60)
     assert process.returncode == 141
     assert b"Traceback" not in errors and b"BrokenPipeError" not in errors
+
+
+def test_the_hints_after_certs_ca_work_as_printed_wherever_the_ca_is(tmp_path):
+    out = ok(certs(tmp_path, "ca", "--dir", "pki/myca"))
+    hints = [line.strip() for line in out.splitlines() if line.strip().startswith("tlsproxy certs ")]
+    assert hints[0] == "tlsproxy certs issue --ca pki/myca --out pki/localhost localhost 127.0.0.1 ::1"
+    for hint in hints:  # pasted as printed, from the same folder
+        ok(certs(tmp_path, *hint.split()[2:]))
+    assert (tmp_path / "pki" / "localhost.pem").exists()

@@ -119,7 +119,7 @@ def cmd_ca(args: argparse.Namespace) -> int:
         f"wrote {pem_path}  (CA '{cert.subject.rfc4514_string()}', valid until {_until(cert)})",
         f"wrote {key_path}  (CA private key, mode 0600: keep it secret)",
         "next:",
-        f"  tlsproxy certs issue --ca {_q(args.dir)} --out certs/localhost localhost 127.0.0.1 ::1",
+        f"  tlsproxy certs issue --ca {_q(args.dir)} --out {_q(args.dir.parent / 'localhost')} localhost 127.0.0.1 ::1",
         f"  tlsproxy certs trust --ca {_q(pem_path)}",
     )
     return 0

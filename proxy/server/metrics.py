@@ -445,7 +445,7 @@ class ProxyMetrics:
         )
         self.certificate_not_after = registry.gauge(
             "tlsproxy_certificate_not_after_seconds",
-            "When each server certificate in use expires (Unix time).",
+            "When each certificate in use expires (Unix time): the server's, and those presented to https:// upstreams.",
             ("path", "subject"),
             aggregate="once",
         )
