@@ -65,6 +65,14 @@ def _receive_buffer() -> memoryview:
 class Channel(asyncio.BufferedProtocol):
     """Bounded, awaitable byte stream over one transport."""
 
+    # One per connection, idle ones by the ten thousand: no instance dict (about 1.3 KiB
+    # each with one; tracemalloc on 2,000 idle TLS connections).
+    __slots__ = (
+        "transport", "loop", "_read_limit", "_write_limit", "_chunks", "_buffered", "_reading_paused", "_eof",
+        "closed", "_read_waiter", "_read_deadline", "_read_timer", "_drain_waiter", "writing_paused",
+        "_closed_waiter", "write_shut", "_unsent", "_unsent_bytes", "_send_scheduled", "_receive_view", "lost_error",
+    )
+
     def __init__(self, read_limit: int = READ_LIMIT, write_limit: int = WRITE_LIMIT) -> None:
         self.transport: asyncio.Transport | None = None
         # The loop, kept: on Python 3.11 every asyncio.get_running_loop() is a getpid()

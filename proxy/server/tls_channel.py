@@ -47,6 +47,11 @@ class NothingReceived(ConnectionError):
 class TLSChannel(Channel):
     """Server-side TLS on a plain TCP transport; ``await handshake()`` first."""
 
+    __slots__ = (
+        "_incoming", "_outgoing", "ssl_object", "_handshaken", "_handshake_error", "_handshake_waiter",
+        "_first_byte_at", "plain_http", "_handshake_timeout", "_handshake_timer",
+    )
+
     def __init__(self, context: ssl.SSLContext, read_limit: int = READ_LIMIT, write_limit: int = WRITE_LIMIT):
         super().__init__(read_limit, write_limit)
         self._incoming = ssl.MemoryBIO()
