@@ -64,6 +64,16 @@ def test_max_concurrent_streams_is_advertised_and_extra_streams_refused(pki, ups
     assert [r["target"] for r in upstream.requests].count("/held") == 5
 
 
+def test_max_concurrent_streams_0_means_unlimited(pki, upstream, tmp_path):
+    """SPEC 3: 0 = unlimited — not SETTINGS_MAX_CONCURRENT_STREAMS 0, which would let no
+    request through at all."""
+    config = proxy_config(pki, service("app", upstream), tmp_path, limits=Limits(max_concurrent_streams=0))
+    with ProxyThread(config) as px, H2Client(pki, px.port) as client:
+        settled(client)
+        assert client.remote_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] >= 2**31 - 1
+        assert client.response(client.request("/echo")).status == 200
+
+
 # -- header blocks ---------------------------------------------------------------------
 
 

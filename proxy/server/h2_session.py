@@ -63,6 +63,8 @@ HEADER_LIST_SLACK = 2
 # Streams the client resets before their response is complete: a burst (a page
 # navigation cancelling its loads), then a steady rate.
 RESET_BURST = 200
+MAX_RESET_BURST_STREAMS = 1000  # (a limit of 0, "unlimited", must not make the burst endless)
+UNLIMITED_STREAMS = 2**31 - 1
 RESETS_PER_SECOND = 100
 # PING / SETTINGS / PRIORITY / empty DATA frames: as many, and no more.
 CONTROL_BURST = 1000
@@ -87,9 +89,10 @@ class H2Session:
         self.state = state
         self.loop = channel.loop
         self._max_header_bytes = limits.max_header_bytes
-        self._max_streams = limits.max_concurrent_streams
+        # 0 = unlimited (SPEC 3): as many as SETTINGS can say; the reset budget stays finite.
+        self._max_streams = limits.max_concurrent_streams or UNLIMITED_STREAMS
         self.codec = ServerCodec(
-            max_concurrent_streams=limits.max_concurrent_streams,
+            max_concurrent_streams=self._max_streams,
             header_list_limit=max(limits.max_header_bytes, 16 * 1024) * HEADER_LIST_SLACK,
             stream_window=STREAM_WINDOW,
             connection_window=CONNECTION_WINDOW,
@@ -100,7 +103,7 @@ class H2Session:
         self._blocked: dict[int, StreamDownstream] = {}  # response data waiting for a window
         self._dirty: dict[int, StreamDownstream] = {}  # written to since the last send pass
         self._send_scheduled = False
-        self._resets = Budget(RESET_BURST + 2 * limits.max_concurrent_streams, RESETS_PER_SECOND)
+        self._resets = Budget(RESET_BURST + 2 * min(self._max_streams, MAX_RESET_BURST_STREAMS), RESETS_PER_SECOND)
         self._control = Budget(CONTROL_BURST, CONTROL_PER_SECOND)
         self._control_seen = 0
         self._writer: asyncio.Task | None = None  # waits while the channel is above its high-water mark
