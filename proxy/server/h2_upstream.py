@@ -20,10 +20,9 @@ connection), and request DATA is sent only within the upstream's windows
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
 from proxy.config.model import Service, Upstream
 from proxy.errors import BadGateway, ConnectionFailed, HTTPError
@@ -44,7 +43,7 @@ from proxy.http.h2.codec import (
 )
 from proxy.http.h2.messages import response_head, trailer_fields
 from proxy.server.channel import Channel, ConnectionLost
-from proxy.server.upstream_pool import connect_failure
+from proxy.server.upstream_pool import RoundRobin, connect_failure
 from proxy.tls.upstream_context import UpstreamTLS
 
 log = logging.getLogger("tlsproxy")
@@ -383,7 +382,7 @@ class H2UpstreamPool:
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout  # a connection without streams this long is closed
         self._connections: dict[str, list[UpstreamH2Connection]] = {}
-        self._turns: dict[str, itertools.count] = {}
+        self.order = RoundRobin().order  # (as the HTTP/1.1 pool: upstream_pool.RoundRobin)
         # A connection being opened, per key: requests arriving meanwhile wait for it
         # rather than each opening its own (HTTP/2's point is one connection).
         self._opening: dict[str, asyncio.Future] = {}
@@ -391,13 +390,6 @@ class H2UpstreamPool:
     def configure(self, *, connect_timeout: float, idle_timeout: float) -> None:
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
-
-    def order(self, service: Service) -> Sequence[Upstream]:
-        upstreams = service.upstreams
-        if len(upstreams) == 1:
-            return upstreams
-        start = next(self._turns.setdefault(service.name, itertools.count())) % len(upstreams)
-        return upstreams[start:] + upstreams[:start]
 
     async def open_stream(
         self, service: Service, fields: Headers, *, end: bool, tls: UpstreamTLS | None = None
@@ -479,11 +471,6 @@ class H2UpstreamPool:
         connections = self._connections.get(connection.key)
         if connections and connection in connections:
             connections.remove(connection)
-
-    def connection_count(self, upstream: Upstream | None = None) -> int:
-        if upstream is not None:
-            return len(self._connections.get(upstream.url, ()))
-        return sum(len(each) for each in self._connections.values())
 
     async def close_and_wait(self, timeout: float) -> None:
         """Close every connection (TLS: with its close_notify), wait up to ``timeout``

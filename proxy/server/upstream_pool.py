@@ -103,6 +103,23 @@ def connect_failure(
     return f"{upstream.url} refused the connection ({exc.strerror or exc})"
 
 
+class RoundRobin:
+    """Which of a service's upstreams to try first: each request starts one further
+    along the list (the others follow, for when it refuses). Both pools use it."""
+
+    __slots__ = ("_turns",)
+
+    def __init__(self) -> None:
+        self._turns: dict[str, itertools.count] = {}
+
+    def order(self, service: Service) -> Sequence[Upstream]:
+        upstreams = service.upstreams
+        if len(upstreams) == 1:
+            return upstreams
+        start = next(self._turns.setdefault(service.name, itertools.count())) % len(upstreams)
+        return upstreams[start:] + upstreams[:start]
+
+
 async def connect_channel(upstream: Upstream, tls: UpstreamTLS | None = None) -> Channel:
     """A connection to ``upstream`` as a Channel: TCP, or TLS through ``tls`` (verified as
     its context says); no delay, requests are small writes. Never plain TCP to an
@@ -145,7 +162,7 @@ class UpstreamPool:
         # Keyed by upstream URL (https://: UpstreamTLS.pool_key): a str caches its hash, a
         # frozen dataclass computes it per call.
         self._idle: dict[str, deque[UpstreamConnection]] = {}
-        self._turns: dict[str, itertools.count] = {}
+        self.order = RoundRobin().order  # the service's upstreams in the order to try them
         self._sweeper: asyncio.TimerHandle | None = None
         self.connects = 0  # fresh connections opened (for tests and metrics)
 
@@ -154,15 +171,6 @@ class UpstreamPool:
         self._engines = engines
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
-
-    def order(self, service: Service) -> Sequence[Upstream]:
-        """The service's upstreams in the order to try them: round-robin start."""
-        upstreams = service.upstreams
-        if len(upstreams) == 1:
-            return upstreams
-        turn = next(self._turns.setdefault(service.name, itertools.count()))
-        start = turn % len(upstreams)
-        return upstreams[start:] + upstreams[:start]
 
     async def acquire(
         self, service: Service, *, fresh: bool = False, tls: UpstreamTLS | None = None

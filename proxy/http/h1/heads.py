@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover
     httptools = None
 
 # Bytes not allowed in a field value (RFC 9110 5.5): CTLs other than HTAB, and DEL.
-_CTL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
+CONTROL_BYTES = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
 # Largest Content-Length every upstream reads the same (2^53: exact in a double).
 MAX_CONTENT_LENGTH = (1 << 53) - 1
 _CONTENT_LENGTH_MAX_DIGITS = 20  # h11.CONTENT_LENGTH_MAX_DIGITS
@@ -162,7 +162,7 @@ def request_head(
     chunked = b"transfer-encoding" in names
     if chunked and content_length is not None:
         raise BadRequest("malformed request: both Content-Length and Transfer-Encoding")
-    if len(joined.translate(None, _CTL)) != len(joined):
+    if len(joined.translate(None, CONTROL_BYTES)) != len(joined):
         raise BadRequest("malformed request: control character in a header value")
     upgrade = False
     if b"upgrade" in names and b"connection" in names:

@@ -39,6 +39,7 @@ import re
 
 from proxy.errors import BadGateway, BadRequest
 from proxy.http.engine import Headers, RequestHead, ResponseHead
+from proxy.http.h1.heads import CONTROL_BYTES
 from proxy.http.h1.heads import request_head as checked_head
 from proxy.http.h1.hop_by_hop import HOP_BY_HOP
 
@@ -176,13 +177,10 @@ def trailer_fields(fields: Headers, service: str) -> Headers:
     return trailers
 
 
-_CTL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
-
-
 def _check_values(headers: Headers, service: str) -> None:
-    for _name, value in headers:
-        if len(value.translate(None, _CTL)) != len(value):
-            raise BadGateway(f"service {service!r}: the upstream sent a control character in a header value")
+    joined = b"".join(value for _name, value in headers)  # one pass in C, as heads.request_head
+    if len(joined.translate(None, CONTROL_BYTES)) != len(joined):
+        raise BadGateway(f"service {service!r}: the upstream sent a control character in a header value")
 
 
 def _malformed(reason: str) -> BadRequest:
