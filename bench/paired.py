@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=5, help="seconds per round (default 5)")
     parser.add_argument("--server-cpu", default="1", help="core for the servers")
     parser.add_argument("--client-cpu", default="0", help="core for the wrk processes and the upstream")
+    parser.add_argument("--access-log", default=None,
+                        help="tlsproxy access_log path (default: a JSON log file per tree in the temporary folder)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.b_tree is None and not args.caddy:
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         trees = {"A": None, "B": args.b_tree.resolve()} if args.b_tree is not None else {"A": None}
         for name, tree in trees.items():
             servers[name] = bench.start_tlsproxy(name, workdir / name, bench.free_port(), upstream_port, cert, key,
-                                                 args.server_cpu, "/dev/null", "httptools", python_path=tree)
+                                                 args.server_cpu, args.access_log or str(workdir / name / "access.log"),
+                                                 "httptools", python_path=tree)
         if args.caddy:
             servers["caddy"] = bench.start_caddy("caddy", workdir / "caddy", bench.free_port(), upstream_port,
                                                  cert, key, args.server_cpu, procs=1)

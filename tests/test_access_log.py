@@ -133,14 +133,23 @@ def test_format_time():
         {"sni": None, "service": None, "upstream": None, "request_id": None, "tls_version": None},
         {"time": "2026-11-22T23:02:01.123Z", "duration_ms": 0.0004},
         {"duration_ms": float("nan")},
+        {"duration_ms": 7},
         {"status": True},
         {"bytes_out": 2**70, "duration_ms": 12345678.9876},
+        {"sni": b"bytes\xff\"sni", "client": bytearray(b"1.2.3.4"), "upstream": 12},
+        {"client_subject": "CN=al\u00efce,O=\"x\"", "client_fingerprint": "sha256:ab"},
     ],
 )
-def test_json_line_is_what_json_dumps_writes(changes):
-    """The one-template fast path and the general encoder agree, whatever the values."""
+@pytest.mark.parametrize("order", ["as the request path writes it", "any other order"])
+def test_json_line_is_what_json_dumps_writes(changes, order):
+    """The C-encoder fast path (a record in FIELDS order) and the general encoder agree,
+    whatever the values."""
     from proxy.server.access_log import _fields, _json_line
 
-    record = {**RECORD, "time": 1.5, **changes}
+    if order == "any other order":
+        record = {**RECORD, "time": 1.5, **changes}
+    else:
+        record = {"time": 1.5, **RECORD, **changes}
+        assert tuple(record)[: len(FIELDS)] == FIELDS
     expected = json.dumps(_fields(record), separators=(",", ":"), default=str) + "\n"
     assert _json_line(record) == expected

@@ -23,13 +23,12 @@ from proxy.forwarding.headers import upstream_request_headers
 from proxy.forwarding.paths import RequestPath, normalize_target
 from proxy.forwarding.routing import normalize_host, upstream_target
 from proxy.server.channel import ConnectionLost
-from proxy.server.downstream import ClientInfo, Downstream
+from proxy.server.downstream import MORE, ClientInfo, Downstream
 from proxy.server.generation import Generation
 from proxy.server.h2_relay import H2Relay
 from proxy.server.relay import Relay
 from proxy.server.state import ServerState
 from proxy.tls.authz import misdirected
-from proxy.tls.identity import ClientIdentity
 
 log = logging.getLogger("tlsproxy")
 
@@ -64,7 +63,9 @@ async def serve_connection(down: Downstream, state: ServerState) -> None:
                 try:
                     # The head's first byte is here: the rest within request_header of
                     # the next chunk (read_head's deadline starts at that chunk).
-                    head = await down.read_head(timeouts.request_header, timeouts.request_header)
+                    head = down.poll_head()
+                    if head is MORE:
+                        head = await down.read_head(timeouts.request_header, timeouts.request_header)
                 except HTTPError as exc:  # unframeable request: answer, log and close
                     refuse_request(down, exc, state)
                     return
@@ -176,34 +177,34 @@ def _record(
     """One access-log record and the request metrics (``head`` None: unparseable)."""
     seconds = time.monotonic() - started
     info = down.info
-    state.metrics.record_request(service.name if service is not None else "", status, seconds)
-    state.access_log.write(
-        {
-            "time": stamp,
-            "client": info.address,
-            "tls_version": info.tls_version,
-            "sni": info.sni,
-            "protocol": _PROTOCOLS.get(head.http_version, down.protocol) if head is not None else down.protocol,
-            "method": head.method if head is not None else None,
-            "path": head.target if head is not None else None,
-            "status": status,
-            "bytes_in": down.bytes_in,
-            "bytes_out": down.bytes_out,
-            "duration_ms": seconds * 1000,  # rounded when the log formats it
-            "service": service.name if service is not None else None,
-            "upstream": relay.upstream_url if relay is not None else None,
-            "request_id": request_id,
-            **_client_certificate(info.identity),
-        }
-    )
-
-
-def _client_certificate(identity: ClientIdentity | None) -> dict[str, str]:
-    """The access-log fields naming a verified client certificate (none without one), so
-    a 403 line says which certificate was refused."""
-    if identity is None:
-        return {}
-    return {"client_subject": identity.subject, "client_fingerprint": "sha256:" + identity.fingerprint_sha256}
+    name = service.name if service is not None else None
+    state.metrics.record_request(name or "", status, seconds)
+    if head is not None:
+        protocol, method, path = _PROTOCOLS.get(head.http_version, down.protocol), head.method, head.target
+    else:
+        protocol, method, path = down.protocol, None, None
+    # In access_log.FIELDS order: the log's C encoder takes it as it is.
+    record = {
+        "time": stamp,
+        "client": info.address,
+        "tls_version": info.tls_version,
+        "sni": info.sni,
+        "protocol": protocol,
+        "method": method,
+        "path": path,
+        "status": status,
+        "bytes_in": down.bytes_in,
+        "bytes_out": down.bytes_out,
+        "duration_ms": seconds * 1000,  # rounded when the log formats it
+        "service": name,
+        "upstream": relay.upstream_url if relay is not None else None,
+        "request_id": request_id,
+    }
+    identity = info.identity
+    if identity is not None:  # a verified client certificate: a 403 line says which one
+        record["client_subject"] = identity.subject
+        record["client_fingerprint"] = "sha256:" + identity.fingerprint_sha256
+    state.access_log.write(record)
 
 
 def _check_client(

@@ -15,6 +15,9 @@ from proxy.tls.authz import Decision
 from proxy.tls.identity import ClientIdentity
 
 
+MORE = object()  # Downstream.poll_head: the head is not all here yet
+
+
 @dataclass(slots=True)
 class ClientInfo:
     """What the connection knows about its client, for headers and the access log."""
@@ -62,33 +65,41 @@ class Downstream:
         ``first_byte_timeout`` bounds the wait for a new request to begin (idle
         keep-alive); once bytes arrive, ``header_timeout`` bounds the rest of the head.
         Raises BadRequest / HeadersTooLarge from the engine."""
-        engine = self.engine
         channel = self.channel
         deadline = 0.0
-        self.method = b""  # a request refused before its head parses has no method (not the last one's HEAD)
         try:
             while True:
-                event = engine.next_event()
-                if event is None:
-                    if not deadline:
-                        data = await channel.read(first_byte_timeout)
-                        deadline = channel.loop.time() + (header_timeout or 1e9)
-                    else:
-                        remaining = deadline - channel.loop.time()
-                        if remaining <= 0:
-                            return None
-                        data = await channel.read(remaining)
-                    engine.feed(data)
-                    continue
-                if type(event) is RequestHead:
-                    self.bytes_in = self.bytes_out = 0
-                    self.method = event.method
-                    if not event.has_body:
-                        engine.next_event()  # its EndOfMessage: the request is complete
-                    return event
-                return None  # Closed (or stray events after a close)
+                head = self.poll_head()
+                if head is not MORE:
+                    return head
+                if not deadline:
+                    data = await channel.read(first_byte_timeout)
+                    deadline = channel.loop.time() + (header_timeout or 1e9)
+                else:
+                    remaining = deadline - channel.loop.time()
+                    if remaining <= 0:
+                        return None
+                    data = await channel.read(remaining)
+                self.engine.feed(data)
         except TimeoutError:
             return None
+
+    def poll_head(self) -> RequestHead | None | object:
+        """``read_head`` without waiting: the head when the engine holds all of it (a
+        request usually arrives in one read: then no coroutine is made for it), ``MORE``
+        when bytes are missing, None when the client closed. Raises as ``read_head``."""
+        self.method = b""  # a request refused before its head parses has no method (not the last one's HEAD)
+        engine = self.engine
+        event = engine.next_event()
+        if event is None:
+            return MORE
+        if type(event) is RequestHead:
+            self.bytes_in = self.bytes_out = 0
+            self.method = event.method
+            if not event.has_body:
+                engine.next_event()  # its EndOfMessage: the request is complete
+            return event
+        return None  # Closed (or stray events after a close)
 
     async def next_body_event(self, timeout: float) -> Body | EndOfMessage:
         """The next piece of the request body (raises BadRequest if the client

@@ -193,6 +193,15 @@ class UpstreamPool:
                 self._on_connect_error(service.name)
         raise BadGateway(f"service {service.name!r}: " + "; ".join(failures))
 
+    def idle_for(self, service: Service, tls: UpstreamTLS | None = None) -> UpstreamConnection | None:
+        """An idle connection for a service with one upstream, or None (then ``acquire``):
+        the usual case taken without a coroutine to make and run."""
+        upstreams = service.upstreams
+        if len(upstreams) != 1:
+            return None  # (the round-robin order decides which upstream's idle one)
+        upstream = upstreams[0]
+        return self._take_idle(upstream.url if tls is None else tls.pool_key(upstream))
+
     def release(self, conn: UpstreamConnection) -> None:
         """Take back a connection whose exchange completed cleanly."""
         idle = self._idle.get(conn.pool_key)
