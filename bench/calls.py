@@ -13,6 +13,9 @@ One run:
 
 It prints calls per request -- Python functions, and everything (builtins and C methods
 included) -- and the functions called most per request; ``--json`` writes the record.
+``--profile FILE`` also samples a third load of the same length with py-spy (997 Hz, busy
+samples only, collapsed stacks into FILE) and prints its share of samples per category
+(bench/categories.py): the same measurement for any tree, before and after a change.
 The figure includes the load's own edges (a few of the 32 connections' requests in flight
 when profiling starts or stops): a few per thousand.
 """
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import categories  # noqa: E402  (bench/categories.py)
 import run as bench  # noqa: E402  (bench/run.py: certificates, upstream, configs, wrk)
 
 # Runs ``python -m proxy ARGS`` with cProfile switched on and off by SIGUSR2.
@@ -62,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=25, help="functions listed (default 25)")
     parser.add_argument("--json", type=Path, help="write the record here")
     parser.add_argument("--stats", type=Path, help="keep cProfile's stats here (pstats, for self times)")
+    parser.add_argument("--profile", type=Path, help="also sample a load with py-spy into this file (raw)")
     return parser.parse_args(argv)
 
 
@@ -116,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             if not stats_file.exists():
                 raise bench.BenchError(f"no profile written:\n{bench._tail(workdir / 'tlsproxy.log')}")
             requests = bench.parse_wrk(out)["requests"]
+            if args.profile:
+                sample(server.pid, url, args.duration, args.profile)
             if args.stats:
                 args.stats.write_bytes(stats_file.read_bytes())
             record = {"tree": str(tree), "engine": args.engine, **count(stats_file, requests, args.top)}
@@ -127,9 +134,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  all calls per request (builtins and C methods too): {record['all_calls_per_request']:.1f}")
     for entry in record["top"]:
         print(f"  {entry['per_request']:6.2f}  {entry['function']}")
+    if args.profile:
+        categories.main([str(args.profile)])
     if args.json:
         args.json.write_text(json.dumps(record, indent=2) + "\n")
     return 0
+
+
+def sample(pid: int, url: str, duration: float, output: Path) -> None:
+    """py-spy on ``pid`` while wrk loads it (the profiler off: cProfile's toggle is even)."""
+    spy = bench.py_spy()
+    if spy is None:
+        raise bench.BenchError("--profile needs py-spy on PATH or beside this Python (pip install py-spy)")
+    seconds = max(1, round(duration))
+    profiler = subprocess.Popen([spy, "record", "--rate", "997", "--format", "raw", "-o", str(output), "--pid",
+                                 str(pid), "--duration", str(seconds)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT)
+    time.sleep(0.5)  # (py-spy attaches)
+    subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}", url], capture_output=True, check=True, timeout=seconds + 30)
+    profiler.wait(timeout=60)
 
 
 if __name__ == "__main__":

@@ -728,7 +728,7 @@ def print_table(summary: dict, runs: int, duration: float, connections: int, lar
 def print_verdicts(found: list[dict]) -> None:
     if not found:
         return
-    print("\ntargets (tlsproxy, ratios to nginx with 1 worker)")
+    print("\ntargets (tlsproxy, issue #17: per server core, against Caddy with as many workers and nginx)")
     for v in found:
         mark = "-" if v["pass"] is None else ("PASS" if v["pass"] else "MISS")
         shown = "-" if v["value"] is None else f"{v['value']:.3f}x"
