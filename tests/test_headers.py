@@ -182,3 +182,78 @@ def test_response_hop_by_hop_headers_are_removed(upgrade):
         expected = [(b"content-type", b"text/plain"), (b"upgrade", b"websocket"), (b"content-length", b"3")]
         expected.append((b"connection", b"upgrade"))
     assert out == expected
+
+
+# -- header lines relayed as the client sent them (forwarding.headers.as_received)
+
+
+def _plain(raw: bytes):
+    from proxy.http.h1.heads import plain_request
+
+    head, _names = plain_request(raw, 65536)
+    return head
+
+
+def _relayed(raw: bytes, service=SERVICE):
+    from proxy.forwarding.headers import as_received
+
+    head = _plain(raw)
+    return head, as_received(head.headers, head.raw_fields, client_ip="1.2.3.4", server_port=8443, service=service,
+                             identity_headers=((b"X-Client-Subject", b"CN=alice"),))
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        b"Host: api.localhost:8443\r\nAccept: */*\r\nUser-Agent:  curl/8  \r\n",
+        b"Host: api.localhost:8443\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Mixed-Case: A b\r\n",
+        b"Host: api.localhost:8443\r\nCONNECTION: Close\r\nContent-Length: 3\r\n",
+        b"Host: api.localhost:8443\r\nAccept: a\r\nAccept: b\r\nConnection: close, keep-alive\r\n",
+    ],
+)
+def test_relayed_lines_say_what_the_rewritten_headers_say(lines):
+    """The bytes relayed (the client's lines less Connection / Keep-Alive, then ours) parse
+    to exactly what upstream_request_headers would send, our request id aside."""
+    head, relayed = _relayed(b"GET /x HTTP/1.1\r\n" + lines + b"\r\n")
+    assert relayed is not None
+    fields, added, request_id = relayed
+    sent = [(name.strip().lower(), value.strip()) for name, _, value in
+            (line.partition(b":") for line in fields.split(b"\r\n")[1:])] + added
+    expected, _ = rewrite(head.headers, identity_headers=((b"X-Client-Subject", b"CN=alice"),),
+                          request_id=request_id)
+    assert sent == expected
+    assert (b"x-request-id", request_id) in added and len(request_id) == 32
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"X-Forwarded-For: 10.0.0.1", b"Forwarded: for=10.0.0.1", b"X-Request-Id: abc", b"X-Forwarded-Host: evil",
+        b"X_Forwarded_Proto: http", b"X-Client-Cert: forged", b"SSL_CLIENT_S_DN: CN=forged", b"TE: trailers",
+        b"Trailer: x", b"Upgrade: websocket", b"Proxy-Connection: keep-alive", b"Connection: keep-alive, X-Drop",
+        b"Connection: upgrade",
+    ],
+)
+def test_a_header_the_proxy_rewrites_sends_the_request_the_parsed_way(line):
+    _head, relayed = _relayed(b"GET /x HTTP/1.1\r\nHost: a\r\n" + line + b"\r\n\r\n")
+    assert relayed is None
+
+
+def test_set_headers_and_host_not_first_send_the_request_the_parsed_way():
+    service = Service(name="api", upstreams=SERVICE.upstreams, set_headers=(("X-Env", "test"),))
+    assert _relayed(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", service)[1] is None
+    assert _plain(b"GET /x HTTP/1.1\r\nAccept: */*\r\nHost: a\r\n\r\n").raw_fields == b""
+    assert _plain(b"GET /x HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n").raw_fields == b"\r\nHost: a\r\nAccept: */*"
+
+
+def test_relayed_head_refuses_a_target_or_added_value_that_could_split_it():
+    from proxy.errors import BadGateway
+    from proxy.http.h1.heads import request_wire_as_received
+
+    fields = b"\r\nHost: a"
+    assert request_wire_as_received(b"GET", b"/x", fields, [(b"x-a", b"1")]) == (
+        b"GET /x HTTP/1.1\r\nHost: a\r\nx-a: 1\r\n\r\n")
+    for target, added in ((b"/x y", [(b"x-a", b"1")]), (b"/x\r\nEvil: 1", [(b"x-a", b"1")]),
+                          (b"/x", [(b"x-a", b"1\r\nEvil: 1")]), (b"/x", [(b"x-a", b"1\n")])):
+        with pytest.raises(BadGateway):
+            request_wire_as_received(b"GET", target, fields, added)

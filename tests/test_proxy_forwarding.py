@@ -15,7 +15,18 @@ import threading
 import httpx
 import pytest
 import requests
-from upstream import WAIT, ProxyThread, TestUpstream, pattern, pattern_sha256, proxy_config, service
+from upstream import (
+    WAIT,
+    ProxyThread,
+    RawUpstream,
+    TestUpstream,
+    pattern,
+    pattern_sha256,
+    proxy_config,
+    recv_head,
+    service,
+    tls_connect,
+)
 
 from proxy.config.model import AdminSettings, ListenAddress, Timeouts
 
@@ -406,3 +417,47 @@ def test_an_upstream_that_stops_reading_holds_the_client_upload_back(proxy, pki,
         sender.join(WAIT)
         client.close()
         upstream.close()  # ends /hang: the proxy then answers 502 to nobody, and is done
+
+
+class HeadRecorder(RawUpstream):
+    """An upstream that keeps each request head's bytes as they arrived and answers 204."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads: list[bytes] = []
+
+    def _serve(self, conn: socket.socket) -> None:
+        data = b""
+        while True:
+            data = recv_head(conn, data)
+            head, found, data = data.partition(b"\r\n\r\n")
+            if not found:
+                return
+            self.heads.append(head)
+            conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+
+def test_a_request_whose_headers_need_no_change_goes_up_as_the_client_spelled_it(pki, tmp_path, http_engine):
+    """The httptools engine relays ordinary header lines as received (names' case and
+    spacing kept, as nginx does), less Connection / Keep-Alive, then the proxy's headers;
+    h11 sends the same headers re-spelled. A request with a header the proxy rewrites
+    goes the parsed way on both engines."""
+    with HeadRecorder() as recorder, ProxyThread(proxy_config(pki, service("app", recorder), tmp_path)) as px:
+        with tls_connect(pki, px.port) as client:
+            for extra in (b"Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n", b"X-Forwarded-For: 10.9.9.9\r\n"):
+                client.sendall(b"GET /a/b?q=1 HTTP/1.1\r\nHost: localhost\r\nX-Mixed-Case:  Va lue \r\n" + extra
+                               + b"Accept: */*\r\n\r\n")
+                assert recv_head(client).startswith(b"HTTP/1.1 204 ")
+    relayed, parsed = recorder.heads
+    lines = relayed.split(b"\r\n")
+    assert lines[0] == b"GET /a/b?q=1 HTTP/1.1"
+    if http_engine == "httptools":
+        assert lines[1:4] == [b"Host: localhost", b"X-Mixed-Case:  Va lue ", b"Accept: */*"]
+    else:
+        assert lines[1:4] == [b"host: localhost", b"x-mixed-case: Va lue", b"accept: */*"]
+    names = [line.partition(b":")[0].lower() for line in lines[1:]]
+    assert names[3:] == [b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
+                         b"forwarded", b"x-request-id"]
+    assert b"connection" not in names and b"keep-alive" not in names
+    assert b"\r\nx-forwarded-for: 10.9.9.9, 127.0.0.1\r\n" in parsed.lower()
+    assert b"x-mixed-case: va lue\r\n" in parsed.lower()

@@ -23,14 +23,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from functools import lru_cache
+from operator import itemgetter
 
 from proxy.config.model import Service
 from proxy.http.engine import HOP_BY_HOP
+from proxy.http.h1.hop_by_hop import CONNECTION_LINES, CONNECTION_MANAGEMENT, KEEP_ALIVE_OR_CLOSE
 from proxy.tls.identity import is_identity_header
 
 Headers = list[tuple[bytes, bytes]]
 
 HOP_BY_HOP_KEEP_UPGRADE = HOP_BY_HOP - {b"upgrade"}
+_name_of = itemgetter(0)
 # Connection may not list these away: framing and routing depend on them.
 _PROTECTED = frozenset({b"host", b"content-length"})
 # Headers this module owns on the way upstream; the client's copies are consumed.
@@ -93,6 +96,31 @@ def upstream_request_headers(
 
     if listed or upgrade:
         kept = _finish_hop_by_hop(kept, listed, drop, upgrade)
+    used_id = _add_ours(
+        kept, forwarded_for, forwarded, host, client_request_id or request_id or new_request_id(),
+        client_ip=client_ip, server_port=server_port, proto=proto, identity_headers=identity_headers,
+    )
+    if service.set_headers:
+        replace, additions = _encoded_set_headers(service.set_headers)
+        kept = [(name, value) for name, value in kept if name not in replace]
+        kept.extend(additions)
+    return kept, used_id
+
+
+def _add_ours(
+    kept: Headers,
+    forwarded_for: list[bytes],
+    forwarded: list[bytes],
+    host: bytes | None,
+    request_id: bytes,
+    *,
+    client_ip: str,
+    server_port: int,
+    proto: bytes,
+    identity_headers: Sequence[tuple[bytes, bytes]],
+) -> bytes:
+    """Append the forwarding headers (after the client's own X-Forwarded-For and
+    Forwarded values), the request id and the identity headers to ``kept``; the id."""
     forwarded_for.append(client_ip.encode("ascii"))
     kept.append((b"x-forwarded-for", b", ".join(forwarded_for)))
     kept.append((b"x-forwarded-proto", proto))
@@ -101,16 +129,67 @@ def upstream_request_headers(
     kept.append((b"x-forwarded-port", _port_bytes(server_port)))
     forwarded.append(forwarded_element(client_ip, host, proto))
     kept.append((b"forwarded", b", ".join(forwarded)))
-    used_id = client_request_id or request_id or new_request_id()
-    kept.append((b"x-request-id", used_id))
+    kept.append((b"x-request-id", request_id))
     if identity_headers:
         kept.extend((name.lower(), value) for name, value in identity_headers)
+    return request_id
 
+
+def as_received(
+    headers: Sequence[tuple[bytes, bytes]],
+    fields: bytes,
+    *,
+    client_ip: str,
+    server_port: int,
+    service: Service,
+    identity_headers: Sequence[tuple[bytes, bytes]] = (),
+    proto: bytes = b"https",
+) -> tuple[bytes, Headers, bytes] | None:
+    """The request's header lines as they go upstream when the client's may go as it
+    sent them (SPEC 4 unchanged): ``fields`` (its ``RequestHead.raw_fields``) less any
+    ``Connection: keep-alive / close`` and Keep-Alive lines, the headers we add after
+    them, and the X-Request-Id; None when any of its headers is one this module
+    rewrites or drops (then ``upstream_request_headers``).
+
+    A request whose headers are all ordinary (most: Host, Accept, User-Agent...) would
+    come out of ``upstream_request_headers`` as the same list plus ours; relaying its
+    bytes saves re-parsing and re-joining every header (bench/calls.py). Which names are
+    ordinary is decided once per name (``_ordinary``), as for ``_spoofed_names``."""
     if service.set_headers:
-        replace, additions = _encoded_set_headers(service.set_headers)
-        kept = [(name, value) for name, value in kept if name not in replace]
-        kept.extend(additions)
-    return kept, used_id
+        return None
+    names = [*map(_name_of, headers)]
+    cut = False
+    if not _ordinary.issuperset(names):
+        for name in names:
+            if name in _ordinary:
+                continue
+            if name in CONNECTION_MANAGEMENT:
+                cut = True
+            elif not _is_ordinary(name):
+                return None
+        if cut:
+            for name, value in headers:
+                if name == b"connection" and not KEEP_ALIVE_OR_CLOSE.issuperset(_connection_tokens(value, None)):
+                    return None  # it names headers to drop
+            fields = CONNECTION_LINES.sub(b"", fields)
+    added: Headers = []
+    host = headers[names.index(b"host")][1] if b"host" in names else None
+    used_id = _add_ours(
+        added, [], [], host, new_request_id(),
+        client_ip=client_ip, server_port=server_port, proto=proto, identity_headers=identity_headers,
+    )
+    return fields, added, used_id
+
+
+# Header names that go upstream untouched (never hop-by-hop, ours or a spoofing risk).
+_ordinary: set[bytes] = set()
+
+
+def _is_ordinary(name: bytes) -> bool:
+    ordinary = not (name in HOP_BY_HOP or name in _FORWARDING or _is_spoofed(name))
+    if ordinary and len(_ordinary) < _SPOOFED_NAMES_MAX:
+        _ordinary.add(name)
+    return ordinary
 
 
 def downstream_response_headers(

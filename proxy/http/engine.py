@@ -22,7 +22,7 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from proxy.http.h1.hop_by_hop import HOP_BY_HOP
+from proxy.http.h1.hop_by_hop import HOP_BY_HOP, without_connection_management
 
 __all__ = ["HOP_BY_HOP"]  # (re-exported: its home is proxy.http.h1.hop_by_hop)
 
@@ -46,6 +46,12 @@ class RequestHead:
     chunked: bool = False
     expect_continue: bool = False
     upgrade: bool = False  # Upgrade + Connection: upgrade (e.g. WebSocket): may become a tunnel
+    # The header lines as the client sent them, from the request line's CRLF up to the
+    # last line's end (its CRLF and the blank line not included), when they may be relayed
+    # as they are (``proxy.forwarding.headers.as_received``); set by the httptools
+    # engine's fast path for a plain head whose first header is Host. Wire detail, so
+    # not part of equality.
+    raw_fields: bytes = field(default=b"", compare=False, repr=False)
 
     @property
     def has_body(self) -> bool:
@@ -164,6 +170,13 @@ class ClientEngine(abc.ABC):
     def send_head(self, head: RequestHead, headers: Headers, target: bytes) -> bytes:
         """Serialise a request head with the rewritten ``headers`` and ``target``;
         the body framing follows ``head.content_length`` / ``head.chunked``."""
+
+    def send_head_as_received(self, head: RequestHead, fields: bytes, added: Headers, target: bytes) -> bytes:
+        """``send_head`` for a request whose header lines go upstream as the client sent
+        them (``fields``: ``head.raw_fields``, its Connection / Keep-Alive lines cut),
+        ``added`` after them. An engine without that path sends the parsed headers, less
+        the same lines: the same request, spelled its way."""
+        return self.send_head(head, [*without_connection_management(head.headers), *added], target)
 
     @abc.abstractmethod
     def send_body(self, data: bytes) -> Sequence[bytes]:

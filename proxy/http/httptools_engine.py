@@ -52,6 +52,7 @@ from proxy.http.h1.heads import (
     plain_request,
     plain_response,
     request_wire,
+    request_wire_as_received,
     response_wire,
     wants_close,
 )
@@ -326,6 +327,24 @@ class HttptoolsClientEngine(_Side, ClientEngine):
         self._request_host = headers[0][1]
         self._upgrade_asked = b"upgrade" in names
         self._keep_alive = not (b"connection" in names and b"close" in comma_values(headers, b"connection"))
+        self._writing = SENDING
+        return wire
+
+    def send_head_as_received(self, head: RequestHead, fields: bytes, added: Headers, target: bytes) -> bytes:
+        # Only plain heads have fields to relay, and no hop-by-hop header is among them
+        # (as_received): no Transfer-Encoding, Upgrade or Connection: close goes up.
+        writer = self._writer
+        if head.content_length is not None:
+            writer.framing = LENGTH
+            writer.remaining = head.content_length
+        else:
+            writer.framing = NO_BODY
+            writer.remaining = 0
+        wire = request_wire_as_received(head.method, target, fields, added)
+        self._method = head.method
+        self._request_host = head.headers[0][1]  # (Host comes first in such a head)
+        self._upgrade_asked = False
+        self._keep_alive = True
         self._writing = SENDING
         return wire
 

@@ -19,7 +19,7 @@ import time
 from proxy.config.model import Service
 from proxy.errors import BadGateway, Forbidden, HTTPError, MisdirectedRequest, NotFound, PayloadTooLarge
 from proxy.http.engine import RequestHead
-from proxy.forwarding.headers import upstream_request_headers
+from proxy.forwarding.headers import as_received, upstream_request_headers
 from proxy.forwarding.paths import RequestPath, normalize_target
 from proxy.forwarding.routing import normalize_host, upstream_target
 from proxy.server.channel import ConnectionLost
@@ -109,11 +109,21 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
         limit = config.limits.max_body_bytes
         if limit and head.content_length is not None and head.content_length > limit:
             raise PayloadTooLarge(f"request body of {head.content_length} bytes is larger than {limit} bytes")
-        headers, request_id = upstream_request_headers(
-            head.headers, client_ip=info.ip, server_port=info.server_port, service=service,
-            identity_headers=info.identity_headers, upgrade=head.upgrade, proto=info.scheme,
-        )
-        if speaks_http2(service):
+        http2 = speaks_http2(service)
+        fields = None  # the client's header lines, when they go upstream as it sent them
+        if head.raw_fields and not http2:
+            relayed = as_received(
+                head.headers, head.raw_fields, client_ip=info.ip, server_port=info.server_port, service=service,
+                identity_headers=info.identity_headers, proto=info.scheme,
+            )
+            if relayed is not None:
+                fields, headers, request_id = relayed
+        if fields is None:
+            headers, request_id = upstream_request_headers(
+                head.headers, client_ip=info.ip, server_port=info.server_port, service=service,
+                identity_headers=info.identity_headers, upgrade=head.upgrade, proto=info.scheme,
+            )
+        if http2:
             relay = H2Relay(
                 down, head, service, state.h2_pool, config.timeouts,
                 max_body_bytes=limit, closing=lambda: state.closing,
@@ -130,7 +140,7 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
                 max_body_bytes=limit, closing=lambda: state.closing,
                 upstream_tls=generation.upstream_tls.get(service.name),
             )
-        status = await relay.run(headers, upstream_target(service, path))
+        status = await relay.run(headers, upstream_target(service, path), fields)
         keep_alive = down.next_cycle()
     except HTTPError as exc:
         status = exc.status

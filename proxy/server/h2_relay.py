@@ -47,7 +47,9 @@ class H2Relay(Exchange):
         self._pump: asyncio.Task | None = None
         self._body_events = 0  # pieces of body taken from the client: 0 = may be sent again
 
-    async def run(self, headers: Headers, target: bytes) -> int:
+    async def run(self, headers: Headers, target: bytes, raw_fields: None = None) -> int:
+        """As ``Relay.run``; an HTTP/2 upstream gets header fields, never a client's raw
+        HTTP/1.1 lines (the request path gives none for it: ``raw_fields`` is None)."""
         upstream = self.service.upstreams[0]
         authority = f"[{upstream.host}]:{upstream.port}" if ":" in upstream.host else f"{upstream.host}:{upstream.port}"
         fields = request_fields(self.head, headers, target, scheme=self._scheme, authority=authority.encode())

@@ -112,8 +112,10 @@ class Relay(Exchange):
         self._pump: BodyPump | None = None
         self._answered = False  # a response head (100 Continue included) went to the client
 
-    async def run(self, headers: Headers, target: bytes) -> int:
-        """Send the request and relay the response; the response status. A pooled
+    async def run(self, headers: Headers, target: bytes, fields: bytes | None = None) -> int:
+        """Send the request and relay the response; the response status. ``fields``:
+        the client's header lines as they go upstream, ``headers`` then being only what
+        the proxy adds after them (``forwarding.headers.as_received``). A pooled
         connection found closed may be replaced once (``may_send_again``). The exchange
         is written out here rather than in a coroutine of its own: one frame less to
         make and resume per request (bench/calls.py)."""
@@ -122,7 +124,7 @@ class Relay(Exchange):
         retried = False
         while True:
             try:
-                self._send_head(conn, headers, target)
+                self._send_head(conn, headers, target, fields)
                 await self._relay_response(conn)
                 break
             except _SendAgain as again:
@@ -159,14 +161,17 @@ class Relay(Exchange):
             conn.close()
         return self.status
 
-    def _send_head(self, conn: UpstreamConnection, headers: Headers, target: bytes) -> None:
+    def _send_head(self, conn: UpstreamConnection, headers: Headers, target: bytes, fields: bytes | None) -> None:
         """Write the request head (and start the body pump); ``_SendAgain`` when the
         pooled connection was found closed before a byte of it was written."""
         self.upstream_url = conn.upstream.url
         head = self.head
-        if head.header(b"host") is None:  # HTTP/1.0 without Host: HTTP/1.1 upstream needs one
-            headers = [*headers, (b"host", conn.authority)]
-        head_bytes = conn.engine.send_head(head, headers, target)
+        if fields is not None:  # (Host among them)
+            head_bytes = conn.engine.send_head_as_received(head, fields, headers, target)
+        else:
+            if head.header(b"host") is None:  # HTTP/1.0 without Host: HTTP/1.1 upstream needs one
+                headers = [*headers, (b"host", conn.authority)]
+            head_bytes = conn.engine.send_head(head, headers, target)
         if not head.has_body:
             head_bytes += conn.engine.send_end()
         try:

@@ -241,7 +241,10 @@ def plain_request(raw: bytes, max_header_bytes: int) -> tuple[RequestHead, list[
     if names.count(b"host") != 1 or (b"transfer-encoding" in names and plain_chunked(headers, version) is None):
         return None
     method = raw[: raw.index(b" ")]
-    return request_head(method, fields.target, version, headers, max_header_bytes, names), names
+    head = request_head(method, fields.target, version, headers, max_header_bytes, names)
+    if names[0] == b"host" and raw.endswith(b"\r\n\r\n"):  # (HEAD_END also ends a head at LF LF)
+        head.raw_fields = raw[end - 2 : -4]
+    return head, names
 
 
 def plain_response(raw: bytes, upgrade_asked: bool) -> tuple[ResponseHead, list[bytes]] | None:
@@ -331,6 +334,18 @@ def request_wire(method: bytes, target: bytes, headers: Headers) -> tuple[bytes,
     if len(wire) - len(wire.translate(None, _UNSENDABLE)) != 2 * (len(headers) + 2) or b" " in target:
         raise BadGateway("request cannot be sent upstream: illegal byte in the request head")
     return wire, headers, names
+
+
+def request_wire_as_received(method: bytes, target: bytes, fields: bytes, added: Headers) -> bytes:
+    """A request head whose header lines are the client's as received (``fields``, from a
+    plain head: the rules already held for every byte of it) and ``added`` after them;
+    BadGateway if the target or an added header could split it."""
+    tail = b"\r\n".join(map(b": ".join, added))
+    if len(tail) - len(tail.translate(None, _UNSENDABLE)) != 2 * max(len(added) - 1, 0) or (
+        len(target.translate(None, _UNSENDABLE + b" ")) != len(target)
+    ):
+        raise BadGateway("request cannot be sent upstream: illegal byte in the request head")
+    return b"%s %s HTTP/1.1%s\r\n%s\r\n\r\n" % (method, target, fields, tail)
 
 
 def response_wire(status: int, head: ResponseHead, headers: Headers) -> bytes:

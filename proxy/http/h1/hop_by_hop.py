@@ -29,8 +29,8 @@ def without_connection_management(headers: Headers) -> Headers:
 
 
 # A relayed head loses these lines (values cannot hold CR or LF, so only line starts match).
-_CONNECTION_LINES = re.compile(rb"\r\n(?:connection|keep-alive):[^\r]*", re.IGNORECASE)
-_KEEP_ALIVE_OR_CLOSE = frozenset({b"keep-alive", b"close"})
+CONNECTION_LINES = re.compile(rb"\r\n(?:connection|keep-alive):[^\r]*", re.IGNORECASE)
+KEEP_ALIVE_OR_CLOSE = frozenset({b"keep-alive", b"close"})
 
 
 def relayable(raw: bytes, headers: Headers, names: list[bytes]) -> bytes:
@@ -46,6 +46,6 @@ def relayable(raw: bytes, headers: Headers, names: list[bytes]) -> bytes:
             if name == b"connection":
                 for token in value.lower().split(b","):
                     token = token.strip()
-                    if token and token not in _KEEP_ALIVE_OR_CLOSE:
+                    if token and token not in KEEP_ALIVE_OR_CLOSE:
                         return b""  # it names headers to drop
-    return _CONNECTION_LINES.sub(b"", raw)
+    return CONNECTION_LINES.sub(b"", raw)
