@@ -142,8 +142,8 @@ def test_format_time():
 )
 @pytest.mark.parametrize("order", ["as the request path writes it", "any other order"])
 def test_json_line_is_what_json_dumps_writes(changes, order):
-    """The C-encoder fast path (a record in FIELDS order) and the general encoder agree,
-    whatever the values."""
+    """The one-template fast path (a record with exactly FIELDS, in any order) and the
+    general encoder agree, whatever the values."""
     from proxy.server.access_log import _fields, _json_line
 
     if order == "any other order":
