@@ -153,3 +153,24 @@ def test_json_line_is_what_json_dumps_writes(changes, order):
         assert tuple(record)[: len(FIELDS)] == FIELDS
     expected = json.dumps(_fields(record), separators=(",", ":"), default=str) + "\n"
     assert _json_line(record) == expected
+
+
+@pytest.mark.parametrize("room", [0, 4096])
+def test_shared_field_fragments_change_nothing_whether_kept_or_not(monkeypatch, room):
+    """Records sharing a connection's and a service's fields reuse their JSON (bounded);
+    full or empty, the lines are json.dumps's, and a value of another type is not mixed
+    up with a cached one."""
+    from proxy.server.access_log import _fields, _json_line
+
+    monkeypatch.setattr(access_log, "_fragments", {})
+    monkeypatch.setattr(access_log, "_FRAGMENTS_MAX", room)
+    records = [
+        {"time": 1.5, **RECORD},
+        {"time": 2.25, **RECORD, "path": b"/other", "request_id": b"id-with-dash"},
+        {"time": 2.25, **RECORD, "method": "GET", "client": 1},
+        {"time": 3.0, **RECORD, "sni": b"api.localhost", "upstream": None, "request_id": "x\"y"},
+    ]
+    for record in records * 2:
+        expected = json.dumps(_fields(record), separators=(",", ":"), default=str) + "\n"
+        assert _json_line(record) == expected
+    assert len(access_log._fragments) <= room
