@@ -296,7 +296,7 @@ def run_client(factory, method: bytes, raw: bytes, *, upgrade: bool = False) -> 
             while (event := engine.next_event()) is not None:
                 events.append(_normalise(event))
                 if type(event) in (EndOfMessage, Closed) or (
-                    type(event) is ResponseHead and event.status == 101
+                    isinstance(event, ResponseHead) and event.status == 101
                 ):
                     return _merge_bodies(events), None, engine.start_next_cycle()
     except HTTPError as exc:

@@ -258,7 +258,7 @@ def test_an_upstream_that_closed_during_a_response_read_by_h11_is_not_pooled(eng
     upstream.send_head(RequestHead(b"GET", b"/", headers), headers, b"/")
     upstream.send_end()
     upstream.feed(b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 2\r\n\r\n")
-    assert type(upstream.next_event()) is ResponseHead
+    assert isinstance(upstream.next_event(), ResponseHead)
     upstream.feed(b"ok")
     upstream.feed(b"")
     events = []
@@ -321,3 +321,34 @@ def test_the_httptools_engine_states_move_only_along_their_tables():
     assert not illegal
     seen_reads = {(old, new) for name, old, new in moves if name == "_reading" and old is not new}
     assert len(seen_reads) >= 8  # the corpus exercises most of the table
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 200 \r\nX-Empty:\r\nX-Spaces:  a  b \t\r\nSet-Cookie: a=b; Path=/\r\nset-cookie: c=d\r\n"
+        b"Content-Length: 0\r\n\r\n",
+        b"HTTP/1.1 302 Found\r\nLocation: http://x/\xc3\xa9\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ],
+)
+def test_a_plain_response_head_lists_its_headers_as_the_tokeniser_would(raw):
+    """The httptools engine splits a response's header list from its bytes only when
+    asked (LazyResponseHead): the same list llhttp's callbacks give, equal to a
+    ResponseHead with it either way round, and dataclasses.replace still works."""
+    import dataclasses
+
+    import httptools
+
+    from proxy.http.h1.heads import _HeadFields, plain_response
+
+    head = plain_response(raw, False)[0]
+    fields = _HeadFields()
+    httptools.HttpResponseParser(fields).feed_data(raw)
+    eager = ResponseHead(head.status, fields.headers, fields.reason)
+    assert head.headers == fields.headers
+    assert head == eager and eager == head
+    assert dataclasses.replace(head, raw=b"x") == eager
+    head.headers = [(b"x", b"1")]
+    assert head.headers == [(b"x", b"1")] and head != eager

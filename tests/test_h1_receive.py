@@ -149,5 +149,5 @@ def test_a_response_head_trickled_in_is_scanned_in_linear_time(counting):
         engine.feed(BIG_RESPONSE[i : i + 1])
         while (event := engine.next_event()) is not None:
             events.append(event)
-    assert [type(e) for e in events] == [ResponseHead, EndOfMessage]
+    assert isinstance(events[0], ResponseHead) and [type(e) for e in events[1:]] == [EndOfMessage]
     assert counting.scanned <= 3 * len(BIG_RESPONSE)

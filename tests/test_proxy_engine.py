@@ -93,7 +93,7 @@ def test_client_engine_reframes_a_chunked_request_and_parses_the_response():
     assert bytes(upstream.next_event().data) == b"abc"
     client.feed(b"HTTP/1.1 204 No Content\r\n\r\n")
     response = client.next_event()
-    assert type(response) is ResponseHead and response.status == 204
+    assert isinstance(response, ResponseHead) and response.status == 204
     assert type(client.next_event()) is EndOfMessage
     assert client.start_next_cycle()
 
@@ -103,7 +103,7 @@ def test_client_engine_reports_a_broken_upstream():
     client.send_head(RequestHead(b"GET", b"/", [(b"host", b"a")]), [(b"host", b"a")], b"/")
     client.send_end()
     client.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-    assert type(client.next_event()) is ResponseHead
+    assert isinstance(client.next_event(), ResponseHead)
     assert type(client.next_event()) is Body
     client.feed(b"")
     with pytest.raises(BadGateway):

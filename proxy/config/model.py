@@ -151,6 +151,14 @@ class Service:
     client_auth: ServiceClientAuth | None = None
     set_headers: tuple[tuple[str, str], ...] = ()
     upstream_tls: UpstreamTLSSettings | None = None  # https:// upstreams only
+    # Its upstreams take HTTP/2 (h2c://, or https:// with upstream_tls.http2): decided
+    # once here, read by every request.
+    http2_upstream: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        scheme = self.upstreams[0].scheme if self.upstreams else "http"
+        tls = self.upstream_tls
+        object.__setattr__(self, "http2_upstream", scheme == "h2c" or (scheme == "https" and tls is not None and tls.http2))
 
     @property
     def upstream_scheme(self) -> str:

@@ -393,13 +393,13 @@ class HttptoolsClientEngine(_Side, ClientEngine):
         parsed = plain_response(raw, self._upgrade_asked)
         if parsed is None:
             return self._to_h11(raw)
-        head, names = parsed
+        head, control, names = parsed  # (control: the framing and hop-by-hop headers alone)
         status = head.status
         if status < 200:
             if status == 101:
                 self._reading = CLOSED
             return head
-        if raw[5:8] < b"1.1" or (b"connection" in names and has_connection_close(head.headers, names)):
+        if raw[5:8] < b"1.1" or (b"connection" in names and has_connection_close(control, names)):
             self._keep_alive = False  # (h11's rule)
         self._reading = BODY
         reader = self._reader
@@ -409,7 +409,7 @@ class HttptoolsClientEngine(_Side, ClientEngine):
         elif b"transfer-encoding" in names:
             reader.start(CHUNKED)  # (plain_response let only a lone "chunked" through)
         else:
-            lengths = content_lengths(head.headers, names)
+            lengths = content_lengths(control, names)
             if lengths:
                 length = int(lengths[0])
                 if length:
@@ -418,7 +418,7 @@ class HttptoolsClientEngine(_Side, ClientEngine):
                 else:
                     reader.framing = NO_BODY
                 if len(lengths) == 1 and raw[5:8] == b"1.1" and head.reason:
-                    head.raw = relayable(raw, head.headers, names)
+                    head.raw = relayable(raw, control, names)
                     head.content_length = length
             else:
                 reader.framing = UNTIL_CLOSE

@@ -109,7 +109,7 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
         limit = config.limits.max_body_bytes
         if limit and head.content_length is not None and head.content_length > limit:
             raise PayloadTooLarge(f"request body of {head.content_length} bytes is larger than {limit} bytes")
-        http2 = speaks_http2(service)
+        http2 = service.http2_upstream
         fields = None  # the client's header lines, when they go upstream as it sent them
         if head.raw_fields and not http2:
             relayed = as_received(
@@ -156,12 +156,6 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
     finally:
         _record(state, down, started, stamp, head, status, service, relay, request_id)
     return keep_alive
-
-
-def speaks_http2(service: Service) -> bool:
-    """The service's upstreams take HTTP/2: ``h2c://``, or ``https://`` with ``http2: true``."""
-    scheme = service.upstream_scheme
-    return scheme == "h2c" or (scheme == "https" and service.upstream_tls is not None and service.upstream_tls.http2)
 
 
 def refuse_request(down: Downstream, exc: HTTPError, state: ServerState) -> None:

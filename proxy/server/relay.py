@@ -29,7 +29,7 @@ from collections.abc import Callable
 from proxy.config.model import Service, Timeouts
 from proxy.errors import BadGateway, GatewayTimeout
 from proxy.forwarding.headers import downstream_response_headers
-from proxy.http.engine import Body, Headers, RequestHead, ResponseHead
+from proxy.http.engine import Body, EndOfMessage, Headers, RequestHead, ResponseHead
 from proxy.server.body_pump import BodyPump
 from proxy.server.channel import ConnectionLost
 from proxy.server.downstream import Downstream, reason_phrase
@@ -241,7 +241,11 @@ class Relay(Exchange):
             if kind is Body:
                 if down.write_body(event.data):
                     await down.drain()
-            elif kind is ResponseHead:
+            elif kind is EndOfMessage:
+                down.write_end()
+                return
+            else:  # a ResponseHead (the httptools engine's may be a LazyResponseHead); Closed
+                # cannot come mid-response: the engine raises
                 if self._relay_head(event):
                     await self._stop_pump()  # a request with a body is not upgraded on its way
                     try:
@@ -251,9 +255,6 @@ class Relay(Exchange):
                     finally:
                         conn.close()  # a tunnel never goes back to the pool
                     return
-            else:  # EndOfMessage (Closed cannot come mid-response: the engine raises)
-                down.write_end()
-                return
 
     def _awaiting_continue(self) -> bool:
         """The client sent ``Expect: 100-continue`` and has had no answer yet, so its

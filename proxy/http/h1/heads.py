@@ -20,7 +20,10 @@ The tokenising, for the httptools engine's fast path: a head found where h11 wou
 its end (``HEAD_END``) is tokenised by llhttp and taken only when it is plain — a
 request line ``METHOD SP target SP HTTP/1.x`` (a status line ``HTTP/1.x NNN reason``),
 exactly one Host, no Transfer-Encoding but a lone ``chunked``. Anything else is h11's to
-judge (``proxy.http.h1.fallback``), so both engines refuse the same heads. Heads a
+judge (``proxy.http.h1.fallback``), so both engines refuse the same heads. A response
+head's lines are checked by llhttp without a callback per header: one regex pass finds
+the framing and hop-by-hop ones, and its full list is split from its bytes only when
+asked (``LazyResponseHead``; a head relayed as received never is). Heads a
 proxy writes are serialised here too, with h11's framing rules for responses.
 """
 
@@ -209,16 +212,88 @@ class _HeadFields:
         self.headers.append((name.lower(), value.rstrip(b" \t")))
 
 
-def _tokenise(parser_class: type, head: bytes) -> _HeadFields | None:
-    """Tokenise a complete head with llhttp; None when llhttp refuses it."""
-    fields = _HeadFields()
+class _StatusFields:
+    """llhttp's callback target for a response head: its reason only. Its header lines
+    are not called back one by one (nine Python calls for a typical upstream's head):
+    llhttp checks them, one regex pass finds the few the engine acts on, and the whole
+    list is made from the bytes only if something asks for it (``LazyResponseHead``)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self) -> None:
+        self.reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+
+def _tokenise(parser_class: type, head: bytes, fields: object) -> bool:
+    """Tokenise a complete head with llhttp into ``fields``; False when llhttp refuses it."""
     try:
         parser_class(fields).feed_data(head)
     except httptools.HttpParserUpgrade:
         pass  # (the head is complete; what follows is not llhttp's business)
     except httptools.HttpParserError:
-        return None
-    return fields
+        return False
+    return True
+
+
+# The member the dataclass keeps ResponseHead.headers in (LazyResponseHead fills it late).
+_HEADERS_SLOT = ResponseHead.__dict__["headers"]
+
+
+class LazyResponseHead(ResponseHead):
+    """A plain response head whose header list is split from its bytes on first use:
+    one relayed as received (most are: ``ResponseHead.raw``) never needs it. The same
+    list the tokeniser's callbacks made (names lowercased, values stripped): llhttp
+    accepted the bytes, so each line is ``name:value`` with no CR or LF inside."""
+
+    __slots__ = ("_lines",)
+
+    def __init__(
+        self, status: int, headers: Headers | None = None, reason: bytes = b"", raw: bytes = b"",
+        content_length: int = 0, *, lines: bytes = b"",
+    ) -> None:
+        # (ResponseHead's fields first, so dataclasses.replace works on it too)
+        _HEADERS_SLOT.__set__(self, headers)
+        self._lines = lines  # the header lines, CRLF-separated, without the blank line
+        self.status = status
+        self.reason = reason
+        self.raw = raw
+        self.content_length = content_length
+
+    @property  # type: ignore[override]
+    def headers(self) -> Headers:
+        headers = _HEADERS_SLOT.__get__(self)
+        if headers is None:
+            lines = self._lines
+            headers = [
+                (name.lower(), value.strip(b" \t"))
+                for name, _, value in (line.partition(b":") for line in lines.split(b"\r\n"))
+            ] if lines else []
+            _HEADERS_SLOT.__set__(self, headers)
+        return headers
+
+    @headers.setter
+    def headers(self, headers: Headers) -> None:
+        _HEADERS_SLOT.__set__(self, headers)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to a ResponseHead with the same fields (the dataclass's own test would
+        want the same class)."""
+        if isinstance(other, ResponseHead):
+            return (self.status, self.headers, self.reason) == (other.status, other.headers, other.reason)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, as ResponseHead)
+
+
+# The response headers the engine acts on (framing, hop-by-hop): found in a plain head's
+# bytes in one pass (each line starts after a CRLF; values hold no CR).
+_RESPONSE_CONTROL = re.compile(
+    rb"\r\n(content-length|transfer-encoding|connection|keep-alive|proxy-connection|te|trailer|upgrade):[ \t]*([^\r]*)",
+    re.IGNORECASE,
+)
 
 
 def names_of(headers: Headers) -> list[bytes]:
@@ -231,8 +306,8 @@ def plain_request(raw: bytes, max_header_bytes: int) -> tuple[RequestHead, list[
     line = _PLAIN_REQUEST_LINE.match(raw)
     if line is None:
         return None
-    fields = _tokenise(httptools.HttpRequestParser, raw)
-    if fields is None:
+    fields = _HeadFields()
+    if not _tokenise(httptools.HttpRequestParser, raw, fields):
         return None
     headers = fields.headers
     names = [*map(_name_of, headers)]
@@ -247,22 +322,25 @@ def plain_request(raw: bytes, max_header_bytes: int) -> tuple[RequestHead, list[
     return head, names
 
 
-def plain_response(raw: bytes, upgrade_asked: bool) -> tuple[ResponseHead, list[bytes]] | None:
-    """A complete response head and its header names when it is plain; None when h11
-    must decide (also a 101 nobody asked for, which h11 refuses)."""
-    if _PLAIN_STATUS_LINE.match(raw) is None:
+def plain_response(raw: bytes, upgrade_asked: bool) -> tuple[ResponseHead, Headers, list[bytes]] | None:
+    """A complete response head when it is plain, with the headers that decide its
+    framing and hop-by-hop handling (every Content-Length, Transfer-Encoding and
+    hop-by-hop header, in order) and their names; None when h11 must decide (also a 101
+    nobody asked for, which h11 refuses). Its full header list is made on first use."""
+    line = _PLAIN_STATUS_LINE.match(raw)
+    if line is None:
         return None
-    fields = _tokenise(httptools.HttpResponseParser, raw)
-    if fields is None:
+    fields = _StatusFields()
+    if not _tokenise(httptools.HttpResponseParser, raw, fields):
         return None
-    headers = fields.headers
-    names = [*map(_name_of, headers)]
-    if b"transfer-encoding" in names and plain_chunked(headers, raw[5:8]) is None:
+    control = [(name.lower(), value.rstrip(b" \t")) for name, value in _RESPONSE_CONTROL.findall(raw)]
+    names = [*map(_name_of, control)]
+    if b"transfer-encoding" in names and plain_chunked(control, raw[5:8]) is None:
         return None
     status = int(raw[9:12])  # the plain status line's three digits, as llhttp read them
     if status == 101 and not upgrade_asked:
         return None
-    return ResponseHead(status, headers, fields.reason), names
+    return LazyResponseHead(status, None, fields.reason, lines=raw[line.end() : -4]), control, names
 
 
 def plain_chunked(headers: Headers, http_version: bytes) -> bool | None:

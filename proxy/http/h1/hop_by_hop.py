@@ -34,7 +34,8 @@ KEEP_ALIVE_OR_CLOSE = frozenset({b"keep-alive", b"close"})
 
 
 def relayable(raw: bytes, headers: Headers, names: list[bytes]) -> bytes:
-    """A response head's bytes ``raw`` as a client may get them: without its Connection
+    """A response head's bytes ``raw`` as a client may get them (``headers`` / ``names``: at
+    least every hop-by-hop header in it): without its Connection
     and Keep-Alive lines (most servers send ``Connection: keep-alive``), or b"" when
     anything else in it is for this hop only (``ClientEngine.next_event``)."""
     if HOP_BY_HOP.isdisjoint(names):
