@@ -218,10 +218,11 @@ def test_relayed_lines_say_what_the_rewritten_headers_say(lines):
     assert relayed is not None
     fields, added, request_id = relayed
     sent = [(name.strip().lower(), value.strip()) for name, _, value in
-            (line.partition(b":") for line in fields.split(b"\r\n")[1:])] + added
+            (line.partition(b":") for line in fields.split(b"\r\n")[1:])]
     expected, _ = rewrite(head.headers, identity_headers=((b"X-Client-Subject", b"CN=alice"),),
                           request_id=request_id)
     assert sent == expected
+    assert sent[-len(added):] == added  # (the list an engine without the raw path appends)
     assert (b"x-request-id", request_id) in added and len(request_id) == 32
 
 
@@ -248,12 +249,15 @@ def test_set_headers_and_host_not_first_send_the_request_the_parsed_way():
 
 def test_relayed_head_refuses_a_target_or_added_value_that_could_split_it():
     from proxy.errors import BadGateway
+    from proxy.forwarding.headers import as_received
     from proxy.http.h1.heads import request_wire_as_received
 
-    fields = b"\r\nHost: a"
-    assert request_wire_as_received(b"GET", b"/x", fields, [(b"x-a", b"1")]) == (
-        b"GET /x HTTP/1.1\r\nHost: a\r\nx-a: 1\r\n\r\n")
-    for target, added in ((b"/x y", [(b"x-a", b"1")]), (b"/x\r\nEvil: 1", [(b"x-a", b"1")]),
-                          (b"/x", [(b"x-a", b"1\r\nEvil: 1")]), (b"/x", [(b"x-a", b"1\n")])):
+    fields = b"\r\nHost: a\r\nx-a: 1"
+    assert request_wire_as_received(b"GET", b"/x", fields) == b"GET /x HTTP/1.1\r\nHost: a\r\nx-a: 1\r\n\r\n"
+    for target in (b"/x y", b"/x\r\nEvil: 1", b"/x\n", b"/x\x00"):
         with pytest.raises(BadGateway):
-            request_wire_as_received(b"GET", target, fields, added)
+            request_wire_as_received(b"GET", target, fields)
+    head = _plain(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    for bad in (b"CN=a\r\nEvil: 1", b"CN=a\n", b"CN=\x00"):  # such identity values go the parsed way (502)
+        assert as_received(head.headers, head.raw_fields, client_ip="1.2.3.4", server_port=8443, service=SERVICE,
+                           identity_headers=((b"x-client-subject", bad),)) is None

@@ -147,9 +147,10 @@ def as_received(
 ) -> tuple[bytes, Headers, bytes] | None:
     """The request's header lines as they go upstream when the client's may go as it
     sent them (SPEC 4 unchanged): ``fields`` (its ``RequestHead.raw_fields``) less any
-    ``Connection: keep-alive / close`` and Keep-Alive lines, the headers we add after
-    them, and the X-Request-Id; None when any of its headers is one this module
-    rewrites or drops (then ``upstream_request_headers``).
+    ``Connection: keep-alive / close`` and Keep-Alive lines, then ours (each line after
+    a CRLF, as ``fields`` has them); ours as a list too (for an engine that writes the
+    parsed headers); and the X-Request-Id. None when any of its headers is one this
+    module rewrites or drops (then ``upstream_request_headers``).
 
     A request whose headers are all ordinary (most: Host, Accept, User-Agent...) would
     come out of ``upstream_request_headers`` as the same list plus ours; relaying its
@@ -172,13 +173,33 @@ def as_received(
                 if name == b"connection" and not KEEP_ALIVE_OR_CLOSE.issuperset(_connection_tokens(value, None)):
                     return None  # it names headers to drop
             fields = CONNECTION_LINES.sub(b"", fields)
-    added: Headers = []
     host = headers[names.index(b"host")][1] if b"host" in names else None
-    used_id = _add_ours(
-        added, [], [], host, new_request_id(),
-        client_ip=client_ip, server_port=server_port, proto=proto, identity_headers=identity_headers,
-    )
-    return fields, added, used_id
+    ours = _ours_around_the_id(client_ip, host, server_port, proto, tuple(identity_headers))
+    if ours is None:
+        return None  # a value that cannot be sent: the parsed way answers 502 as ever
+    before, after, before_wire, after_wire = ours
+    request_id = new_request_id()  # (hex: nothing to check)
+    added = [*before, (b"x-request-id", request_id), *after]
+    return b"%s%s\r\nx-request-id: %s%s" % (fields, before_wire, request_id, after_wire), added, request_id
+
+
+@lru_cache(maxsize=1024)  # a connection's requests repeat one set of arguments
+def _ours_around_the_id(
+    client_ip: str, host: bytes | None, server_port: int, proto: bytes, identity_headers: tuple[tuple[bytes, bytes], ...]
+) -> tuple[Headers, Headers, bytes, bytes] | None:
+    """What ``as_received`` adds around a request's X-Request-Id — the forwarding headers
+    before it, the identity headers after it — as lists and as header lines (each after a
+    CRLF), checked once to hold no CR, LF or NUL of their own (else None)."""
+    ours: Headers = []
+    _add_ours(ours, [], [], host, b"", client_ip=client_ip, server_port=server_port, proto=proto,
+              identity_headers=identity_headers)
+    at = ours.index((b"x-request-id", b""))
+    before, after = ours[:at], ours[at + 1 :]
+    before_wire, after_wire = (b"".join(b"\r\n%s: %s" % pair for pair in part) for part in (before, after))
+    for wire, part in ((before_wire, before), (after_wire, after)):
+        if len(wire) - len(wire.translate(None, b"\r\n\x00")) != 2 * len(part):
+            return None
+    return before, after, before_wire, after_wire
 
 
 # Header names that go upstream untouched (never hop-by-hop, ours or a spoofing risk).

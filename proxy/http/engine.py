@@ -173,9 +173,10 @@ class ClientEngine(abc.ABC):
 
     def send_head_as_received(self, head: RequestHead, fields: bytes, added: Headers, target: bytes) -> bytes:
         """``send_head`` for a request whose header lines go upstream as the client sent
-        them (``fields``: ``head.raw_fields``, its Connection / Keep-Alive lines cut),
-        ``added`` after them. An engine without that path sends the parsed headers, less
-        the same lines: the same request, spelled its way."""
+        them: ``fields`` (``head.raw_fields``, its Connection / Keep-Alive lines cut, then
+        the proxy's lines), ``added`` (the proxy's lines as a list). An engine without that
+        path sends the parsed headers, less the same lines, and ``added``: the same
+        request, spelled its way."""
         return self.send_head(head, [*without_connection_management(head.headers), *added], target)
 
     @abc.abstractmethod

@@ -340,7 +340,7 @@ class HttptoolsClientEngine(_Side, ClientEngine):
         else:
             writer.framing = NO_BODY
             writer.remaining = 0
-        wire = request_wire_as_received(head.method, target, fields, added)
+        wire = request_wire_as_received(head.method, target, fields)
         self._method = head.method
         self._request_host = head.headers[0][1]  # (Host comes first in such a head)
         self._upgrade_asked = False

@@ -414,16 +414,17 @@ def request_wire(method: bytes, target: bytes, headers: Headers) -> tuple[bytes,
     return wire, headers, names
 
 
-def request_wire_as_received(method: bytes, target: bytes, fields: bytes, added: Headers) -> bytes:
-    """A request head whose header lines are the client's as received (``fields``, from a
-    plain head: the rules already held for every byte of it) and ``added`` after them;
-    BadGateway if the target or an added header could split it."""
-    tail = b"\r\n".join(map(b": ".join, added))
-    if len(tail) - len(tail.translate(None, _UNSENDABLE)) != 2 * max(len(added) - 1, 0) or (
-        len(target.translate(None, _UNSENDABLE + b" ")) != len(target)
-    ):
+def request_wire_as_received(method: bytes, target: bytes, fields: bytes) -> bytes:
+    """A request head whose header lines are ``fields``: the client's as received (from a
+    plain head: the rules already held for every byte of them) and the proxy's after them
+    (checked when made: ``forwarding.headers.as_received``); BadGateway if the target
+    could split it."""
+    if len(target.translate(None, _UNSENDABLE_IN_TARGET)) != len(target):
         raise BadGateway("request cannot be sent upstream: illegal byte in the request head")
-    return b"%s %s HTTP/1.1%s\r\n%s\r\n\r\n" % (method, target, fields, tail)
+    return b"%s %s HTTP/1.1%s\r\n\r\n" % (method, target, fields)
+
+
+_UNSENDABLE_IN_TARGET = _UNSENDABLE + b" "
 
 
 def response_wire(status: int, head: ResponseHead, headers: Headers) -> bytes:
