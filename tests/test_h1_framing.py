@@ -341,14 +341,50 @@ def test_a_plain_response_head_lists_its_headers_as_the_tokeniser_would(raw):
 
     import httptools
 
-    from proxy.http.h1.heads import _HeadFields, plain_response
+    from proxy.http.h1.heads import plain_response
+
+    class Callbacks:  # what the tokeniser calls back, one call per header
+        def __init__(self):
+            self.headers, self.reason = [], b""
+
+        def on_status(self, reason):
+            self.reason += reason
+
+        def on_header(self, name, value):
+            self.headers.append((name.lower(), value.rstrip(b" \t")))
 
     head = plain_response(raw, False)[0]
-    fields = _HeadFields()
+    fields = Callbacks()
     httptools.HttpResponseParser(fields).feed_data(raw)
     eager = ResponseHead(head.status, fields.headers, fields.reason)
-    assert head.headers == fields.headers
+    assert head.headers == fields.headers and head.reason == fields.reason
     assert head == eager and eager == head
     assert dataclasses.replace(head, raw=b"x") == eager
     head.headers = [(b"x", b"1")]
     assert head.headers == [(b"x", b"1")] and head != eager
+
+
+def test_a_relayed_response_head_loses_exactly_its_connection_lines():
+    """``relayable`` cuts a lone Connection line with finds, anything else with the
+    regex: the bytes are the regex substitution's either way, or b"" (re-framed) when a
+    Connection token names a header to drop."""
+    import random
+
+    from proxy.http.h1.heads import plain_response
+    from proxy.http.h1.hop_by_hop import CONNECTION_LINES, relayable
+
+    random.seed(5)
+    lines = [b"Server: x", b"Connection: keep-alive", b"connection:close", b"Keep-Alive: timeout=5",
+             b"X-Connection: a", b"Content-Length: 5", b"CONNECTION:  Keep-Alive  ", b"Connection: x-drop"]
+    lone = 0
+    for _ in range(3000):
+        chosen = random.sample(lines, random.randint(0, len(lines)))
+        raw = b"HTTP/1.1 200 OK\r\n" + b"".join(line + b"\r\n" for line in chosen) + b"\r\n"
+        _head, control, names = plain_response(raw, False)
+        relayed = relayable(raw, control, names)
+        if b"Connection: x-drop" in chosen:
+            assert relayed == b""
+        else:
+            assert relayed == CONNECTION_LINES.sub(b"", raw)
+            lone += names.count(b"connection") == 1 and b"keep-alive" not in names
+    assert lone > 100  # (the find path was taken)
