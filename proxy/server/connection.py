@@ -123,23 +123,16 @@ async def handle_request(down: Downstream, head: RequestHead, state: ServerState
                 head.headers, client_ip=info.ip, server_port=info.server_port, service=service,
                 identity_headers=info.identity_headers, upgrade=head.upgrade, proto=info.scheme,
             )
+        upstream_tls = generation.upstream_tls.get(service.name)  # (https:// upstreams)
         if http2:
-            relay = H2Relay(
-                down, head, service, state.h2_pool, config.timeouts,
-                max_body_bytes=limit, closing=lambda: state.closing,
-                upstream_tls=generation.upstream_tls.get(service.name),
-            )
+            relay = H2Relay(down, head, service, state.h2_pool, config.timeouts, limit, state.is_closing, upstream_tls)
         else:
             if down.grpc:
                 raise BadGateway(
                     f"service {service.name!r}: gRPC needs HTTP/2 to the upstream, and {service.upstreams[0].url} "
                     "speaks HTTP/1.1: make the service's upstream h2c:// (or https:// with upstream_tls.http2: true)"
                 )
-            relay = Relay(
-                down, head, service, state.pool, config.timeouts,
-                max_body_bytes=limit, closing=lambda: state.closing,
-                upstream_tls=generation.upstream_tls.get(service.name),
-            )
+            relay = Relay(down, head, service, state.pool, config.timeouts, limit, state.is_closing, upstream_tls)
         status = await relay.run(headers, upstream_target(service, path), fields)
         keep_alive = down.next_cycle()
     except HTTPError as exc:

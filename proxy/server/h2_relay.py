@@ -37,14 +37,13 @@ from proxy.server.task import stop_task
 class H2Relay(Exchange):
     """One request's trip to an HTTP/2 upstream and back; ``run`` returns the status."""
 
-    __slots__ = ("_scheme", "_pump", "_body_events")
+    __slots__ = ("_scheme", "_body_events")
 
     pool: H2UpstreamPool
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._scheme = b"https" if self.service.upstream_scheme == "https" else b"http"
-        self._pump: asyncio.Task | None = None
         self._body_events = 0  # pieces of body taken from the client: 0 = may be sent again
 
     async def run(self, headers: Headers, target: bytes, raw_fields: None = None) -> int:

@@ -73,7 +73,7 @@ class Exchange:
 
     __slots__ = (
         "down", "head", "service", "pool", "timeouts", "max_body_bytes", "closing", "upstream_url", "status",
-        "upstream_tls",
+        "upstream_tls", "_pump", "_answered",
     )
 
     def __init__(
@@ -83,7 +83,6 @@ class Exchange:
         service: Service,
         pool: object,
         timeouts: Timeouts,
-        *,
         max_body_bytes: int = 0,
         closing: Callable[[], bool] = lambda: False,
         upstream_tls: UpstreamTLS | None = None,
@@ -98,19 +97,17 @@ class Exchange:
         self.upstream_tls = upstream_tls  # the service's context in this request's generation (https://)
         self.upstream_url: str | None = None
         self.status = 0
+        self._pump = None  # the request body's way upstream, while it runs
+        self._answered = False  # a response head (100 Continue included) went to the client
 
 
 class Relay(Exchange):
     """One request's trip to an HTTP/1.1 upstream and back."""
 
-    __slots__ = ("_pump", "_answered")
+    __slots__ = ()
 
     pool: UpstreamPool
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._pump: BodyPump | None = None
-        self._answered = False  # a response head (100 Continue included) went to the client
+    _pump: BodyPump | None
 
     async def run(self, headers: Headers, target: bytes, fields: bytes | None = None) -> int:
         """Send the request and relay the response; the response status. ``fields``:

@@ -71,6 +71,10 @@ class ServerState:
         finally:
             self.connections.discard(tracked)
 
+    def is_closing(self) -> bool:
+        """``closing``, as a callable for the relays (the last response says so)."""
+        return self.closing
+
     def begin_shutdown(self) -> None:
         """Stop keep-alive: idle connections close now, busy ones (a request in flight,
         or part of one received) after their response."""
