@@ -134,6 +134,8 @@ def test_format_time():
         {"time": "2026-11-22T23:02:01.123Z", "duration_ms": 0.0004},
         {"duration_ms": float("nan")},
         {"duration_ms": 7},
+        {"duration_ms": 7.0}, {"duration_ms": 0.0005}, {"duration_ms": 2.675}, {"duration_ms": 0.1},
+        {"duration_ms": 999999999.9995}, {"duration_ms": 1e300}, {"duration_ms": -1.0}, {"duration_ms": 123.4564999},
         {"status": True},
         {"bytes_out": 2**70, "duration_ms": 12345678.9876},
         {"sni": b"bytes\xff\"sni", "client": bytearray(b"1.2.3.4"), "upstream": 12},
