@@ -40,6 +40,8 @@ from proxy.tls.upstream_context import UpstreamTLS
 log = logging.getLogger("tlsproxy")
 
 SWITCHING_PROTOCOLS = 101
+# A body this much larger than one receive is forwarded past the engines (``_forward_body``).
+FORWARD_FROM = 64 * 1024
 
 # RFC 9110 9.2.2 (idempotent methods), as SPEC section 4 lists them.
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
@@ -221,6 +223,8 @@ class Relay(Exchange):
             if kind is Body:
                 if down.write_body(event.data):
                     await down.drain()
+                if engine.unparsed_body() >= FORWARD_FROM:
+                    await self._forward_body(conn)
             elif kind is ResponseHead:
                 if self._relay_head(event):
                     await self._stop_pump()  # a request with a body is not upgraded on its way
@@ -234,6 +238,33 @@ class Relay(Exchange):
             else:  # EndOfMessage (Closed cannot come mid-response: the engine raises)
                 down.write_end()
                 return
+
+    async def _forward_body(self, conn: UpstreamConnection) -> None:
+        """The rest of a Content-Length body the client gets as it is: straight from the
+        upstream's receives to the client (``Channel.forward``), past both engines."""
+        down = self.down
+        if type(down) is not Downstream:
+            return  # (an HTTP/2 stream: its body is framed as DATA)
+        engine = conn.engine
+        count = engine.unparsed_body()
+        if not down.engine.takes_body_as_is(count):
+            return
+        while count:
+            try:
+                moved = await conn.channel.forward(down.channel, count, self.timeouts.upstream_response)
+            except TimeoutError:
+                raise GatewayTimeout(
+                    f"service {self.service.name!r}: upstream {conn.upstream.url} did not respond "
+                    f"within {self.timeouts.upstream_response:g}s"
+                ) from None
+            engine.body_read_elsewhere(moved)
+            down.engine.body_sent_as_is(moved)
+            down.bytes_out += moved
+            count -= moved
+            if down.channel.writing_paused:
+                await down.drain()
+            elif moved == 0 or count and not conn.channel.quiet:
+                return  # EOF, or bytes to parse after all: the engine says what they mean
 
     def _awaiting_continue(self) -> bool:
         """The client sent ``Expect: 100-continue`` and has had no answer yet, so its
