@@ -16,10 +16,21 @@ import asyncio
 import hashlib
 import json
 import socket
+import ssl
 from pathlib import Path
 
 import pytest
-from upstream import WAIT, ProxyThread, TestUpstream, pattern_sha256, proxy_config, recv_head, service, tls_connect
+from upstream import (
+    WAIT,
+    ProxyThread,
+    RawUpstream,
+    TestUpstream,
+    pattern_sha256,
+    proxy_config,
+    recv_head,
+    service,
+    tls_connect,
+)
 
 from proxy.config.model import ListenAddress
 from proxy.server.channel import Channel, ConnectionLost
@@ -245,3 +256,74 @@ def test_large_responses_over_plain_http_arrive_intact_and_counted(pki, tmp_path
         upstream.close()
     records = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
     assert [r["bytes_out"] for r in records] == list(SIZES)
+
+
+BIG = bytes(range(256)) * (300 * 4)  # 300 KiB: forwarded past the engines (httptools)
+FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+GENUINE = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ngenuine"
+
+
+class ScriptedUpstream(RawUpstream):
+    """Each request head gets ``answers[target]`` in one send (``GENUINE`` for other
+    targets); an answer ending in ``None`` closes the connection after the rest."""
+
+    def __init__(self, answers: dict[bytes, tuple]) -> None:
+        super().__init__()
+        self.answers = answers
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        while True:
+            buf = recv_head(conn, buf)
+            if b"\r\n\r\n" not in buf:
+                return
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            answer = self.answers.get(head.split(b" ", 2)[1], (GENUINE,))
+            conn.sendall(b"".join(piece for piece in answer if piece is not None))
+            if answer[-1] is None:
+                return
+
+
+def test_bytes_past_a_forwarded_body_never_reach_the_next_client(pki, tmp_path: Path) -> None:
+    # The forged response arrives in the same receive as the body's last bytes: they go
+    # on, it stays unread in the upstream's channel, which must then not be pooled.
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG), BIG, FORGED)
+    with ScriptedUpstream({b"/first": answer}) as up:
+        with ProxyThread(proxy_config(pki, service("app", up), tmp_path)) as px:
+            with tls_connect(pki, px.port) as client:
+                client.sendall(b"GET /first HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                head, _, body = recv_head(client).partition(b"\r\n\r\n")
+                while len(body) < len(BIG):
+                    piece = client.recv(65536)
+                    assert piece
+                    body += piece
+                assert body == BIG
+                client.sendall(b"GET /second HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                answer = recv_head(client)
+                while not answer.endswith(b"\r\n\r\ngenuine"):
+                    piece = client.recv(4096)
+                    assert piece
+                    answer += piece
+                assert b"forged" not in answer
+        assert up.accepts == 2  # the overrun connection was closed, not pooled
+
+
+def test_an_upstream_closing_mid_body_closes_the_client_connection(pki, tmp_path: Path) -> None:
+    half = len(BIG) // 2
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG), BIG[:half], None)
+    with ScriptedUpstream({b"/cut": answer}) as up:
+        with ProxyThread(proxy_config(pki, service("app", up), tmp_path)) as px:
+            with tls_connect(pki, px.port) as client:
+                client.sendall(b"GET /cut HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                head, _, body = recv_head(client).partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200")
+                while piece := recv_or_closed(client):
+                    body += piece
+                assert body == BIG[:half]  # then closed: never a complete-looking response
+
+
+def recv_or_closed(sock) -> bytes:
+    try:
+        return sock.recv(65536)
+    except (ConnectionResetError, ssl.SSLError):
+        return b""

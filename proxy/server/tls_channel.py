@@ -290,20 +290,22 @@ class TLSChannel(Channel):
             return []
         if size < SEND_NOW and len(unsent) > 1:
             unsent = [b"".join(unsent)]  # one record for a small response, not one per piece
-        write = self.ssl_object.write
+        # The C object's write: ssl.SSLObject.write is one more Python frame per record.
+        write = self.ssl_object._sslobj.write
         outgoing = self._outgoing
+        read = outgoing.read
         records = []
         try:
             for piece in unsent:
                 if len(piece) <= _BIO_STEP:
                     write(piece)
                     if outgoing.pending >= _BIO_STEP:
-                        records.append(outgoing.read())
+                        records.append(read())
                     continue
                 view = memoryview(piece)
                 for start in range(0, len(view), _BIO_STEP):
                     write(view[start:start + _BIO_STEP])
-                    records.append(outgoing.read())
+                    records.append(read())
         except ssl.SSLError:
             self.abort()
             return []
