@@ -327,3 +327,24 @@ def recv_or_closed(sock) -> bytes:
         return sock.recv(65536)
     except (ConnectionResetError, ssl.SSLError):
         return b""
+
+
+def test_large_responses_from_an_https_upstream_arrive_intact(pki, tmp_path: Path) -> None:
+    # Two proxies: a plain listener whose upstream is the other over https:// (uvloop's
+    # TLS transport fills the forward's receive buffer), the other in front of the app.
+    from proxy.config.model import Service, Upstream, UpstreamTLSSettings
+
+    plain = (ListenAddress("127.0.0.1", 0),)
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "outer").mkdir()
+    with TestUpstream() as app, ProxyThread(proxy_config(pki, service("app", app), tmp_path / "inner")) as inner:
+        remote = Service(
+            name="remote",
+            upstreams=(Upstream(f"https://127.0.0.1:{inner.port}", "127.0.0.1", inner.port, "https"),),
+            upstream_tls=UpstreamTLSSettings(ca=pki.ca_pem),
+        )
+        with ProxyThread(proxy_config(pki, remote, tmp_path / "outer", listen_plain=plain)) as outer:
+            host, port = outer.running.plain_addresses[0]
+            with socket.create_connection((host, port), timeout=WAIT) as client:
+                for size in SIZES:
+                    get_large(client, size)
