@@ -111,7 +111,7 @@ def test_forward_sends_exactly_count_bytes_and_leaves_the_rest_to_read():
         await asyncio.sleep(0)
         receive(source, b"0123")
         receive(source, b"456789NEXT")  # the last 4 bytes are past the body
-        assert await forwarding == 10
+        assert await forwarding == (10, None)
         # Both receives went out at once, from the receive callback; the buffer they
         # came in was overwritten by the second, and the first is still intact.
         assert to_transport.sent() == b"HEAD;0123456789"
@@ -131,7 +131,7 @@ def test_forward_stops_when_the_destination_is_full_with_the_source_paused():
         forwarding = asyncio.ensure_future(source.forward(to, 100))
         await asyncio.sleep(0)
         receive(source, b"a" * 30)
-        assert await forwarding == 30
+        assert await forwarding == (30, None)
         assert source_transport.calls == ["pause"]  # not read again until the client drains
         receive(source, b"b" * 5)  # (a receive already under way when reading paused)
         assert await source.read() == b"b" * 5
@@ -148,14 +148,14 @@ def test_forward_resumes_reading_that_it_paused():
         forwarding = asyncio.ensure_future(source.forward(to, 100))
         await asyncio.sleep(0)
         receive(source, b"a" * 30)
-        assert await forwarding == 30
+        assert await forwarding == (30, None)
         to_transport.paused_writing = False
         to.resume_writing()
         forwarding = asyncio.ensure_future(source.forward(to, 70))
         await asyncio.sleep(0)
         assert source_transport.calls == ["pause", "resume"]
         receive(source, b"c" * 70)
-        assert await forwarding == 70
+        assert await forwarding == (70, None)
         assert to_transport.sent() == b"a" * 30 + b"c" * 70
 
     asyncio.run(scenario())
@@ -169,7 +169,7 @@ def test_forward_returns_short_at_eof():
         await asyncio.sleep(0)
         receive(source, b"x" * 40)
         source.eof_received()
-        assert await forwarding == 40
+        assert await forwarding == (40, None)
         assert await source.read() == b""
         assert to_transport.sent() == b"x" * 40
 
@@ -180,8 +180,11 @@ def test_forward_times_out_when_nothing_arrives():
     async def scenario():
         source, _ = make_channel()
         to, _ = make_channel()
-        with pytest.raises(TimeoutError):
-            await source.forward(to, 100, timeout=0.01)
+        forwarding = asyncio.ensure_future(source.forward(to, 100, timeout=0.05))
+        await asyncio.sleep(0)
+        receive(source, b"early")
+        moved, failure = await forwarding
+        assert moved == 5 and isinstance(failure, TimeoutError)
         receive(source, b"late")  # after it: read as usual
         assert await source.read() == b"late"
 
@@ -194,10 +197,11 @@ def test_forward_raises_when_the_client_is_gone():
         to, to_transport = make_channel()
         forwarding = asyncio.ensure_future(source.forward(to, 100))
         await asyncio.sleep(0)
-        to_transport.closing = True
         receive(source, b"x" * 10)
-        with pytest.raises(ConnectionLost):
-            await forwarding
+        to_transport.closing = True
+        receive(source, b"y" * 10)
+        moved, failure = await forwarding
+        assert moved == 10 and isinstance(failure, ConnectionLost)
 
     asyncio.run(scenario())
 
@@ -263,9 +267,13 @@ FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
 GENUINE = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ngenuine"
 
 
+STALL = object()
+
+
 class ScriptedUpstream(RawUpstream):
     """Each request head gets ``answers[target]`` in one send (``GENUINE`` for other
-    targets); an answer ending in ``None`` closes the connection after the rest."""
+    targets); an answer ending in ``None`` closes the connection after the rest, one
+    ending in ``STALL`` sends nothing more."""
 
     def __init__(self, answers: dict[bytes, tuple]) -> None:
         super().__init__()
@@ -279,8 +287,11 @@ class ScriptedUpstream(RawUpstream):
                 return
             head, _, buf = buf.partition(b"\r\n\r\n")
             answer = self.answers.get(head.split(b" ", 2)[1], (GENUINE,))
-            conn.sendall(b"".join(piece for piece in answer if piece is not None))
+            conn.sendall(b"".join(piece for piece in answer if isinstance(piece, bytes)))
             if answer[-1] is None:
+                return
+            if answer[-1] is STALL:
+                conn.recv(1)  # until the proxy gives up on us (or WAIT)
                 return
 
 
@@ -320,6 +331,24 @@ def test_an_upstream_closing_mid_body_closes_the_client_connection(pki, tmp_path
                 while piece := recv_or_closed(client):
                     body += piece
                 assert body == BIG[:half]  # then closed: never a complete-looking response
+
+
+def test_an_upstream_stalling_mid_body_is_a_gateway_timeout(pki, tmp_path: Path) -> None:
+    from proxy.config.model import Timeouts
+
+    half = len(BIG) // 2
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG), BIG[:half], STALL)
+    config = proxy_config(pki, service("app", ScriptedUpstream({b"/stall": answer})), tmp_path,
+                          timeouts=Timeouts(upstream_response=0.2))
+    with ProxyThread(config) as px:
+        with tls_connect(pki, px.port) as client:
+            client.sendall(b"GET /stall HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            head, _, body = recv_head(client).partition(b"\r\n\r\n")
+            while piece := recv_or_closed(client):
+                body += piece
+            assert body == BIG[:half]
+    (record,) = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    assert record["status"] == 504 and record["bytes_out"] == half  # what went out, as ever
 
 
 def recv_or_closed(sock) -> bytes:

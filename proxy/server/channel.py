@@ -228,21 +228,25 @@ class Channel(asyncio.BufferedProtocol):
             self.transport.resume_reading()
         return chunk
 
-    async def forward(self, to: Channel, count: int, timeout: float = 0) -> int:
+    async def forward(self, to: Channel, count: int, timeout: float = 0) -> tuple[int, Exception | None]:
         """Send the next ``count`` bytes received here on through ``to`` as they arrive,
-        straight from the receive buffer; the number sent (bytes past them are read as
-        usual). Returns early, having sent fewer, when ``to`` is above its high-water
-        mark (reading here stays paused until the next ``read`` or ``forward``: the
-        caller drains ``to`` first), or at EOF. Nothing may be buffered unread here.
+        straight from the receive buffer (bytes past them are read as usual); the number
+        sent, and what stopped it early if anything did. It also returns early, with no
+        failure, when ``to`` is above its high-water mark (reading here stays paused
+        until the next ``read`` or ``forward``: the caller drains ``to`` first), or at
+        EOF. Nothing may be buffered unread here. (A plain Channel's receives: a
+        TLSChannel decrypts its own.)
 
         Why: a large body relayed as it is (Content-Length) needs no parsing, and this
         way a receive costs one call instead of a bytes copy, a task wake-up and the
         engines' events per chunk (bench/run.py's 1 MiB test: see ``_Forward``).
-        ``timeout`` (0 = none): TimeoutError once nothing arrived for that long."""
+        The failures: TimeoutError when nothing arrived for ``timeout`` seconds (0 =
+        no limit), ConnectionLost when ``to`` is gone; the count is what went out
+        before (for the access log)."""
         if self._chunks:
             raise RuntimeError("forward() with received bytes unread")
         if self._eof or count <= 0 or to.writing_paused:
-            return 0
+            return 0, None
         loop = self.loop
         forward = self._forward = _Forward(self, to, count, loop.create_future(), timeout)
         self._read_waiter = forward.waiter  # EOF, connection_lost and abort() wake it
@@ -258,9 +262,7 @@ class Channel(asyncio.BufferedProtocol):
             self._read_waiter = None
             if forward.timer is not None:
                 forward.timer.cancel()
-        if forward.error is not None:
-            raise forward.error
-        return count - forward.left
+        return count - forward.left, forward.error
 
     def _forward_received(self, nbytes: int) -> int:
         """A receive while forwarding: send what ``forward`` still wants of it on at once
@@ -456,7 +458,9 @@ class _Forward:
         loop = self.channel.loop
         deadline = self.last + self.timeout
         if loop.time() >= deadline - _TIMER_SLACK:
-            self.waiter.set_exception(TimeoutError())
+            self.error = TimeoutError(f"nothing received for {self.timeout:g}s")
+            self.channel._forward = None  # (what arrives now is read as usual)
+            self.waiter.set_result(None)
         else:
             self.timer = loop.call_at(deadline, self.timer_fired)
 

@@ -40,7 +40,8 @@ from proxy.tls.upstream_context import UpstreamTLS
 log = logging.getLogger("tlsproxy")
 
 SWITCHING_PROTOCOLS = 101
-# A body this much larger than one receive is forwarded past the engines (``_forward_body``).
+# A Content-Length body with at least this much (one receive's worth) still to come goes past
+# the engines (``_forward_body``); a smaller rest is left to the usual events.
 FORWARD_FROM = 64 * 1024
 
 # RFC 9110 9.2.2 (idempotent methods), as SPEC section 4 lists them.
@@ -250,17 +251,18 @@ class Relay(Exchange):
         if not down.engine.takes_body_as_is(count):
             return
         while count:
-            try:
-                moved = await conn.channel.forward(down.channel, count, self.timeouts.upstream_response)
-            except TimeoutError:
-                raise GatewayTimeout(
-                    f"service {self.service.name!r}: upstream {conn.upstream.url} did not respond "
-                    f"within {self.timeouts.upstream_response:g}s"
-                ) from None
+            moved, failure = await conn.channel.forward(down.channel, count, self.timeouts.upstream_response)
             engine.body_read_elsewhere(moved)
             down.engine.body_sent_as_is(moved)
             down.bytes_out += moved
             count -= moved
+            if failure is not None:
+                if isinstance(failure, TimeoutError):
+                    raise GatewayTimeout(
+                        f"service {self.service.name!r}: upstream {conn.upstream.url} did not respond "
+                        f"within {self.timeouts.upstream_response:g}s"
+                    )
+                raise failure
             if down.channel.writing_paused:
                 await down.drain()
             elif moved == 0 or count and not conn.channel.quiet:
