@@ -18,7 +18,8 @@ under SEND_NOW) on the other: 256 KiB (SPEC 4, "Memory is bounded per connection
 ``forward`` (a Content-Length response body, past both engines) holds less: each receive
 (up to FORWARD_READ_SIZE) goes on from the receive callback, and the destination stops it
 once above WRITE_LIMIT, with reading paused here, so nothing is queued on the receiving
-side: WRITE_LIMIT + FORWARD_READ_SIZE (+ TLS framing) = 192 KiB.
+side: WRITE_LIMIT + FORWARD_READ_SIZE (+ TLS framing) = 192 KiB. (Bytes past the body in
+its last receive stay here, and pause reading: that receive's 128 KiB is split, not added.)
 
 Writes are queued here, the one write-coalescing layer (the response writer and the TLS
 channel add none): small writes are sent at the end of the loop iteration, large ones
@@ -137,8 +138,14 @@ class Channel(asyncio.BufferedProtocol):
             start = self._forward_received(nbytes)
             if start == nbytes:
                 return
+            # Bytes past the body (junk: the upstream connection will not be pooled):
+            # no more until they are read, or this receive and the READ_LIMIT of the
+            # usual path could together pass the 256 KiB.
             self._chunks.append(forward.buffer[start:nbytes].tobytes())
             nbytes -= start
+            if not self._reading_paused and not self.closed:
+                self._reading_paused = True
+                self.transport.pause_reading()
         else:
             self._chunks.append(self._receive_view[:nbytes].tobytes())
         self._buffered += nbytes
