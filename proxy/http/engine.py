@@ -162,6 +162,17 @@ class ServerEngine(abc.ABC):
         the next head can be parsed without reading. Unlike ``switched_data`` it takes
         nothing out."""
 
+    # A response body moved past both engines (``Channel.forward``): not every engine can.
+
+    def takes_body_as_is(self, count: int) -> bool:
+        """The next ``count`` response body bytes would go out exactly as given (no
+        framing around them: a Content-Length with room for them, or until close)."""
+        return False
+
+    def body_sent_as_is(self, count: int) -> None:
+        """``count`` body bytes went out without ``send_body`` (``takes_body_as_is``)."""
+        raise NotImplementedError
+
 
 class ClientEngine(abc.ABC):
     """The upstream-facing side of one pooled connection."""
@@ -209,3 +220,12 @@ class ClientEngine(abc.ABC):
     @abc.abstractmethod
     def switched_data(self) -> bytes:
         """After a ``101`` arrived: bytes the upstream sent beyond it."""
+
+    def unparsed_body(self) -> int:
+        """Bytes of the response body being read that the caller may read past this
+        engine (a Content-Length body, nothing of it buffered here); 0: none now."""
+        return 0
+
+    def body_read_elsewhere(self, count: int) -> None:
+        """``count`` bytes of ``unparsed_body`` were read (and relayed) without ``feed``."""
+        raise NotImplementedError

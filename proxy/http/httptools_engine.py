@@ -275,6 +275,16 @@ class HttptoolsServerEngine(_Side, ServerEngine):
         self._writing = SENT
         return self._writer.end(_unrelayable)
 
+    def takes_body_as_is(self, count: int) -> bool:
+        writer = self._writer
+        framing = writer.framing
+        return (framing == LENGTH and count <= writer.remaining) or framing == UNTIL_CLOSE
+
+    def body_sent_as_is(self, count: int) -> None:
+        writer = self._writer
+        if writer.framing == LENGTH:
+            writer.remaining -= count
+
     @property
     def request_complete(self) -> bool:
         return self._reading is DONE
@@ -448,6 +458,18 @@ class HttptoolsClientEngine(_Side, ClientEngine):
             self._keep_alive = False
         self._reading = DONE
         return END
+
+    def unparsed_body(self) -> int:
+        reader = self._reader
+        if self._reading is BODY and reader.framing == LENGTH and not (self._buf.data or self._eof):
+            return reader.remaining
+        return 0
+
+    def body_read_elsewhere(self, count: int) -> None:
+        reader = self._reader
+        reader.remaining -= count
+        if not reader.remaining:
+            reader.framing = NO_BODY  # (next_event: the END)
 
     def start_next_cycle(self) -> bool:
         if self._reading is not DONE or self._writing is not SENT or not self._keep_alive:

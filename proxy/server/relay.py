@@ -40,6 +40,9 @@ from proxy.tls.upstream_context import UpstreamTLS
 log = logging.getLogger("tlsproxy")
 
 SWITCHING_PROTOCOLS = 101
+# A Content-Length body with at least this much (one receive's worth) still to come goes past
+# the engines (``_forward_body``); a smaller rest is left to the usual events.
+FORWARD_FROM = 64 * 1024
 
 # RFC 9110 9.2.2 (idempotent methods), as SPEC section 4 lists them.
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
@@ -238,6 +241,8 @@ class Relay(Exchange):
             if kind is Body:
                 if down.write_body(event.data):
                     await down.drain()
+                if engine.unparsed_body() >= FORWARD_FROM:
+                    await self._forward_body(conn)
             elif kind is EndOfMessage:
                 down.write_end()
                 return
@@ -252,6 +257,34 @@ class Relay(Exchange):
                     finally:
                         conn.close()  # a tunnel never goes back to the pool
                     return
+
+    async def _forward_body(self, conn: UpstreamConnection) -> None:
+        """The rest of a Content-Length body the client gets as it is: straight from the
+        upstream's receives to the client (``Channel.forward``), past both engines."""
+        down = self.down
+        if type(down) is not Downstream:
+            return  # (an HTTP/2 stream: its body is framed as DATA)
+        engine = conn.engine
+        count = engine.unparsed_body()
+        if not down.engine.takes_body_as_is(count):
+            return
+        while count:
+            moved, failure = await conn.channel.forward(down.channel, count, self.timeouts.upstream_response)
+            engine.body_read_elsewhere(moved)
+            down.engine.body_sent_as_is(moved)
+            down.bytes_out += moved
+            count -= moved
+            if failure is not None:
+                if isinstance(failure, TimeoutError):
+                    raise GatewayTimeout(
+                        f"service {self.service.name!r}: upstream {conn.upstream.url} did not respond "
+                        f"within {self.timeouts.upstream_response:g}s"
+                    )
+                raise failure
+            if down.channel.writing_paused:
+                await down.drain()
+            elif moved == 0 or count and not conn.channel.quiet:
+                return  # EOF, or bytes to parse after all: the engine says what they mean
 
     def _awaiting_continue(self) -> bool:
         """The client sent ``Expect: 100-continue`` and has had no answer yet, so its

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from proxy.server.channel import READ_LIMIT, SEND_NOW, WRITE_LIMIT, Channel, _time_out
+from proxy.server.channel import READ_LIMIT, SEND_NOW, WRITE_LIMIT, Channel, ConnectionLost, _time_out
 
 _RECORD = 16 * 1024 + 256  # room for one TLS record's plaintext
 # A MemoryBIO keeps the largest size it ever held, for its life (as RSS): bytes go in and
@@ -268,6 +268,14 @@ class TLSChannel(Channel):
 
     # -- sending: the plaintext queue is encrypted as it goes out ------------------------
 
+    def send_now(self, data: bytes | memoryview) -> None:
+        """As ``Channel.send_now``, without its copy: encrypting is the copy."""
+        if self.closed or self.write_shut or self.transport.is_closing():
+            raise ConnectionLost("connection closed")
+        self._unsent.append(data)
+        self._unsent_bytes += len(data)
+        self._send_queued()  # (the queue is emptied: nothing keeps the view)
+
     def _send_queued(self) -> None:
         records = self._encrypt_queued() if self._unsent else []
         if self._outgoing.pending:
@@ -282,20 +290,22 @@ class TLSChannel(Channel):
             return []
         if size < SEND_NOW and len(unsent) > 1:
             unsent = [b"".join(unsent)]  # one record for a small response, not one per piece
-        write = self.ssl_object.write
+        # The C object's write: ssl.SSLObject.write is one more Python frame per record.
+        write = self.ssl_object._sslobj.write
         outgoing = self._outgoing
+        read = outgoing.read
         records = []
         try:
             for piece in unsent:
                 if len(piece) <= _BIO_STEP:
                     write(piece)
                     if outgoing.pending >= _BIO_STEP:
-                        records.append(outgoing.read())
+                        records.append(read())
                     continue
                 view = memoryview(piece)
                 for start in range(0, len(view), _BIO_STEP):
                     write(view[start:start + _BIO_STEP])
-                    records.append(outgoing.read())
+                    records.append(read())
         except ssl.SSLError:
             self.abort()
             return []
