@@ -6,6 +6,7 @@ of the loop iteration, large ones go out at once."""
 from __future__ import annotations
 
 import asyncio
+import collections
 
 import pytest
 
@@ -87,6 +88,28 @@ def test_read_waits_for_data_and_sees_eof():
         assert await pending == b"hello"
         channel.eof_received()
         assert await channel.read() == b"" and await channel.read() == b""
+
+    asyncio.run(scenario())
+
+
+def test_chunks_keep_their_order_and_an_idle_channel_holds_no_queue():
+    # Idle connections come by the ten thousand: once everything received has been read,
+    # the channel drops its receive queue (an empty deque is ~0.75 KiB) and makes a new
+    # one for the next chunk, in order, through both ways in (data_received, buffer_updated).
+    async def scenario():
+        channel, _ = make_channel(read_limit=1000)
+        channel.data_received(b"one")
+        view = channel.get_buffer(-1)
+        view[:3] = b"two"
+        channel.buffer_updated(3)
+        channel.data_received(b"three")
+        assert [await channel.read() for _ in range(3)] == [b"one", b"two", b"three"]
+        assert not channel._chunks and not isinstance(channel._chunks, collections.deque)
+        assert channel.quiet
+        channel.data_received(b"four")
+        assert not channel.quiet
+        assert await channel.read() == b"four"
+        assert not isinstance(channel._chunks, collections.deque)
 
     asyncio.run(scenario())
 
