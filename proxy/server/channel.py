@@ -28,9 +28,11 @@ upstreams) — the kernel's and the interpreter's code each stay hot in the CPU 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections import deque
 from collections.abc import Iterable
+from heapq import heapify, heappop, heappush
 
 # The most one receive hands over; then (see the module docstring) received bytes held
 # <= READ_LIMIT - 1 + READ_SIZE and unsent bytes <= WRITE_LIMIT + one write, per direction:
@@ -91,9 +93,10 @@ class Channel(asyncio.BufferedProtocol):
         self._eof = False
         self.closed = False
         self._read_waiter: asyncio.Future | None = None
-        # One read timer per channel, re-armed lazily (see ``read``).
+        # The channel's read deadline, kept lazily (see ``read``); ``_read_timer`` is its
+        # entry in the loop's _ReadDeadlines (None: none).
         self._read_deadline = 0.0
-        self._read_timer: asyncio.TimerHandle | None = None
+        self._read_timer: list | None = None
         self._drain_waiter: asyncio.Future | None = None
         self.writing_paused = False  # the transport is above its high-water mark: drain()
         self._closed_waiter: asyncio.Future | None = None
@@ -155,7 +158,7 @@ class Channel(asyncio.BufferedProtocol):
         self.closed = True
         self._drop_queued()
         if self._read_timer is not None:
-            self._read_timer.cancel()  # it holds the channel alive until it fires
+            _ReadDeadlines.drop(self._read_timer)  # it holds the channel alive until it fires
             self._read_timer = None
         self._wake_reader()
         self._wake_drainer()
@@ -180,10 +183,11 @@ class Channel(asyncio.BufferedProtocol):
         """The next received chunk; ``b""`` once the peer has closed.
 
         ``timeout`` (0 = none) bounds the wait; TimeoutError when it passes. Reading
-        buffered data costs nothing. Waiting sets a deadline; the channel's one timer is
-        not cancelled when data arrives but, when it fires, times out a read still
-        waiting past its deadline or re-arms for the current one — so a keep-alive
-        connection does not create and cancel a timer per read."""
+        buffered data costs nothing. Waiting sets a deadline; the channel's one entry in
+        the loop's read deadlines (_ReadDeadlines) is not removed when data arrives but,
+        when it is due, times out a read still waiting past its deadline or re-arms for
+        the current one — so a keep-alive connection does not create and cancel a timer
+        per read, and an idle one holds a small heap entry, not a loop timer."""
         while not self._chunks:
             if self._eof:
                 return b""
@@ -191,11 +195,11 @@ class Channel(asyncio.BufferedProtocol):
             waiter = self._read_waiter = loop.create_future()
             if timeout:
                 deadline = self._read_deadline = loop.time() + timeout
-                timer = self._read_timer
-                if timer is None or timer.when() > deadline:
-                    if timer is not None:
-                        timer.cancel()
-                    self._read_timer = loop.call_at(deadline, self._read_timer_fired)
+                entry = self._read_timer
+                if entry is None or entry[0] > deadline:
+                    if entry is not None:
+                        _ReadDeadlines.drop(entry)
+                    self._read_timer = _ReadDeadlines.of(loop).add(deadline, self)
             try:
                 await waiter
             finally:
@@ -332,7 +336,7 @@ class Channel(asyncio.BufferedProtocol):
         if loop.time() >= deadline - _TIMER_SLACK:
             waiter.set_exception(TimeoutError())
         else:
-            self._read_timer = loop.call_at(deadline, self._read_timer_fired)
+            self._read_timer = _ReadDeadlines.of(loop).add(deadline, self)
 
     def _wake_reader(self) -> None:
         waiter = self._read_waiter
@@ -343,6 +347,81 @@ class Channel(asyncio.BufferedProtocol):
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+class _ReadDeadlines:
+    """Every channel's read deadline on one loop, behind one loop timer.
+
+    A waiting read needs its deadline kept, and idle connections wait by the ten
+    thousand: a loop timer each (uvloop: a TimerHandle, a libuv timer, a bound method)
+    is ~0.55 KiB a connection (tracemalloc), an entry here ~0.14 KiB. Entries are
+    ``[when, order, channel, deadlines]`` in a heap; the loop timer is armed for the earliest, and
+    due entries call their channel's ``_read_timer_fired`` in deadline order (ties: in
+    the order they were added), as loop timers would. An entry is dropped by clearing
+    its channel (a closed channel is not kept until its deadline); cleared entries are
+    skipped when due, and swept when they are most of the heap."""
+
+    __slots__ = ("_loop", "_heap", "_order", "_timer", "_timer_when", "_cleared")
+    _by_loop: dict[asyncio.AbstractEventLoop, _ReadDeadlines] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._heap: list[list] = []
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self._cleared = 0
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _ReadDeadlines:
+        deadlines = cls._by_loop.get(loop)
+        if deadlines is None:
+            for closed in [other for other in cls._by_loop if other.is_closed()]:
+                del cls._by_loop[closed]  # (a process that ran several loops: tests)
+            deadlines = cls._by_loop[loop] = cls(loop)
+        return deadlines
+
+    def add(self, when: float, channel: Channel) -> list:
+        entry = [when, next(self._order), channel, self]
+        heappush(self._heap, entry)
+        if self._timer is None or when < self._timer_when:
+            self._arm(when)
+        return entry
+
+    @staticmethod
+    def drop(entry: list) -> None:
+        """The entry's channel no longer waits for it (it may be due later: skipped)."""
+        if entry[2] is not None:
+            entry[2] = None
+            deadlines = entry[3]
+            deadlines._cleared += 1
+            heap = deadlines._heap
+            if deadlines._cleared > 64 and deadlines._cleared * 2 > len(heap):
+                heap[:] = [live for live in heap if live[2] is not None]
+                heapify(heap)
+                deadlines._cleared = 0
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._due)
+        self._timer_when = when
+
+    def _due(self) -> None:
+        self._timer = None
+        heap = self._heap
+        now = self._loop.time() + _TIMER_SLACK
+        while heap and heap[0][0] <= now:
+            entry = heappop(heap)
+            channel = entry[2]
+            if channel is None:
+                self._cleared -= 1
+                continue
+            entry[2] = None
+            channel._read_timer = None
+            channel._read_timer_fired()  # (may add an entry, arming the timer for it)
+        if heap and (self._timer is None or heap[0][0] < self._timer_when):
+            self._arm(heap[0][0])
 
 
 def _time_out(waiter: asyncio.Future) -> None:
