@@ -1,6 +1,6 @@
-"""What an idle TLS connection keeps: the MemoryBIOs' buffers are freed after the handshake
-(a memory BIO otherwise keeps the largest size it ever held, ~1.7 KiB a connection between
-the two), and the channel goes on working with them. Capacities are read with
+"""What an idle TLS connection keeps: the MemoryBIOs' buffers are freed once it waits after
+its handshake (a memory BIO otherwise keeps the largest size it ever held, ~1.7 KiB a
+connection between the two), and the channel goes on working with them. Capacities are read with
 BIO_get_mem_ptr, as the releaser's docstring measured them."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def test_without_libssl_nothing_is_released(monkeypatch):
     assert openssl_ctl.memory_bio_releaser() is None
 
 
-def test_after_the_handshake_the_channel_holds_no_tls_buffer_and_still_serves(pki):
+def test_an_idle_channel_holds_no_tls_buffer_after_its_handshake_and_still_serves(pki):
     async def scenario():
         server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         server_context.load_cert_chain(*pki.server)
@@ -82,11 +82,15 @@ def test_after_the_handshake_the_channel_holds_no_tls_buffer_and_still_serves(pk
             await asyncio.sleep(0)
         await handshake
         client.do_handshake()
+        assert capacity(channel._incoming) > 0 and capacity(channel._outgoing) > 0
+        # Idle: a read waits, and the handshake's buffers go.
+        reading = asyncio.ensure_future(channel.read(5))
+        await asyncio.sleep(0)
         assert capacity(channel._incoming) == 0 and capacity(channel._outgoing) == 0
         # The next bytes each way: the buffers are made again as needed.
         client.write(b"GET / HTTP/1.1\r\n\r\n")
         channel.data_received(client_out.read())
-        assert await channel.read(5) == b"GET / HTTP/1.1\r\n\r\n"
+        assert await reading == b"GET / HTTP/1.1\r\n\r\n"
         channel.write(b"HTTP/1.1 204 No Content\r\n\r\n")
         channel.close()
         for data in transport.written:
@@ -94,3 +98,34 @@ def test_after_the_handshake_the_channel_holds_no_tls_buffer_and_still_serves(pk
         assert receive(client) == (b"HTTP/1.1 204 No Content\r\n\r\n", True)
 
     asyncio.run(scenario())
+
+
+def test_close_notify_is_written_with_one_shutdown_and_without_it_too(pki, monkeypatch):
+    # close_notify_sender (one SSL_shutdown through ctypes) and SSLObject.unwrap (the
+    # fallback when the SSL pointer cannot be trusted) end a response the same way.
+    from test_tls_channel_writes import handshaken
+
+    from proxy.server import tls_channel
+
+    assert tls_channel._write_close_notify is not None
+
+    async def closed_response() -> tuple[bytes, bool]:
+        channel, transport, client, client_in = await handshaken(pki)
+        channel.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        channel.close()
+        assert len(transport.written) == 1 and transport.closing
+        client_in.write(transport.written[0])
+        return receive(client)
+
+    assert asyncio.run(closed_response()) == (b"HTTP/1.1 204 No Content\r\n\r\n", True)
+    monkeypatch.setattr(tls_channel, "_write_close_notify", None)
+    assert asyncio.run(closed_response()) == (b"HTTP/1.1 204 No Content\r\n\r\n", True)
+
+
+def test_without_libssl_close_notify_falls_back_to_unwrap(monkeypatch):
+    def no_libssl():
+        raise OSError("libssl not found")
+
+    monkeypatch.setattr(openssl_ctl, "_libssl", None)
+    monkeypatch.setattr(openssl_ctl, "_load_libssl", no_libssl)
+    assert openssl_ctl.close_notify_sender() is None

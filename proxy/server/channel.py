@@ -80,6 +80,10 @@ class Channel(asyncio.BufferedProtocol):
         "_closed_waiter", "write_shut", "_unsent", "_unsent_bytes", "_send_scheduled", "_receive_view", "lost_error",
     )
 
+    # Called when a read is about to wait (a subclass frees what an idle connection need
+    # not hold: TLSChannel); None here, so a plain channel pays one attribute lookup.
+    _going_idle = None
+
     def __init__(self, read_limit: int = READ_LIMIT, write_limit: int = WRITE_LIMIT) -> None:
         self.transport: asyncio.Transport | None = None
         # The loop, kept: on Python 3.11 every asyncio.get_running_loop() is a getpid()
@@ -191,6 +195,8 @@ class Channel(asyncio.BufferedProtocol):
         while not self._chunks:
             if self._eof:
                 return b""
+            if self._going_idle is not None:
+                self._going_idle()
             loop = self.loop
             waiter = self._read_waiter = loop.create_future()
             if timeout:
