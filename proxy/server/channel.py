@@ -382,7 +382,7 @@ class _ReadDeadlines:
     def of(cls, loop: asyncio.AbstractEventLoop) -> _ReadDeadlines:
         deadlines = cls._by_loop.get(loop)
         if deadlines is None:
-            for closed in [other for other in cls._by_loop if other.is_closed()]:
+            for closed in [other for other in list(cls._by_loop) if other.is_closed()]:
                 del cls._by_loop[closed]  # (a process that ran several loops: tests)
             deadlines = cls._by_loop[loop] = cls(loop)
         return deadlines
