@@ -6,6 +6,7 @@ of the loop iteration, large ones go out at once."""
 from __future__ import annotations
 
 import asyncio
+import collections
 
 import pytest
 
@@ -87,6 +88,80 @@ def test_read_waits_for_data_and_sees_eof():
         assert await pending == b"hello"
         channel.eof_received()
         assert await channel.read() == b"" and await channel.read() == b""
+
+    asyncio.run(scenario())
+
+
+def test_chunks_keep_their_order_and_an_idle_channel_holds_no_queue():
+    # Idle connections come by the ten thousand: once everything received has been read,
+    # the channel drops its receive queue (an empty deque is ~0.75 KiB) and makes a new
+    # one for the next chunk, in order, through both ways in (data_received, buffer_updated).
+    async def scenario():
+        channel, _ = make_channel(read_limit=1000)
+        channel.data_received(b"one")
+        view = channel.get_buffer(-1)
+        view[:3] = b"two"
+        channel.buffer_updated(3)
+        channel.data_received(b"three")
+        assert [await channel.read() for _ in range(3)] == [b"one", b"two", b"three"]
+        assert not channel._chunks and not isinstance(channel._chunks, collections.deque)
+        assert channel.quiet
+        channel.data_received(b"four")
+        assert not channel.quiet
+        assert await channel.read() == b"four"
+        assert not isinstance(channel._chunks, collections.deque)
+
+    asyncio.run(scenario())
+
+
+def test_read_deadlines_time_out_in_order_and_spare_channels_that_received():
+    # One loop timer serves every channel's read deadline: each waiting read still times
+    # out at its own deadline (earliest first), a read that got its data does not, and a
+    # deadline pushed later by a new read is kept.
+    async def scenario():
+        channels = [make_channel()[0] for _ in range(4)]
+        timed_out: list[int] = []
+        received: list[bytes] = []
+
+        async def wait(index: int, timeout: float) -> None:
+            try:
+                received.append(await channels[index].read(timeout))
+            except TimeoutError:
+                timed_out.append(index)
+
+        reads = [asyncio.ensure_future(wait(index, timeout))
+                 for index, timeout in enumerate((0.09, 0.03, 0.06, 0.03))]
+        await asyncio.sleep(0)
+        channels[3].data_received(b"in time")
+        await asyncio.gather(*reads)
+        assert timed_out == [1, 2, 0] and received == [b"in time"]
+        # A second wait on a channel whose first deadline was met: its own deadline counts.
+        with pytest.raises(TimeoutError):
+            await channels[3].read(0.02)
+
+    asyncio.run(scenario())
+
+
+def test_a_closed_channel_is_not_held_until_its_read_deadline():
+    import gc
+    import weakref
+
+    class Tracked(Channel):
+        __slots__ = ("__weakref__",)  # (Channel has none: one per connection)
+
+    async def scenario():
+        channel = Tracked(read_limit=100, write_limit=1000)
+        transport = RecordingTransport()
+        transport.protocol = channel
+        channel.connection_made(transport)
+        pending = asyncio.ensure_future(channel.read(3600))
+        await asyncio.sleep(0)
+        channel.connection_lost(None)
+        assert await pending == b""
+        gone = weakref.ref(channel)
+        del channel, pending, transport
+        gc.collect()
+        assert gone() is None
 
     asyncio.run(scenario())
 

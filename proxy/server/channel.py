@@ -34,9 +34,11 @@ upstreams) — the kernel's and the interpreter's code each stay hot in the CPU 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections import deque
 from collections.abc import Iterable
+from heapq import heapify, heappop, heappush
 
 # The most one receive hands over; then (see the module docstring) received bytes held
 # <= READ_LIMIT - 1 + READ_SIZE and unsent bytes <= WRITE_LIMIT + one write, per direction:
@@ -54,6 +56,11 @@ _TIMER_SLACK = 0.001
 # Queued writes reaching this many bytes are sent at once instead of at the end of the
 # loop iteration (about one TLS record: large bodies see the high-water mark at once).
 SEND_NOW = 16 * 1024
+
+
+# What ``Channel._chunks`` holds while nothing received is unread: an empty deque costs
+# ~0.75 KiB per connection (tracemalloc), and idle connections are had by the ten thousand.
+_NO_CHUNKS: tuple = ()
 
 
 class ConnectionLost(ConnectionError):
@@ -92,6 +99,10 @@ class Channel(asyncio.BufferedProtocol):
         "_forward",
     )
 
+    # Called when a read is about to wait (a subclass frees what an idle connection need
+    # not hold: TLSChannel); None here, so a plain channel pays one attribute lookup.
+    _going_idle = None
+
     def __init__(self, read_limit: int = READ_LIMIT, write_limit: int = WRITE_LIMIT) -> None:
         self.transport: asyncio.Transport | None = None
         # The loop, kept: on Python 3.11 every asyncio.get_running_loop() is a getpid()
@@ -99,15 +110,16 @@ class Channel(asyncio.BufferedProtocol):
         self.loop: asyncio.AbstractEventLoop | None = None
         self._read_limit = read_limit
         self._write_limit = write_limit
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes] | tuple = _NO_CHUNKS  # a deque from the first chunk received
         self._buffered = 0
         self._reading_paused = False
         self._eof = False
         self.closed = False
         self._read_waiter: asyncio.Future | None = None
-        # One read timer per channel, re-armed lazily (see ``read``).
+        # The channel's read deadline, kept lazily (see ``read``); ``_read_timer`` is its
+        # entry in the loop's _ReadDeadlines (None: none).
         self._read_deadline = 0.0
-        self._read_timer: asyncio.TimerHandle | None = None
+        self._read_timer: list | None = None
         self._drain_waiter: asyncio.Future | None = None
         self.writing_paused = False  # the transport is above its high-water mark: drain()
         self._closed_waiter: asyncio.Future | None = None
@@ -141,13 +153,17 @@ class Channel(asyncio.BufferedProtocol):
             # Bytes past the body (junk: the upstream connection will not be pooled):
             # no more until they are read, or this receive and the READ_LIMIT of the
             # usual path could together pass the 256 KiB.
-            self._chunks.append(forward.buffer[start:nbytes].tobytes())
+            chunk = forward.buffer[start:nbytes].tobytes()
             nbytes -= start
             if not self._reading_paused and not self.closed:
                 self._reading_paused = True
                 self.transport.pause_reading()
         else:
-            self._chunks.append(self._receive_view[:nbytes].tobytes())
+            chunk = self._receive_view[:nbytes].tobytes()
+        if self._chunks:
+            self._chunks.append(chunk)
+        else:
+            self._chunks = deque((chunk,))
         self._buffered += nbytes
         if self._buffered >= self._read_limit and not self._reading_paused:
             self._reading_paused = True
@@ -157,7 +173,10 @@ class Channel(asyncio.BufferedProtocol):
             waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        self._chunks.append(data)
+        if self._chunks:
+            self._chunks.append(data)
+        else:
+            self._chunks = deque((data,))
         self._buffered += len(data)
         if self._buffered >= self._read_limit and not self._reading_paused:
             self._reading_paused = True
@@ -179,7 +198,7 @@ class Channel(asyncio.BufferedProtocol):
         self.closed = True
         self._drop_queued()
         if self._read_timer is not None:
-            self._read_timer.cancel()  # it holds the channel alive until it fires
+            _ReadDeadlines.drop(self._read_timer)  # it holds the channel alive until it fires
             self._read_timer = None
         self._wake_reader()
         self._wake_drainer()
@@ -204,31 +223,37 @@ class Channel(asyncio.BufferedProtocol):
         """The next received chunk; ``b""`` once the peer has closed.
 
         ``timeout`` (0 = none) bounds the wait; TimeoutError when it passes. Reading
-        buffered data costs nothing. Waiting sets a deadline; the channel's one timer is
-        not cancelled when data arrives but, when it fires, times out a read still
-        waiting past its deadline or re-arms for the current one — so a keep-alive
-        connection does not create and cancel a timer per read."""
+        buffered data costs nothing. Waiting sets a deadline; the channel's one entry in
+        the loop's read deadlines (_ReadDeadlines) is not removed when data arrives but,
+        when it is due, times out a read still waiting past its deadline or re-arms for
+        the current one — so a keep-alive connection does not create and cancel a timer
+        per read, and an idle one holds a small heap entry, not a loop timer."""
         while not self._chunks:
             if self._eof:
                 return b""
             if self._reading_paused and not self.closed:  # (left paused by forward)
                 self._reading_paused = False
                 self.transport.resume_reading()
+            if self._going_idle is not None:
+                self._going_idle()
             loop = self.loop
             waiter = self._read_waiter = loop.create_future()
             if timeout:
                 deadline = self._read_deadline = loop.time() + timeout
-                timer = self._read_timer
-                if timer is None or timer.when() > deadline:
-                    if timer is not None:
-                        timer.cancel()
-                    self._read_timer = loop.call_at(deadline, self._read_timer_fired)
+                entry = self._read_timer
+                if entry is None or entry[0] > deadline:
+                    if entry is not None:
+                        _ReadDeadlines.drop(entry)
+                    self._read_timer = _ReadDeadlines.of(loop).add(deadline, self)
             try:
                 await waiter
             finally:
                 self._read_waiter = None
                 self._read_deadline = 0.0
-        chunk = self._chunks.popleft()
+        chunks = self._chunks
+        chunk = chunks.popleft()
+        if not chunks:
+            self._chunks = _NO_CHUNKS  # (an idle connection holds no deque)
         self._buffered -= len(chunk)
         if self._reading_paused and self._buffered <= self._read_limit // 2 and not self.closed:
             self._reading_paused = False
@@ -422,7 +447,7 @@ class Channel(asyncio.BufferedProtocol):
         if loop.time() >= deadline - _TIMER_SLACK:
             waiter.set_exception(TimeoutError())
         else:
-            self._read_timer = loop.call_at(deadline, self._read_timer_fired)
+            self._read_timer = _ReadDeadlines.of(loop).add(deadline, self)
 
     def _wake_reader(self) -> None:
         waiter = self._read_waiter
@@ -470,6 +495,81 @@ class _Forward:
             self.waiter.set_result(None)
         else:
             self.timer = loop.call_at(deadline, self.timer_fired)
+
+
+class _ReadDeadlines:
+    """Every channel's read deadline on one loop, behind one loop timer.
+
+    A waiting read needs its deadline kept, and idle connections wait by the ten
+    thousand: a loop timer each (uvloop: a TimerHandle, a libuv timer, a bound method)
+    is ~0.55 KiB a connection (tracemalloc), an entry here ~0.14 KiB. Entries are
+    ``[when, order, channel, deadlines]`` in a heap; the loop timer is armed for the earliest, and
+    due entries call their channel's ``_read_timer_fired`` in deadline order (ties: in
+    the order they were added), as loop timers would. An entry is dropped by clearing
+    its channel (a closed channel is not kept until its deadline); cleared entries are
+    skipped when due, and swept when they are most of the heap."""
+
+    __slots__ = ("_loop", "_heap", "_order", "_timer", "_timer_when", "_cleared")
+    _by_loop: dict[asyncio.AbstractEventLoop, _ReadDeadlines] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._heap: list[list] = []
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self._cleared = 0
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _ReadDeadlines:
+        deadlines = cls._by_loop.get(loop)
+        if deadlines is None:
+            for closed in [other for other in list(cls._by_loop) if other.is_closed()]:
+                del cls._by_loop[closed]  # (a process that ran several loops: tests)
+            deadlines = cls._by_loop[loop] = cls(loop)
+        return deadlines
+
+    def add(self, when: float, channel: Channel) -> list:
+        entry = [when, next(self._order), channel, self]
+        heappush(self._heap, entry)
+        if self._timer is None or when < self._timer_when:
+            self._arm(when)
+        return entry
+
+    @staticmethod
+    def drop(entry: list) -> None:
+        """The entry's channel no longer waits for it (it may be due later: skipped)."""
+        if entry[2] is not None:
+            entry[2] = None
+            deadlines = entry[3]
+            deadlines._cleared += 1
+            heap = deadlines._heap
+            if deadlines._cleared > 64 and deadlines._cleared * 2 > len(heap):
+                heap[:] = [live for live in heap if live[2] is not None]
+                heapify(heap)
+                deadlines._cleared = 0
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._due)
+        self._timer_when = when
+
+    def _due(self) -> None:
+        self._timer = None
+        heap = self._heap
+        now = self._loop.time() + _TIMER_SLACK
+        while heap and heap[0][0] <= now:
+            entry = heappop(heap)
+            channel = entry[2]
+            if channel is None:
+                self._cleared -= 1
+                continue
+            entry[2] = None
+            channel._read_timer = None
+            channel._read_timer_fired()  # (may add an entry, arming the timer for it)
+        if heap and (self._timer is None or heap[0][0] < self._timer_when):
+            self._arm(heap[0][0])
 
 
 def _time_out(waiter: asyncio.Future) -> None:

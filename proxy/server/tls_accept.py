@@ -31,7 +31,6 @@ def _address(peer: tuple) -> str:
 async def serve_tls_socket(sock: socket.socket, peer: tuple, state: ServerState) -> None:
     generation = state.generation  # the handshake's: its contexts, CAs and engines
     timeouts = generation.config.timeouts
-    server_port = sock.getsockname()[1]
     # No separate MSG_PEEK wait: the channel's first received chunk decides TLS or
     # plain HTTP (PlainHTTP below); a client that sends nothing is closed silently.
     channel = TLSChannel(generation.tls.context)
@@ -62,7 +61,9 @@ async def serve_tls_socket(sock: socket.socket, peer: tuple, state: ServerState)
     info = ClientInfo(
         ip=peer[0],
         port=peer[1],
-        server_port=server_port,
+        # The transport took its address when it was made (uvloop and asyncio alike): no
+        # getsockname() syscall of our own per connection.
+        server_port=channel.transport.get_extra_info("sockname")[1],
         tls_version=ssl_object.version(),
         sni=generation.tls.server_name(ssl_object),
         ssl_object=ssl_object,
