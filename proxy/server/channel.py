@@ -96,14 +96,11 @@ class Channel(asyncio.BufferedProtocol):
         "transport", "loop", "_read_limit", "_write_limit", "_chunks", "_buffered", "_reading_paused", "_eof",
         "closed", "_read_waiter", "_read_deadline", "_read_timer", "_drain_waiter", "writing_paused",
         "_closed_waiter", "write_shut", "_unsent", "_unsent_bytes", "_send_scheduled", "_receive_view", "lost_error",
-        "_forward",
+        "_forward", "_going_idle_due",
     )
 
-    # Called when a read is about to wait (a subclass frees what an idle connection need
-    # not hold: TLSChannel); None here, so a plain channel pays one attribute lookup.
-    _going_idle = None
-
     def __init__(self, read_limit: int = READ_LIMIT, write_limit: int = WRITE_LIMIT) -> None:
+        self._going_idle_due = False  # call _going_idle before the next read waits
         self.transport: asyncio.Transport | None = None
         # The loop, kept: on Python 3.11 every asyncio.get_running_loop() is a getpid()
         # syscall (its fork check), and the request path would make several per request.
@@ -234,7 +231,8 @@ class Channel(asyncio.BufferedProtocol):
             if self._reading_paused and not self.closed:  # (left paused by forward)
                 self._reading_paused = False
                 self.transport.resume_reading()
-            if self._going_idle is not None:
+            if self._going_idle_due:  # (once: a subclass frees what an idle connection need not hold)
+                self._going_idle_due = False
                 self._going_idle()
             loop = self.loop
             waiter = self._read_waiter = loop.create_future()
@@ -369,6 +367,10 @@ class Channel(asyncio.BufferedProtocol):
         elif not self._send_scheduled:
             self._send_scheduled = True
             self.loop.call_soon(self._scheduled_send)
+
+    def _going_idle(self) -> None:
+        """A read is about to wait, the first time since ``_going_idle_due`` was set: a
+        subclass frees what an idle connection need not hold (TLSChannel)."""
 
     def _scheduled_send(self) -> None:
         self._send_scheduled = False

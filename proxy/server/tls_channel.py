@@ -55,7 +55,7 @@ class TLSChannel(Channel):
 
     __slots__ = (
         "_incoming", "_outgoing", "ssl_object", "_handshaken", "_handshake_error", "_handshake_waiter",
-        "_first_byte_at", "plain_http", "_handshake_timeout", "_handshake_timer", "_bios_hold_handshake",
+        "_first_byte_at", "plain_http", "_handshake_timeout", "_handshake_timer",
     )
 
     def __init__(self, context: ssl.SSLContext, read_limit: int = READ_LIMIT, write_limit: int = WRITE_LIMIT):
@@ -72,7 +72,6 @@ class TLSChannel(Channel):
         self.plain_http = False
         self._handshake_timeout = 0.0
         self._handshake_timer: asyncio.TimerHandle | None = None
-        self._bios_hold_handshake = False  # the BIOs' buffers still have the handshake's size
 
     async def handshake(self, timeout: float) -> None:
         """Complete the handshake or raise what failed it (ssl.SSLError, TimeoutError,
@@ -212,10 +211,8 @@ class TLSChannel(Channel):
         for it. (Under bench/run.py's handshake load most requests come a moment after
         the Finished, so most connections still do: ~0.7 % of a connection's CPU in
         py-spy, about what the one-call close_notify saves.)"""
-        if self._bios_hold_handshake:
-            self._bios_hold_handshake = False
-            _release_bio(self._incoming)
-            _release_bio(self._outgoing)
+        _release_bio(self._incoming)
+        _release_bio(self._outgoing)
 
     def _continue_handshake(self) -> None:
         try:
@@ -227,7 +224,7 @@ class TLSChannel(Channel):
             self._fail_handshake(exc)
             return
         self._handshaken = True
-        self._bios_hold_handshake = _release_bio is not None
+        self._going_idle_due = _release_bio is not None  # (the BIOs' buffers have the handshake's size)
         self._send_records()  # our Finished (and TLS 1.3 session tickets)
         self._wake_handshake()
 
