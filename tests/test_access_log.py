@@ -176,3 +176,25 @@ def test_shared_field_fragments_change_nothing_whether_kept_or_not(monkeypatch, 
         expected = json.dumps(_fields(record), separators=(",", ":"), default=str) + "\n"
         assert _json_line(record) == expected
     assert len(access_log._fragments) <= room
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"client_subject": "CN=al\u00efce,O=\"x\"", "client_fingerprint": "sha256:ab"},
+        {"path": b"/\xff\"q", "method": b"BREW", "request_id": b"not hex!", "sni": None, "upstream": None},
+        {"time": "2026-11-22T23:02:01.123Z"}, {"duration_ms": float("inf")}, {"status": 200.0},
+    ],
+)
+def test_a_request_path_tuple_is_logged_as_its_record(changes):
+    """write_request's tuple (REQUEST_FIELDS, no dict on the request path) gives the line
+    its record would, in both formats; no certificate keys when there was none."""
+    from proxy.server.access_log import REQUEST_FIELDS, _fields, _json_line, _record_of, _text_line
+
+    record = {"time": 1.5, **RECORD, "client_subject": None, "client_fingerprint": None, **changes}
+    values = tuple(record[key] for key in REQUEST_FIELDS)
+    as_dict = _record_of(values)
+    assert ("client_subject" in as_dict) == ("client_subject" in changes)
+    assert _json_line(values) == json.dumps(_fields(as_dict), separators=(",", ":"), default=str) + "\n"
+    assert _text_line(values) == _text_line(as_dict)

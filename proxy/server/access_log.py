@@ -62,6 +62,9 @@ FIELDS = (
 )
 # Written only when a client certificate was verified (SPEC section 3).
 CLIENT_CERT_FIELDS = ("client_subject", "client_fingerprint")
+# A request path record: these values in a tuple (``write_request``), the last two None
+# without a verified client certificate.
+REQUEST_FIELDS = FIELDS + CLIENT_CERT_FIELDS
 FLUSH_BYTES = 64 * 1024
 LINE_ESTIMATE = 320  # bytes per queued record, for FLUSH_BYTES (a typical JSON line)
 FLUSH_INTERVAL = 0.2
@@ -83,7 +86,7 @@ class AccessLog:
         self.settings = settings
         self._fd = fd  # None: stdout, looked up at flush time (tests swap sys.stdout)
         self._format = _json_line if settings.format == "json" else _text_line
-        self._pending: list[dict[str, Any]] = []  # records, formatted at flush time
+        self._pending: list[tuple | dict[str, Any]] = []  # records, formatted at flush time
         self._pending_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -100,11 +103,16 @@ class AccessLog:
         """Queue one request's record; ``time`` (epoch seconds or text) defaults to now.
 
         The record is formatted later: the caller must not change it afterwards."""
-        if self._closed:
-            return
         if "time" not in record:
             record = {"time": time.time(), **record}
-        self._pending.append(record)
+        self.write_request(record)
+
+    def write_request(self, values: tuple | dict[str, Any]) -> None:
+        """Queue one request's record as REQUEST_FIELDS values: the request path's, a
+        tuple to make rather than a dict (``write`` queues its dicts here too)."""
+        if self._closed:
+            return
+        self._pending.append(values)
         self._pending_bytes += LINE_ESTIMATE
         if self._pending_bytes >= FLUSH_BYTES:
             self.flush()
@@ -298,7 +306,6 @@ _fragments: dict[tuple, str] = {}
 _FRAGMENTS_MAX = 4096
 _CONNECTION_KEYS = ("client", "tls_version", "sni", "protocol")
 _SERVICE_KEYS = ("service", "upstream")
-_METHOD_KEYS = ("method",)
 
 
 def _fragment(values: tuple, keys: tuple[str, ...]) -> str:
@@ -314,56 +321,83 @@ def _second_text(seconds: int) -> str:
     return '"%s.' % _utc_second(seconds)
 
 
-def _json_line(record: dict[str, Any]) -> str:
-    """What ``json.dumps(_fields(record), separators=(",", ":"), default=str)`` gives,
-    written as one template for the usual record (exactly the FIELDS; text, bytes or
-    None where text goes; ints for status and sizes; a finite float duration; an epoch
-    time): the shared fields from ``_fragments``, the rest formatted in place, with no
-    Python call per field. Anything else takes json.dumps."""
-    if record.keys() == _FIELD_SET:
-        status, bytes_in, bytes_out = record["status"], record["bytes_in"], record["bytes_out"]
-        duration = record["duration_ms"]
-        stamp = record["time"]
-        if (
-            type(status) is int and type(bytes_in) is int and type(bytes_out) is int
-            and type(duration) is float and math.isfinite(duration) and type(stamp) is float
-        ):
-            fragment = _fragments.get
-            connection = (record["client"], record["tls_version"], record["sni"], record["protocol"])
-            service = (record["service"], record["upstream"])
-            method = (record["method"],)
-            request_id = record["request_id"]
-            seconds = int(stamp)
-            if 0.0 <= duration < 1e9:
-                # repr(round(duration, 3)) without its two extra float <-> decimal
-                # conversions (the costliest part of a line, callgrind): for such values the
-                # shortest repr of the rounded float is its 3-decimal form, zeros stripped.
-                milliseconds = ("%.3f" % duration).rstrip("0")
-                if milliseconds[-1] == ".":
-                    milliseconds += "0"
-            else:
-                milliseconds = repr(round(duration, 3))
-            if type(request_id) is bytes and request_id.isalnum():  # a generated id is hex: nothing to escape
-                request_id = f'"{request_id.decode("ascii")}"'
-            else:
-                request_id = _json_text(request_id)
-            try:
-                return (
-                    f'{{"time":{_second_text(seconds)}{int((stamp - seconds) * 1000):03d}Z",'
-                    f"{fragment(connection + _CONNECTION_KEYS) or _fragment(connection, _CONNECTION_KEYS)},"
-                    f"{fragment(method + _METHOD_KEYS) or _fragment(method, _METHOD_KEYS)},"
-                    f'"path":{_json_text(record["path"])},"status":{status},'
-                    f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"duration_ms":{milliseconds},'
-                    f"{fragment(service + _SERVICE_KEYS) or _fragment(service, _SERVICE_KEYS)},"
-                    f'"request_id":{request_id}}}\n'
-                )
-            except TypeError:
-                pass  # a value of another type (or unhashable): the general encoder
+def _json_line(record: dict[str, Any] | tuple) -> str:
+    """What ``json.dumps(_fields(record), separators=(",", ":"), default=str)`` gives
+    (for a tuple: that of ``_record_of(record)``). A request path record (a
+    REQUEST_FIELDS tuple) or a dict with exactly the FIELDS goes through one template;
+    anything else takes json.dumps."""
+    if type(record) is tuple:
+        return _json_values(record)
+    if record.keys() == _FIELD_SET:  # (with the certificate's keys: their order is the dict's)
+        return _json_values(tuple(map(record.get, REQUEST_FIELDS)))
     return json.dumps(_fields(record), separators=(",", ":"), default=str) + "\n"
 
 
-def _text_line(record: dict[str, Any]) -> str:
-    f = _fields(record)
+def _json_values(values: tuple) -> str:
+    """The line for a REQUEST_FIELDS tuple: the usual one (text, bytes or None where text
+    goes; ints for status and sizes; a finite float duration; an epoch time) as one
+    template, the fields a connection's or a service's records share from
+    ``_fragments``, with no Python call per field; any other values through json.dumps."""
+    (stamp, client, tls_version, sni, protocol, method, path, status, bytes_in, bytes_out, duration, service,
+     upstream, request_id, subject, fingerprint) = values
+    if (
+        type(status) is int and type(bytes_in) is int and type(bytes_out) is int
+        and type(duration) is float and math.isfinite(duration) and type(stamp) is float
+    ):
+        fragment = _fragments.get
+        connection = (client, tls_version, sni, protocol)
+        upstream_of = (service, upstream)
+        seconds = int(stamp)
+        if 0.0 <= duration < 1e9:
+            # repr(round(duration, 3)) without its two extra float <-> decimal
+            # conversions: for such values the shortest repr of the rounded float is its
+            # 3-decimal form, zeros stripped.
+            milliseconds = ("%.3f" % duration).rstrip("0")
+            if milliseconds[-1] == ".":
+                milliseconds += "0"
+        else:
+            milliseconds = repr(round(duration, 3))
+        if type(request_id) is bytes and request_id.isalnum():  # a generated id is hex: nothing to escape
+            request_id = f'"{request_id.decode("ascii")}"'
+        else:
+            request_id = _json_text(request_id)
+        try:
+            line = (
+                f'{{"time":{_second_text(seconds)}{int((stamp - seconds) * 1000):03d}Z",'
+                f"{fragment(connection + _CONNECTION_KEYS) or _fragment(connection, _CONNECTION_KEYS)},"
+                f'"method":{_METHODS.get(method) or _json_text(method)},'
+                f'"path":{_json_text(path)},"status":{status},'
+                f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"duration_ms":{milliseconds},'
+                f"{fragment(upstream_of + _SERVICE_KEYS) or _fragment(upstream_of, _SERVICE_KEYS)},"
+                f'"request_id":{request_id}'
+            )
+            if subject is None and fingerprint is None:
+                return line + "}\n"
+            return f'{line},"client_subject":{_json_text(subject)},"client_fingerprint":{_json_text(fingerprint)}}}\n'
+        except TypeError:
+            pass  # a value of another type (or unhashable): the general encoder
+    return json.dumps(_fields(_record_of(values)), separators=(",", ":"), default=str) + "\n"
+
+
+# The methods' JSON, the usual ones (others are escaped each time).
+_METHODS = {
+    spelling: encode_basestring_ascii(name)
+    for name in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE")
+    for spelling in (name, name.encode("ascii"))
+}
+
+
+def _record_of(values: tuple) -> dict[str, Any]:
+    """A REQUEST_FIELDS tuple as the dict ``write`` takes (no client certificate keys
+    when there was none)."""
+    record = dict(zip(REQUEST_FIELDS, values))
+    if values[-2] is None and values[-1] is None:
+        del record["client_subject"], record["client_fingerprint"]
+    return record
+
+
+def _text_line(record: dict[str, Any] | tuple) -> str:
+    f = _fields(_record_of(record) if type(record) is tuple else record)
     request = f"{_text(f['method'])} {_text(f['path'])}"
     if f["protocol"]:
         request += f" {_text(f['protocol'])}"

@@ -180,28 +180,13 @@ def _record(
         protocol, method, path = _PROTOCOLS.get(head.http_version, down.protocol), head.method, head.target
     else:
         protocol, method, path = down.protocol, None, None
-    # In access_log.FIELDS order: the log's C encoder takes it as it is.
-    record = {
-        "time": stamp,
-        "client": info.address,
-        "tls_version": info.tls_version,
-        "sni": info.sni,
-        "protocol": protocol,
-        "method": method,
-        "path": path,
-        "status": status,
-        "bytes_in": down.bytes_in,
-        "bytes_out": down.bytes_out,
-        "duration_ms": seconds * 1000,  # rounded when the log formats it
-        "service": name,
-        "upstream": relay.upstream_url if relay is not None else None,
-        "request_id": request_id,
-    }
-    identity = info.identity
-    if identity is not None:  # a verified client certificate: a 403 line says which one
-        record["client_subject"] = identity.subject
-        record["client_fingerprint"] = "sha256:" + identity.fingerprint_sha256
-    state.access_log.write(record)
+    identity = info.identity  # a verified client certificate: a 403 line says which one
+    state.access_log.write_request((
+        stamp, info.address, info.tls_version, info.sni, protocol, method, path, status, down.bytes_in,
+        down.bytes_out, seconds * 1000, name, relay.upstream_url if relay is not None else None, request_id,
+        identity.subject if identity is not None else None,
+        "sha256:" + identity.fingerprint_sha256 if identity is not None else None,
+    ))  # (access_log.REQUEST_FIELDS; the duration is rounded when the log formats it)
 
 
 def _check_client(
