@@ -121,11 +121,14 @@ def main(argv: list[str] | None = None) -> int:
             if not stats_file.exists():
                 raise bench.BenchError(f"no profile written:\n{bench._tail(workdir / 'tlsproxy.log')}")
             requests = bench.parse_wrk(out)["requests"]
-            if args.profile:
-                sample(server.pid, url, args.duration, args.profile)
+            sampled = sample(server.pid, url, args.duration, args.profile) if args.profile else 0
             if args.stats:
                 args.stats.write_bytes(stats_file.read_bytes())
             record = {"tree": str(tree), "engine": args.engine, **count(stats_file, requests, args.top)}
+            if args.profile:
+                shares, samples = categories.categorize(args.profile.read_text(errors="replace").splitlines())
+                record["profile"] = {"requests": sampled, "samples": samples,
+                                     "samples_per_1000_requests": {name: 1000 * n / sampled for name, n in shares.items()}}
         finally:
             server.stop()
             upstream.stop()
@@ -135,14 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     for entry in record["top"]:
         print(f"  {entry['per_request']:6.2f}  {entry['function']}")
     if args.profile:
-        categories.main([str(args.profile)])
+        profile = record["profile"]
+        print(f"  py-spy (997 Hz, busy samples): {profile['samples']} samples over {profile['requests']} requests; "
+              "per category, share and samples per 1,000 requests:")
+        per_request = profile["samples_per_1000_requests"]
+        total = sum(per_request.values())
+        for name, value in sorted(per_request.items(), key=lambda item: -item[1]):
+            print(f"    {name:<36} {100 * value / total:5.1f}%  {value:6.1f}")
     if args.json:
         args.json.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
-def sample(pid: int, url: str, duration: float, output: Path) -> None:
-    """py-spy on ``pid`` while wrk loads it (the profiler off: cProfile's toggle is even)."""
+def sample(pid: int, url: str, duration: float, output: Path) -> int:
+    """py-spy on ``pid`` while wrk loads it (the profiler off: cProfile's toggle is even);
+    the responses wrk counted meanwhile."""
     spy = bench.py_spy()
     if spy is None:
         raise bench.BenchError("--profile needs py-spy on PATH or beside this Python (pip install py-spy)")
@@ -151,8 +161,10 @@ def sample(pid: int, url: str, duration: float, output: Path) -> None:
                                  str(pid), "--duration", str(seconds)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.STDOUT)
     time.sleep(0.5)  # (py-spy attaches)
-    subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}", url], capture_output=True, check=True, timeout=seconds + 30)
+    out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}", url], capture_output=True, text=True, check=True,
+                         timeout=seconds + 30).stdout
     profiler.wait(timeout=60)
+    return bench.parse_wrk(out)["requests"]
 
 
 if __name__ == "__main__":

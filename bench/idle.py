@@ -389,7 +389,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--http-engine", default="auto", choices=("auto", "httptools", "h11"))
     parser.add_argument("--client-cpu", default="", help="pin this client and the upstream to a core (default: no)")
     parser.add_argument("--server-cpu", default="", help="pin the server under test to a core (default: no)")
-    parser.add_argument("--target-mib", type=float, default=400.0, help="tlsproxy RSS target (default 400)")
+    parser.add_argument("--target-mib", type=float, default=200.0, help="tlsproxy RSS target (default 200: issue #17)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (configs, logs)")
     args = parser.parse_args(argv)

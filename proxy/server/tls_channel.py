@@ -256,7 +256,8 @@ class TLSChannel(Channel):
             waiter.set_result(None)
 
     def _decrypt(self) -> None:
-        ssl_object = self.ssl_object
+        # The C object's read and pending: ssl.SSLObject's are one more Python frame each.
+        ssl_object = self.ssl_object._sslobj
         incoming = self._incoming
         pieces = []
         eof = False
@@ -280,9 +281,9 @@ class TLSChannel(Channel):
         if self._outgoing.pending:
             self._send_records()  # e.g. a TLS 1.3 key update answer
         if pieces:
-            super().data_received(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            Channel.data_received(self, pieces[0] if len(pieces) == 1 else b"".join(pieces))
         if eof:
-            super().eof_received()
+            Channel.eof_received(self)
 
     # -- sending: the plaintext queue is encrypted as it goes out ------------------------
 
