@@ -52,8 +52,11 @@ def receive(client: ssl.SSLObject) -> tuple[bytes, bool]:
         data += piece
 
 
-async def handshaken(pki) -> tuple[TLSChannel, RecordingTransport, ssl.SSLObject, ssl.MemoryBIO]:
-    """A server TLSChannel past its handshake with an in-memory client, nothing sent yet."""
+async def handshaken(
+    pki, *, outgoing: list | None = None
+) -> tuple[TLSChannel, RecordingTransport, ssl.SSLObject, ssl.MemoryBIO]:
+    """A server TLSChannel past its handshake with an in-memory client, nothing sent yet
+    (``outgoing``: a list that gets the client's outgoing BIO, for a test to send with)."""
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(*pki.server)
     server_context.num_tickets = 0
@@ -76,6 +79,8 @@ async def handshaken(pki) -> tuple[TLSChannel, RecordingTransport, ssl.SSLObject
         await asyncio.sleep(0)
     await handshake
     client.do_handshake()
+    if outgoing is not None:
+        outgoing.append(client_out)
     return channel, transport, client, client_in
 
 

@@ -9,7 +9,7 @@ import asyncio
 import ctypes
 import ssl
 
-from test_tls_channel_writes import RecordingTransport, receive
+from test_tls_channel_writes import RecordingTransport, handshaken, receive
 
 from proxy.server.tls_channel import TLSChannel
 from proxy.tls import openssl_ctl
@@ -60,28 +60,9 @@ def test_without_libssl_nothing_is_released(monkeypatch):
 
 def test_an_idle_channel_holds_no_tls_buffer_after_its_handshake_and_still_serves(pki):
     async def scenario():
-        server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server_context.load_cert_chain(*pki.server)
-        server_context.num_tickets = 0
-        channel = TLSChannel(server_context)
-        transport = RecordingTransport()
-        channel.connection_made(transport)
-        client_in, client_out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        client = ssl.create_default_context(cafile=str(pki.ca_pem)).wrap_bio(
-            client_in, client_out, server_hostname="localhost")
-        handshake = asyncio.ensure_future(channel.handshake(5))
-        while not handshake.done():
-            try:
-                client.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
-            channel.data_received(client_out.read())
-            for data in transport.written:
-                client_in.write(data)
-            transport.written.clear()
-            await asyncio.sleep(0)
-        await handshake
-        client.do_handshake()
+        outgoing = []
+        channel, transport, client, client_in = await handshaken(pki, outgoing=outgoing)
+        client_out = outgoing[0]
         assert capacity(channel._incoming) > 0 and capacity(channel._outgoing) > 0
         # Idle: a read waits, and the handshake's buffers go.
         reading = asyncio.ensure_future(channel.read(5))
