@@ -9,7 +9,7 @@ import asyncio
 import ctypes
 import ssl
 
-from test_tls_channel_writes import RecordingTransport, handshaken, receive
+from test_tls_channel_writes import handshaken, receive
 
 from proxy.server.tls_channel import TLSChannel
 from proxy.tls import openssl_ctl
