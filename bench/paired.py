@@ -72,8 +72,11 @@ def measure_round(servers: dict[str, bench.Server], args: argparse.Namespace, sc
     outputs = {name: load.communicate(timeout=args.duration + 60)[0] for name, load in loads.items()}
     figures = {}
     for name, server in servers.items():
-        done = bench.parse_wrk(outputs[name])["requests_per_s"] * args.duration
-        figures[name] = done / (bench.cpu_seconds(server.pid) - cpu_before[name])
+        done = (bench.parse_wrk(outputs[name])["requests_per_s"] or 0.0) * args.duration
+        cpu = bench.cpu_seconds(server.pid) - cpu_before[name]
+        if cpu <= 0 or not done:  # (a /proc tick short, or wrk failed: a round that measured nothing)
+            raise bench.BenchError(f"{name}: no CPU time or no responses counted in this round")
+        figures[name] = done / cpu
     return figures
 
 
@@ -109,9 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.caddy:
             servers["caddy"] = bench.start_caddy("caddy", workdir / "caddy", bench.free_port(), upstream_port,
                                                  cert, key, args.server_cpu, procs=1)
-        measure_round(servers, argparse.Namespace(**{**vars(args), "duration": 1}), script)  # warm-up
+        try:
+            measure_round(servers, argparse.Namespace(**{**vars(args), "duration": 1}), script)  # warm-up
+        except bench.BenchError:
+            pass  # (a warm-up that measured nothing warmed up all the same)
         for number in range(1, args.rounds + 1):
-            figures = measure_round(servers, args, script)
+            try:
+                figures = measure_round(servers, args, script)
+            except bench.BenchError as exc:
+                print(f"round {number}: left out ({exc})", flush=True)
+                continue
             rounds.append(figures)
             print(f"round {number}: " + "  ".join(f"{name} {value:,.0f}" for name, value in figures.items())
                   + "".join(f"  {pair} {figures[a] / figures[b]:.3f}" for pair, (a, b) in _pairs(servers)[1:]),
