@@ -196,13 +196,17 @@ class _HeadFields:
     lowercased and values stripped as h11 does). The target comes from the request
     line's match, which only a plain line passes: the same bytes llhttp would call back."""
 
-    __slots__ = ("headers",)
+    __slots__ = ("headers", "padded")
 
     def __init__(self) -> None:
         self.headers: Headers = []
+        self.padded = False  # a value ended in whitespace (then its bytes are not relayed as sent)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value.rstrip(b" \t")))
+        stripped = value.rstrip(b" \t")
+        if stripped is not value:  # (bytes.rstrip returns the value itself when nothing goes)
+            self.padded = True
+        self.headers.append((name.lower(), stripped))
 
 
 class _Checked:
@@ -308,7 +312,12 @@ def plain_request(raw: bytes, max_header_bytes: int) -> tuple[RequestHead, list[
         return None
     head = request_head(method, target, version, headers, max_header_bytes, names)
     end = line.end()
-    if names[0] == b"host" and raw.endswith(b"\r\n\r\n"):  # (HEAD_END also ends a head at LF LF)
+    if (
+        names[0] == b"host"
+        and len(raw) <= max_header_bytes  # (the limit above counts values stripped: bound the bytes too)
+        and not fields.padded  # no value relayed with whitespace after it
+        and raw.endswith(b"\r\n\r\n")  # (HEAD_END also ends a head at LF LF)
+    ):
         head.raw_fields = raw[end - 2 : -4]
     return head, names
 
