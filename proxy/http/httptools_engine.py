@@ -322,41 +322,36 @@ class HttptoolsClientEngine(_Side, ClientEngine):
     # -- writing requests
 
     def send_head(self, head: RequestHead, headers: Headers, target: bytes) -> bytes:
+        if head.chunked and head.content_length is None:
+            headers = [*headers, (b"transfer-encoding", b"chunked")]
+        wire, headers, names = request_wire(head.method, target, headers)
+        keep_alive = not (b"connection" in names and b"close" in comma_values(headers, b"connection"))
+        self._head_sent(head, headers[0][1], b"upgrade" in names, keep_alive)
+        return wire
+
+    def send_head_as_received(self, head: RequestHead, fields: bytes, added: Headers, target: bytes) -> bytes:
+        # Only plain heads have fields to relay, and no hop-by-hop header is among them
+        # (as_received): no Transfer-Encoding, Upgrade or Connection: close goes up.
+        wire = request_wire_as_received(head.method, target, fields)
+        self._head_sent(head, head.headers[0][1], False, True)  # (Host comes first in such a head)
+        return wire
+
+    def _head_sent(self, head: RequestHead, host: bytes, upgrade_asked: bool, keep_alive: bool) -> None:
+        """A request head went: its body's framing, and what its response is read by."""
         writer = self._writer
         if head.content_length is not None:
             writer.framing = LENGTH
             writer.remaining = head.content_length
         elif head.chunked:
             writer.framing = CHUNKED
-            headers = [*headers, (b"transfer-encoding", b"chunked")]
         else:
             writer.framing = NO_BODY
             writer.remaining = 0
-        wire, headers, names = request_wire(head.method, target, headers)
         self._method = head.method
-        self._request_host = headers[0][1]
-        self._upgrade_asked = b"upgrade" in names
-        self._keep_alive = not (b"connection" in names and b"close" in comma_values(headers, b"connection"))
+        self._request_host = host
+        self._upgrade_asked = upgrade_asked
+        self._keep_alive = keep_alive
         self._writing = SENDING
-        return wire
-
-    def send_head_as_received(self, head: RequestHead, fields: bytes, added: Headers, target: bytes) -> bytes:
-        # Only plain heads have fields to relay, and no hop-by-hop header is among them
-        # (as_received): no Transfer-Encoding, Upgrade or Connection: close goes up.
-        writer = self._writer
-        if head.content_length is not None:
-            writer.framing = LENGTH
-            writer.remaining = head.content_length
-        else:
-            writer.framing = NO_BODY
-            writer.remaining = 0
-        wire = request_wire_as_received(head.method, target, fields)
-        self._method = head.method
-        self._request_host = head.headers[0][1]  # (Host comes first in such a head)
-        self._upgrade_asked = False
-        self._keep_alive = True
-        self._writing = SENDING
-        return wire
 
     def send_body(self, data: bytes) -> Sequence[bytes]:
         return self._writer.body(data, _unsendable)
