@@ -481,18 +481,15 @@ class ProxyMetrics:
 
     def record_request(self, service: str, status: int, seconds: float) -> None:
         """One finished request (what the access log line says, as two metrics): one
-        dict lookup for both series, then plain arithmetic (no label handling per request;
-        neither family is ever cleared, so the pairs stay theirs)."""
+        dict lookup finds both series (no label handling per request; neither family is
+        ever cleared, so the pairs stay theirs)."""
         pair = self._request_series.get((service, status))
         if pair is None:
             pair = self._request_series[(service, status)] = (
                 self.requests.labels(service, status), self.request_duration.labels(service)
             )
-        counter, histogram = pair
-        counter.value += 1
-        histogram.counts[bisect.bisect_left(histogram.bounds, seconds)] += 1
-        histogram.sum += seconds
-        histogram.count += 1
+        pair[0].inc()
+        pair[1].observe(seconds)
 
     def add_services(self, names: Iterable[str]) -> None:
         """Make the per-service series exist at 0 (connect errors) before any traffic."""
