@@ -143,14 +143,14 @@ def memory_bio_releaser() -> Callable[[ssl.MemoryBIO], None] | None:
             return None
     except (OSError, AttributeError, ValueError):
         return None
-    new_buffer, control, from_address, offset = lib.BUF_MEM_new, lib.BIO_ctrl, ctypes.c_void_p.from_address, _BIO_OFFSET
+    new_buffer, control = lib.BUF_MEM_new, lib.BIO_ctrl
 
     def release(bio: ssl.MemoryBIO) -> None:
         if bio.pending:
             return  # unread bytes live in that buffer
         buffer = new_buffer()
         if buffer:  # BIO_set_mem_buf(bio, buffer, BIO_CLOSE): the old BUF_MEM is freed
-            control(from_address(id(bio) + offset).value, _BIO_C_SET_BUF_MEM, _BIO_CLOSE, buffer)
+            control(_bio_pointer(bio), _BIO_C_SET_BUF_MEM, _BIO_CLOSE, buffer)
 
     return release
 
