@@ -39,6 +39,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable
 from heapq import heapify, heappop, heappush
+from typing import Protocol
 
 # The most one receive hands over; then (see the module docstring) received bytes held
 # <= READ_LIMIT - 1 + READ_SIZE and unsent bytes <= WRITE_LIMIT + one write, per direction:
@@ -65,6 +66,16 @@ _NO_CHUNKS: tuple = ()
 
 class ConnectionLost(ConnectionError):
     """The peer went away (or we aborted) while we still wanted to write."""
+
+
+class Watcher(Protocol):
+    """What ``Channel.watch`` calls (each at most once per watch)."""
+
+    def received(self, channel: Channel, data: bytes) -> None: ...
+
+    def ended(self, channel: Channel) -> None: ...
+
+    def timed_out(self, channel: Channel) -> None: ...
 
 
 _receive_buffers = threading.local()
@@ -96,7 +107,7 @@ class Channel(asyncio.BufferedProtocol):
         "transport", "loop", "_read_limit", "_write_limit", "_chunks", "_buffered", "_reading_paused", "_eof",
         "closed", "_read_waiter", "_read_deadline", "_read_timer", "_drain_waiter", "writing_paused",
         "_closed_waiter", "write_shut", "_unsent", "_unsent_bytes", "_send_scheduled", "_receive_view", "lost_error",
-        "_forward", "_going_idle_due",
+        "_forward", "_going_idle_due", "_watcher",
     )
 
     def __init__(self, read_limit: int = READ_LIMIT, write_limit: int = WRITE_LIMIT) -> None:
@@ -127,6 +138,7 @@ class Channel(asyncio.BufferedProtocol):
         self._receive_view: memoryview | None = None
         self.lost_error: Exception | None = None  # why the transport ended (a TLS alert...)
         self._forward: _Forward | None = None  # received bytes go straight on (``forward``)
+        self._watcher: Watcher | None = None  # received bytes go to its callbacks (``watch``)
 
     # -- protocol callbacks ------------------------------------------------------------
 
@@ -157,6 +169,11 @@ class Channel(asyncio.BufferedProtocol):
                 self.transport.pause_reading()
         else:
             chunk = self._receive_view[:nbytes].tobytes()
+            watcher = self._watcher
+            if watcher is not None:  # (nothing is buffered while watched)
+                self.unwatch()
+                watcher.received(self, chunk)
+                return
         if self._chunks:
             self._chunks.append(chunk)
         else:
@@ -170,6 +187,11 @@ class Channel(asyncio.BufferedProtocol):
             waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        watcher = self._watcher
+        if watcher is not None:  # (nothing is buffered while watched)
+            self.unwatch()
+            watcher.received(self, data)
+            return
         if self._chunks:
             self._chunks.append(data)
         else:
@@ -234,15 +256,9 @@ class Channel(asyncio.BufferedProtocol):
             if self._going_idle_due:  # (once: a subclass frees what an idle connection need not hold)
                 self._going_idle_due = False
                 self._going_idle()
-            loop = self.loop
-            waiter = self._read_waiter = loop.create_future()
+            waiter = self._read_waiter = self.loop.create_future()
             if timeout:
-                deadline = self._read_deadline = loop.time() + timeout
-                entry = self._read_timer
-                if entry is None or entry[0] > deadline:
-                    if entry is not None:
-                        _ReadDeadlines.drop(entry)
-                    self._read_timer = _ReadDeadlines.of(loop).add(deadline, self)
+                self._set_read_deadline(timeout)
             try:
                 await waiter
             finally:
@@ -257,6 +273,35 @@ class Channel(asyncio.BufferedProtocol):
             self._reading_paused = False
             self.transport.resume_reading()
         return chunk
+
+    def watch(self, watcher: Watcher, timeout: float = 0) -> bool:
+        """A read by callbacks instead of a coroutine: the next received chunk goes to
+        ``watcher.received(channel, chunk)`` from the receive callback, EOF or the
+        connection's end to ``watcher.ended(channel)``, and ``timeout`` seconds (0 =
+        none) without a byte to ``watcher.timed_out(channel)`` -- once, as ``read``
+        returns once (the watcher watches again for more). False, watching nothing, when
+        ``read`` would not wait: received bytes are unread, or the peer has closed.
+
+        Why: a request or a response that arrives whole is then handled where it
+        arrives, without a future and a task step to resume the coroutine that waited
+        for it (``proxy.server.connection``)."""
+        if self._chunks or self._eof:
+            return False
+        if self._reading_paused and not self.closed:  # (left paused by forward)
+            self._reading_paused = False
+            self.transport.resume_reading()
+        if self._going_idle_due:
+            self._going_idle_due = False
+            self._going_idle()
+        self._watcher = watcher
+        if timeout:
+            self._set_read_deadline(timeout)
+        return True
+
+    def unwatch(self) -> None:
+        """Stop a ``watch`` (its watcher is not called)."""
+        self._watcher = None
+        self._read_deadline = 0.0
 
     async def forward(self, to: Channel, count: int, timeout: float = 0) -> tuple[int, Exception | None]:
         """Send the next ``count`` bytes received here on through ``to`` as they arrive,
@@ -439,19 +484,38 @@ class Channel(asyncio.BufferedProtocol):
         self._wake_reader()
         self._wake_drainer()
 
+    def _set_read_deadline(self, timeout: float) -> None:
+        """The waiting read's (or watch's) deadline, ``timeout`` from now."""
+        loop = self.loop
+        deadline = self._read_deadline = loop.time() + timeout
+        entry = self._read_timer
+        if entry is None or entry[0] > deadline:
+            if entry is not None:
+                _ReadDeadlines.drop(entry)
+            self._read_timer = _ReadDeadlines.of(loop).add(deadline, self)
+
     def _read_timer_fired(self) -> None:
         self._read_timer = None
         deadline = self._read_deadline
         waiter = self._read_waiter
-        if not deadline or waiter is None or waiter.done():
+        watcher = self._watcher
+        if not deadline or (waiter is None or waiter.done()) and watcher is None:
             return  # nobody is waiting with a deadline: the next wait arms a timer
         loop = self.loop
-        if loop.time() >= deadline - _TIMER_SLACK:
-            waiter.set_exception(TimeoutError())
-        else:
+        if loop.time() < deadline - _TIMER_SLACK:
             self._read_timer = _ReadDeadlines.of(loop).add(deadline, self)
+        elif watcher is not None:
+            self.unwatch()
+            watcher.timed_out(self)
+        else:
+            waiter.set_exception(TimeoutError())
 
     def _wake_reader(self) -> None:
+        watcher = self._watcher
+        if watcher is not None:
+            self.unwatch()
+            watcher.ended(self)
+            return
         waiter = self._read_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

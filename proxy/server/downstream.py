@@ -47,7 +47,7 @@ class Downstream:
 
     __slots__ = ("channel", "engine", "info", "bytes_in", "bytes_out", "method", "write_timeout")
 
-    protocol = "HTTP/1.1"  # (the access log says HTTP/1.0 for such requests: see connection._record)
+    protocol = "HTTP/1.1"  # (the access log says HTTP/1.0 for such requests: see request._record)
     grpc = False  # gRPC calls come over HTTP/2 (h2_stream.StreamDownstream)
 
     def __init__(self, channel: Channel, engine: ServerEngine, info: ClientInfo, write_timeout: float = 0) -> None:

@@ -1,6 +1,6 @@
 """H2Relay: one request to an HTTP/2 upstream (h2c://, https:// with http2) and back.
 
-The same contract as ``relay.Relay`` — called by ``connection.handle_request`` with the
+The same contract as ``relay.Relay`` — called by ``request.handle_request`` with the
 routed, authorised request and its rewritten headers; returns the status; raises
 ``proxy.errors`` for the caller to answer — for upstreams that speak HTTP/2, which is
 what gRPC needs: trailers (``grpc-status``) pass through both ways, request and

@@ -4,7 +4,7 @@ The TLS handshake chose ``h2`` by ALPN (``tls_accept``). The session reads the
 connection, feeds the codec (``proxy.http.h2.codec``) and acts on its events: a new
 stream's header block becomes a ``RequestHead`` (``proxy.http.h2.messages``; refused on
 its stream with 400/431 when HTTP/2 forbids it) and a task running
-``connection.handle_request`` with a ``StreamDownstream`` as its client, so every rule of
+``request.handle_request`` with a ``StreamDownstream`` as its client, so every rule of
 the HTTP/1.1 path applies per stream. Body DATA goes to its stream; window updates
 release queued response DATA; a reset cancels the stream's task (and so its upstream
 exchange).
@@ -48,9 +48,10 @@ from proxy.http.h2.codec import (
 )
 from proxy.http.h2.messages import request_head
 from proxy.server.channel import Channel, ConnectionLost
-from proxy.server.connection import CLOSE_WAIT, handle_request, refuse_request
+from proxy.server.connection import CLOSE_WAIT
 from proxy.server.downstream import ClientInfo
 from proxy.server.h2_stream import STREAM_BUFFER, StreamDownstream
+from proxy.server.request import handle_request, refuse_request
 from proxy.server.state import ServerState
 
 log = logging.getLogger("tlsproxy")

@@ -1,6 +1,6 @@
 """StreamDownstream: one HTTP/2 stream, seen by the request path as its client.
 
-``connection.handle_request``, the ``Relay`` and the ``BodyPump`` serve an HTTP/2
+``request.handle_request``, the ``Relay`` and the ``BodyPump`` serve an HTTP/2
 request exactly as an HTTP/1.1 one — routing, 421/403/413/431, identity headers, the
 upstream exchange, 502/504, the access log — because a stream offers the same calls as
 ``downstream.Downstream``: read the request body, write the response head, body and

@@ -40,6 +40,15 @@ from proxy.tls.upstream_context import UpstreamTLS
 log = logging.getLogger("tlsproxy")
 
 SWITCHING_PROTOCOLS = 101
+
+# Where a response's relay stands (``Relay.relay_events``, ``Relay.resume``).
+SEND = "send"  # (the head is not written yet)
+NEED_DATA = "need data"
+DONE = "done"
+NEED_DRAIN = "need drain"
+FORWARD = "forward"
+TUNNEL = "tunnel"
+TIMED_OUT = "timed out"  # (nothing arrived within timeouts.upstream_response)
 # A Content-Length body with at least this much (one receive's worth) still to come goes past
 # the engines (``_forward_body``); a smaller rest is left to the usual events.
 FORWARD_FROM = 64 * 1024
@@ -76,7 +85,7 @@ class Exchange:
 
     __slots__ = (
         "down", "head", "service", "pool", "timeouts", "max_body_bytes", "closing", "upstream_url", "status",
-        "upstream_tls", "_pump", "_answered",
+        "upstream_tls", "_pump", "_answered", "_responded",
     )
 
     def __init__(
@@ -102,6 +111,7 @@ class Exchange:
         self.status = 0
         self._pump = None  # the request body's way upstream, while it runs
         self._answered = False  # a response head (100 Continue included) went to the client
+        self._responded = False  # a byte came from the upstream (no second attempt after that)
 
 
 class Relay(Exchange):
@@ -116,16 +126,52 @@ class Relay(Exchange):
         """Send the request and relay the response; the response status. ``fields``:
         the client's header lines as they go upstream, ``headers`` then being only what
         the proxy adds after them (``forwarding.headers.as_received``). A pooled
-        connection found closed may be replaced once (``may_send_again``). The exchange
-        is written out here rather than in a coroutine of its own: one frame less to
-        make and resume per request (bench/calls.py)."""
+        connection found closed may be replaced once (``may_send_again``)."""
+        conn = self.pool.idle_for(self.service, self.upstream_tls) or await self.pool.acquire(
+            self.service, tls=self.upstream_tls
+        )
+        return await self._complete(conn, headers, target, fields, SEND)
+
+    def start(self, headers: Headers, target: bytes, fields: bytes | None = None) -> UpstreamConnection | None:
+        """``run``'s first half without a coroutine, for a request without a body: its
+        head written on an idle pooled connection, which is returned; its response is
+        then taken by ``relay_events`` as it arrives, and ``resume`` does whatever needs
+        waiting for. None when no connection is idle (nothing was sent: ``run``)."""
+        conn = self.pool.idle_for(self.service, self.upstream_tls)
+        if conn is None:
+            return None
+        try:
+            self._send_head(conn, headers, target, fields)
+        except _SendAgain:  # (idle_for hands out open connections only: not expected)
+            conn.abort()
+            return None
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+
+    async def resume(
+        self, conn: UpstreamConnection, headers: Headers, target: bytes, fields: bytes | None, step: object
+    ) -> int:
+        """The rest of a request ``start`` sent: ``step`` is where ``relay_events`` (or
+        the connection's deadline, TIMED_OUT) stopped. The same as ``run`` from there on,
+        a second attempt included."""
+        return await self._complete(conn, headers, target, fields, step)
+
+    async def _complete(
+        self, conn: UpstreamConnection, headers: Headers, target: bytes, fields: bytes | None, step: object
+    ) -> int:
+        """Send (unless ``step`` says the head went already) and relay the response, once
+        more on a fresh connection when ``may_send_again`` allows; then the connection
+        goes back to the pool or is closed."""
         pool, service, tls = self.pool, self.service, self.upstream_tls
-        conn = pool.idle_for(service, tls) or await pool.acquire(service, tls=tls)
         retried = False
         while True:
             try:
-                self._send_head(conn, headers, target, fields)
-                await self._relay_response(conn)
+                if step is SEND:
+                    self._send_head(conn, headers, target, fields)
+                    step = None
+                await self._relay_response(conn, step)
                 break
             except _SendAgain as again:
                 conn.abort()
@@ -134,6 +180,8 @@ class Relay(Exchange):
                 if retried:  # at most once: now it is the upstream's failure
                     raise BadGateway(str(again)) from None
                 retried = True
+                step = SEND
+                self._responded = False
                 conn = await pool.acquire(service, fresh=True, tls=tls)
             except BaseException:
                 conn.abort()
@@ -155,8 +203,13 @@ class Relay(Exchange):
             if unsent_body:
                 conn.abort()
                 return self.status
+        return self.finish(conn)
+
+    def finish(self, conn: UpstreamConnection) -> int:
+        """The response relayed whole (no body pump left): the connection back to the
+        pool, or closed when the exchange leaves it unusable; the response status."""
         if conn.engine.start_next_cycle():
-            pool.release(conn)
+            self.pool.release(conn)
         else:
             conn.close()
         return self.status
@@ -202,12 +255,14 @@ class Relay(Exchange):
             return f"service {self.service.name!r}: upstream {conn.upstream.url}: TLS: {tls_failure}"
         return f"service {self.service.name!r}: upstream {conn.upstream.url} closed the connection without a response"
 
-    async def _relay_response(self, conn: UpstreamConnection) -> None:
+    def relay_events(self, conn: UpstreamConnection) -> object:
+        """Pass on what the upstream's engine has parsed, as far as it goes without
+        waiting; where it stopped: NEED_DATA, DONE (the response is whole), NEED_DRAIN
+        (the client is above its high-water mark), FORWARD (a large Content-Length rest:
+        ``_forward_body``) or TUNNEL (a 101 went out). The one place the response's
+        events are handled, whether a coroutine or a receive callback called it."""
         engine = conn.engine
-        channel = conn.channel
         down = self.down
-        read_timeout = self.timeouts.upstream_response
-        responded = False  # any byte from the upstream
         while True:
             try:
                 event = engine.next_event()
@@ -216,19 +271,41 @@ class Relay(Exchange):
                     raise conn.failure from None
                 raise
             if event is None:
+                return NEED_DATA
+            kind = type(event)
+            if kind is Body:
+                if down.write_body(event.data):
+                    return NEED_DRAIN
+                if engine.unparsed_body() >= FORWARD_FROM:
+                    return FORWARD
+            elif kind is EndOfMessage:
+                down.write_end()
+                return DONE
+            # a ResponseHead (the httptools engine's may be a LazyResponseHead); Closed
+            # cannot come mid-response: the engine raises
+            elif self._relay_head(event):
+                return TUNNEL
+
+    async def _relay_response(self, conn: UpstreamConnection, step: object | None) -> None:
+        """Relay the response to its end from ``step``: where ``relay_events`` last
+        stopped, or None to start with what the engine holds."""
+        engine = conn.engine
+        channel = conn.channel
+        down = self.down
+        while True:
+            if step is None:
+                step = self.relay_events(conn)
+            if step is NEED_DATA:
                 try:
-                    data = await channel.read(read_timeout)
+                    data = await channel.read(self.timeouts.upstream_response)
                 except TimeoutError:
-                    raise GatewayTimeout(
-                        f"service {self.service.name!r}: upstream {conn.upstream.url} did not respond "
-                        f"within {self.timeouts.upstream_response:g}s"
-                    ) from None
+                    raise self._no_response_in_time() from None
                 if data:
-                    responded = True
+                    self._responded = True
                 else:
                     if conn.failure is not None:
                         raise conn.failure from None
-                    if not responded:
+                    if not self._responded:
                         pump = self._pump
                         if conn.reused and may_send_again(
                             self.head.method, reached_upstream=True, body_events=pump.events if pump else 0
@@ -236,34 +313,40 @@ class Relay(Exchange):
                             raise _SendAgain(self._no_response(conn))
                         raise BadGateway(self._no_response(conn))
                 engine.feed(data)
-                continue
-            kind = type(event)
-            if kind is Body:
-                if down.write_body(event.data):
-                    await down.drain()
+            elif step is DONE:
+                return
+            elif step is NEED_DRAIN:
+                await down.drain()
                 if engine.unparsed_body() >= FORWARD_FROM:
                     await self._forward_body(conn)
-            elif kind is EndOfMessage:
-                down.write_end()
+            elif step is FORWARD:
+                await self._forward_body(conn)
+            elif step is TIMED_OUT:
+                raise self._no_response_in_time()
+            else:  # TUNNEL
+                await self._stop_pump()  # a request with a body is not upgraded on its way
+                try:
+                    await run_tunnel(down, channel, down.engine.switched_data(), engine.switched_data(), self.timeouts.idle)
+                finally:
+                    conn.close()  # a tunnel never goes back to the pool
                 return
-            else:  # a ResponseHead (the httptools engine's may be a LazyResponseHead); Closed
-                # cannot come mid-response: the engine raises
-                if self._relay_head(event):
-                    await self._stop_pump()  # a request with a body is not upgraded on its way
-                    try:
-                        await run_tunnel(
-                            down, channel, down.engine.switched_data(), engine.switched_data(), self.timeouts.idle
-                        )
-                    finally:
-                        conn.close()  # a tunnel never goes back to the pool
-                    return
+            step = None
+
+    def _no_response_in_time(self) -> GatewayTimeout:
+        return GatewayTimeout(
+            f"service {self.service.name!r}: upstream {self.upstream_url} did not respond "
+            f"within {self.timeouts.upstream_response:g}s"
+        )
 
     async def _forward_body(self, conn: UpstreamConnection) -> None:
         """The rest of a Content-Length body the client gets as it is: straight from the
         upstream's receives to the client (``Channel.forward``), past both engines."""
         down = self.down
-        if type(down) is not Downstream:
-            return  # (an HTTP/2 stream: its body is framed as DATA)
+        if type(down) is not Downstream or not conn.channel.quiet:
+            # An HTTP/2 stream: its body is framed as DATA. Bytes received unread (they
+            # came while the connection's task took over from its callbacks): the engine
+            # takes them first, as events, and the next FORWARD step goes on from there.
+            return
         engine = conn.engine
         count = engine.unparsed_body()
         if not down.engine.takes_body_as_is(count):
@@ -276,10 +359,7 @@ class Relay(Exchange):
             count -= moved
             if failure is not None:
                 if isinstance(failure, TimeoutError):
-                    raise GatewayTimeout(
-                        f"service {self.service.name!r}: upstream {conn.upstream.url} did not respond "
-                        f"within {self.timeouts.upstream_response:g}s"
-                    )
+                    raise self._no_response_in_time()
                 raise failure
             if down.channel.writing_paused:
                 await down.drain()

@@ -1,7 +1,7 @@
 """An accepted socket on a TLS listener: sniff the first byte, run the handshake with
 the current generation's TLS contexts, read the client's identity once (the verified
 certificate) and render it for upstreams under the handshake's generation (a request
-under a later one checks and renders it again: ``connection._check_client``), then
+under a later one checks and renders it again: ``request._check_client``), then
 serve its requests."""
 
 from __future__ import annotations
