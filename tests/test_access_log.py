@@ -137,6 +137,8 @@ def test_format_time():
         {"duration_ms": 7.0}, {"duration_ms": 0.0005}, {"duration_ms": 2.675}, {"duration_ms": 0.1},
         {"duration_ms": 999999999.9995}, {"duration_ms": 1e300}, {"duration_ms": -1.0}, {"duration_ms": 123.4564999},
         {"status": True},
+        {"time": 0.0}, {"time": 1.9995}, {"time": 1764650000.9999999}, {"time": 1764650000.0005},
+        {"time": -1.5}, {"time": -0.0},
         {"bytes_out": 2**70, "duration_ms": 12345678.9876},
         {"sni": b"bytes\xff\"sni", "client": bytearray(b"1.2.3.4"), "upstream": 12},
         {"client_subject": "CN=al\u00efce,O=\"x\"", "client_fingerprint": "sha256:ab"},
