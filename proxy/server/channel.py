@@ -107,7 +107,7 @@ class Channel(asyncio.BufferedProtocol):
         "transport", "loop", "_read_limit", "_write_limit", "_chunks", "_buffered", "_reading_paused", "_eof",
         "closed", "_read_waiter", "_read_deadline", "_read_timer", "_drain_waiter", "writing_paused",
         "_closed_waiter", "write_shut", "_unsent", "_unsent_bytes", "_send_scheduled", "_receive_view", "lost_error",
-        "_forward", "_going_idle_due", "_watcher",
+        "_forward", "_going_idle_due", "_watcher", "_sends_due",
     )
 
     def __init__(self, read_limit: int = READ_LIMIT, write_limit: int = WRITE_LIMIT) -> None:
@@ -145,6 +145,7 @@ class Channel(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.loop = asyncio.get_running_loop()
+        self._sends_due = _SendsDue.of(self.loop)
         self._receive_view = _receive_buffer()
         transport.set_write_buffer_limits(high=self._write_limit)  # type: ignore[attr-defined]
 
@@ -411,7 +412,7 @@ class Channel(asyncio.BufferedProtocol):
             self._send_queued()
         elif not self._send_scheduled:
             self._send_scheduled = True
-            self.loop.call_soon(self._scheduled_send)
+            self._sends_due.add(self)
 
     def _going_idle(self) -> None:
         """A read is about to wait, the first time since ``_going_idle_due`` was set: a
@@ -561,6 +562,42 @@ class _Forward:
             self.waiter.set_result(None)
         else:
             self.timer = loop.call_at(deadline, self.timer_fired)
+
+
+class _SendsDue:
+    """The channels whose writes wait for the end of this loop iteration, sent there
+    together by one loop callback rather than one each (a callback is a uvloop Handle and
+    a bound method to make, and a call to dispatch, per send: two per proxied request)."""
+
+    __slots__ = ("_loop", "_channels")
+    _by_loop: dict[asyncio.AbstractEventLoop, _SendsDue] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._channels: list[Channel] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _SendsDue:
+        due = cls._by_loop.get(loop)
+        if due is None:
+            for closed in [other for other in list(cls._by_loop) if other.is_closed()]:
+                del cls._by_loop[closed]  # (a process that ran several loops: tests)
+            due = cls._by_loop[loop] = cls(loop)
+        return due
+
+    def add(self, channel: Channel) -> None:
+        channels = self._channels
+        if not channels:
+            self._loop.call_soon(self._send)
+        channels.append(channel)
+
+    def _send(self) -> None:
+        channels, self._channels = self._channels, []
+        for channel in channels:
+            try:
+                channel._scheduled_send()
+            except Exception as exc:  # (one channel's failure is not the others')
+                self._loop.call_exception_handler({"message": "sending a channel's queued writes", "exception": exc})
 
 
 class _ReadDeadlines:
