@@ -128,6 +128,8 @@ class Client:
         head, _, rest = data.partition(b"\r\n\r\n")
         head += b"\r\n\r\n"
         status = int(head.split(b" ", 2)[1])
+        if b"transfer-encoding: chunked" in head.lower():
+            return head, self._chunked(rest)
         length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
         need = 0 if method == "HEAD" or status in (204, 304) or status < 200 else int(length.group(1))
         chunks = [rest]
@@ -140,6 +142,26 @@ class Client:
         data = b"".join(chunks)
         self.buf = data[need:]
         return head, data[:need]
+
+    def _chunked(self, data: bytes) -> bytes:
+        """A chunked body (no trailers), decoded; what follows it stays in ``buf``."""
+        body = b""
+        while True:
+            while b"\r\n" not in data:
+                data += self._recv()
+            size_line, _, data = data.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            while len(data) < size + 2:
+                data += self._recv()
+            if size == 0:
+                self.buf = data[2:]
+                return body
+            body, data = body + data[:size], data[size + 2:]
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(1 << 20)
+        assert chunk, "closed mid-body"
+        return chunk
 
     def closed(self) -> bool:
         """Whether the proxy closes the connection now with nothing more sent."""
@@ -458,6 +480,7 @@ def test_a_client_leaving_before_its_response_never_gets_it_to_another_client(pk
     with up, proxy(pki, tmp_path, up) as px:
         with Client(pki, px.port) as first:
             warm(first)
+        up.arrived.clear()
         with Client(pki, px.port) as a:
             a.send(request("/a"))
             assert up.arrived.wait(WAIT)
@@ -755,3 +778,151 @@ def test_requests_parity_first_request_and_callback_path(pki, tmp_path, raw):
     # (refused requests, and upgrades, do not go out by Relay.start: still compared)
     target = raw.removeprefix(HALF_CLOSE).split(" ", 2)[1]
     _parity(pki, tmp_path, ok(b"hello"), raw, callbacks=target == "/t" and "Upgrade" not in raw and "\r\nHost" in raw)
+
+
+# -- mixed and concurrent -----------------------------------------------------------------
+
+
+def test_pipelined_requests_mixing_the_callback_and_the_coroutine_paths(pki, tmp_path, started):
+    """A body-less GET (callbacks), a POST with a body (the coroutine), a GET again: in
+    one send, answered in order, each request upstream exactly once."""
+
+    def script(conn, index, head):
+        conn.sendall(ok(b"for " + head.split(b"\r\n", 1)[0]))
+
+    with ScriptedUpstream(script) as up, proxy(pki, tmp_path, up) as px, Client(pki, px.port) as client:
+        client.get("/warm")
+        client.send(request("/g1") + request("/p", "POST", "Content-Length: 5\r\n")[:-2] + b"\r\nhello"
+                    + request("/g2"))
+        bodies = [client.response()[1] for _ in range(3)]
+        assert bodies == [b"for GET /g1 HTTP/1.1", b"for POST /p HTTP/1.1", b"for GET /g2 HTTP/1.1"]
+        assert [target_of(h) for h in up.heads] == [b"/warm", b"/g1", b"/p", b"/g2"]
+        assert started == [b"/g1", b"/g2"] and up.accepts == 1
+
+
+def test_the_next_request_sent_while_a_response_is_on_its_way(pki, tmp_path, started):
+    """The client sends /b after /a's head arrived and before its body: the bytes wait in
+    the client's channel (nobody watches it then) and are served after /a."""
+    body = b"a" * 20000
+
+    def script(conn, index, head):
+        if target_of(head) == b"/a":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            up.release.wait(WAIT)
+            conn.sendall(body)
+            return None
+        return echo_target(conn, index, head)
+
+    up = ScriptedUpstream(script)
+    with up, proxy(pki, tmp_path, up) as px, Client(pki, px.port) as client:
+        warm(client)
+        client.send(request("/a"))
+        first = client.sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 ")
+        client.buf = first
+        client.send(request("/b"))
+        up.release.set()
+        head, got = client.response()
+        assert status(head) == 200 and got == body
+        head, got = client.response()
+        assert got == b"for /b"
+        assert started == [b"/a", b"/b"] and up.accepts == 1
+
+
+def test_many_requests_on_one_connection_keep_their_answers(pki, tmp_path, started):
+    """200 requests in a row on one client connection, answers of varied shapes: each
+    gets exactly its own (a state kept wrongly across callback-served requests shows)."""
+    shapes = [
+        lambda t: ok(b"for " + t),
+        lambda t: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\nfor %s\r\n0\r\n\r\n" % (len(t) + 4, t),
+        lambda t: b"HTTP/1.1 103 Early Hints\r\n\r\n" + ok(b"for " + t),
+    ]
+
+    def script(conn, index, head):
+        target = target_of(head)
+        conn.sendall(shapes[int(target[2:]) % len(shapes)](target))
+
+    with ScriptedUpstream(script) as up, proxy(pki, tmp_path, up) as px, Client(pki, px.port) as client:
+        for number in range(200):
+            client.send(request(f"/n{number}"))
+            head, body = client.response()
+            while status(head) == 103:
+                head, body = client.response()
+            assert body == b"for /n%d" % number, (number, head, body)
+        assert up.accepts == 1 and len(started) == 199
+
+
+def test_concurrent_clients_never_get_each_others_answers(pki, tmp_path, started):
+    """Eight clients, 30 requests each, over a pool of reused connections, the upstream
+    answering after random short pauses: every answer is for its own request."""
+    import random
+
+    def script(conn, index, head):
+        time.sleep(random.random() * 0.003)
+        echo_target(conn, index, head)
+
+    failures: list[str] = []
+
+    def client_run(number: int) -> None:
+        try:
+            with Client(pki, px.port) as client:
+                for index in range(30):
+                    path = f"/c{number}-{index}"
+                    head, body = client.get(path)
+                    if body != b"for " + path.encode():
+                        failures.append(f"{path}: {head!r} {body!r}")
+        except Exception as exc:  # (reported below)
+            failures.append(f"client {number}: {exc!r}")
+
+    with ScriptedUpstream(script) as up, proxy(pki, tmp_path, up) as px:
+        threads = [threading.Thread(target=client_run, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT * 2)
+        assert failures == []
+        assert len(started) > 100  # most went out on pooled connections, by the callbacks
+        lines = log_lines(px, tmp_path)
+        assert len(lines) == 240 and all(line["status"] == 200 for line in lines)
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["close", "reset"])
+def test_a_client_leaving_is_logged_the_same_on_both_paths(pki, tmp_path, reset):
+    """The access-log line of a request whose client left before its answer came: the
+    same whether it was the first request (coroutine) or a callback-served one."""
+
+    def run(warm_first: bool, where) -> tuple:
+        def script(conn, index, head):
+            if target_of(head) == b"/a":
+                up.release.wait(WAIT)
+                try:
+                    conn.sendall(ok(b"A" * 5000))
+                finally:
+                    up.done.set()
+                return None
+            return echo_target(conn, index, head)
+
+        where.mkdir()
+        up = ScriptedUpstream(script)
+        with up, proxy(pki, where, up) as px:
+            if warm_first:
+                with Client(pki, px.port) as first:
+                    warm(first)
+            up.arrived.clear()
+            a = Client(pki, px.port)
+            a.send(request("/a"))
+            assert up.arrived.wait(WAIT)
+            if reset:
+                a.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            a.sock.close()
+            up.release.set()
+            assert up.done.wait(WAIT)
+            assert px.wait_connections_done(5.0)
+            before_b = up.accepts
+            with Client(pki, px.port) as b:
+                assert b.get("/b")[1] == b"for /b"
+            lines = [(line["path"], line["status"], line["bytes_out"]) for line in log_lines(px, where)]
+            return [line for line in lines if line[0] != "/warm"], up.accepts - before_b  # 1: /a's was not reused
+
+    later, first = run(True, tmp_path / "later"), run(False, tmp_path / "first")
+    assert later == first
