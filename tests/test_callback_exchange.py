@@ -988,7 +988,7 @@ def test_a_request_still_unanswered_when_the_shutdown_grace_ends(pki, tmp_path, 
     assert lines == [("/never", 0)]
 
 
-def test_a_pipelined_request_received_while_callbacks_relayed_is_answered_at_shutdown(
+def test_a_response_relayed_with_a_pipelined_request_waiting_reaches_the_client_at_shutdown(
     pki, tmp_path, started, monkeypatch
 ):
     """/b arrives while /a's answer is awaited by the callbacks; when /a's answer is
