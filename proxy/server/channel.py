@@ -235,6 +235,11 @@ class Channel(asyncio.BufferedProtocol):
     # -- for the relay -----------------------------------------------------------------
 
     @property
+    def unread(self) -> bool:
+        """Received bytes wait to be read."""
+        return bool(self._chunks)
+
+    @property
     def quiet(self) -> bool:
         """Open both ways and nothing received unread (an idle pooled connection)."""
         return not (self.closed or self._eof or self._chunks or self.transport.is_closing())

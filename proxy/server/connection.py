@@ -139,15 +139,18 @@ class _RequestLoop:
         """Serve the requests the client has sent, as far as they go without waiting;
         what the task must do next (_PARKED: nothing, callbacks will go on)."""
         down, state = self.down, self.state
-        while not state.closing:
+        while True:
             if not down.engine.has_unread():
+                channel = down.channel
+                if state.closing:  # no new request; one already (partly) received is answered
+                    return _READ if channel.unread else _END
                 # Idle (shutdown may close it now) until the first byte of the next
                 # request arrives; bytes the client pipelined are already in the engine.
-                self.tracked.idle = True
                 timeouts = state.generation.config.timeouts
-                if down.channel.watch(self, timeouts.request_header if self.first else timeouts.idle):
+                if channel.watch(self, timeouts.request_header if self.first else timeouts.idle):
+                    self.tracked.idle = True
                     return _PARKED
-                return _READ
+                return _READ  # (received and unread, or the client closed: not idle)
             self.first = False
             try:
                 head = down.poll_head()
@@ -161,7 +164,6 @@ class _RequestLoop:
             step = self._serve(head)
             if step is not _NEXT:
                 return step
-        return _END
 
     def _serve(self, head: object) -> object:
         """Begin one request and start it upstream if it can go without waiting."""

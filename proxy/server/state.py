@@ -84,4 +84,6 @@ class ServerState:
             if tracked.on_shutdown is not None:
                 tracked.on_shutdown()
             elif tracked.idle:
-                tracked.down.channel.abort()
+                # After what is queued for it: its last response may still be waiting
+                # for the end of this loop iteration (the channel's send coalescing).
+                tracked.down.channel.close()
