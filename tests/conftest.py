@@ -25,6 +25,7 @@ saying which, and the end of the run lists the skipped tests grouped by reason
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -144,6 +145,22 @@ def http_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setattr(http_engine_module, "forced_engine", name)
         monkeypatch.setenv(http_engine_module.FORCED_ENGINE_ENV, name)
     return name
+
+
+@pytest.fixture
+def shutdown_begun(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set once the proxy's ServerState.begin_shutdown has run (SIGTERM's first step)."""
+    from proxy.server.state import ServerState
+
+    begun = threading.Event()
+    original = ServerState.begin_shutdown
+
+    def begin_shutdown(self: ServerState) -> None:
+        original(self)
+        begun.set()
+
+    monkeypatch.setattr(ServerState, "begin_shutdown", begin_shutdown)
+    return begun
 
 
 @pytest.fixture

@@ -543,19 +543,6 @@ def test_a_head_split_in_the_request_line_on_a_kept_alive_connection(pki, tmp_pa
 # -- shutdown -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def shutdown_begun(monkeypatch) -> threading.Event:
-    begun = threading.Event()
-    original = ServerState.begin_shutdown
-
-    def begin_shutdown(self):
-        original(self)
-        begun.set()
-
-    monkeypatch.setattr(ServerState, "begin_shutdown", begin_shutdown)
-    return begun
-
-
 def test_shutdown_while_a_callback_request_is_in_flight_answers_it_and_closes_the_idle(
     pki, tmp_path, started, shutdown_begun
 ):

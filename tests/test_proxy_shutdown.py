@@ -11,7 +11,6 @@ import pytest
 from upstream import WAIT, ProxyThread, proxy_config, recv_until_closed, service, tls_connect
 
 from proxy.server import running as running_module
-from proxy.server.state import ServerState
 
 pytestmark = pytest.mark.both_engines
 
@@ -25,19 +24,6 @@ def wait_for(px: ProxyThread, condition) -> None:
                 await asyncio.sleep(0.01)
 
     px.call(check(), WAIT + 5)
-
-
-@pytest.fixture
-def shutdown_begun(monkeypatch):
-    begun = threading.Event()
-    original = ServerState.begin_shutdown
-
-    def begin_shutdown(self):
-        original(self)
-        begun.set()
-
-    monkeypatch.setattr(ServerState, "begin_shutdown", begin_shutdown)
-    return begun
 
 
 def test_a_half_received_request_is_answered_at_shutdown_and_an_idle_one_closed(

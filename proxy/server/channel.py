@@ -39,7 +39,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable
 from heapq import heapify, heappop, heappush
-from typing import Protocol
+from typing import Protocol, Self
 
 # The most one receive hands over; then (see the module docstring) received bytes held
 # <= READ_LIMIT - 1 + READ_SIZE and unsent bytes <= WRITE_LIMIT + one write, per direction:
@@ -569,7 +569,23 @@ class _Forward:
             self.timer = loop.call_at(deadline, self.timer_fired)
 
 
-class _SendsDue:
+class _PerLoop:
+    """A helper of which each event loop has one (``of``): what a loop's channels share."""
+
+    __slots__ = ()
+    _by_loop: dict  # (each subclass has its own; made with ``cls(loop)``)
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> Self:
+        found = cls._by_loop.get(loop)
+        if found is None:
+            for closed in [other for other in list(cls._by_loop) if other.is_closed()]:
+                del cls._by_loop[closed]  # (a process that ran several loops: tests)
+            found = cls._by_loop[loop] = cls(loop)
+        return found
+
+
+class _SendsDue(_PerLoop):
     """The channels whose writes wait for the end of this loop iteration, sent there
     together by one loop callback rather than one each (a callback is a uvloop Handle and
     a bound method to make, and a call to dispatch, per send: two per proxied request)."""
@@ -580,15 +596,6 @@ class _SendsDue:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._channels: list[Channel] = []
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> _SendsDue:
-        due = cls._by_loop.get(loop)
-        if due is None:
-            for closed in [other for other in list(cls._by_loop) if other.is_closed()]:
-                del cls._by_loop[closed]  # (a process that ran several loops: tests)
-            due = cls._by_loop[loop] = cls(loop)
-        return due
 
     def add(self, channel: Channel) -> None:
         channels = self._channels
@@ -605,7 +612,7 @@ class _SendsDue:
                 self._loop.call_exception_handler({"message": "sending a channel's queued writes", "exception": exc})
 
 
-class _ReadDeadlines:
+class _ReadDeadlines(_PerLoop):
     """Every channel's read deadline on one loop, behind one loop timer.
 
     A waiting read needs its deadline kept, and idle connections wait by the ten
@@ -627,15 +634,6 @@ class _ReadDeadlines:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
         self._cleared = 0
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> _ReadDeadlines:
-        deadlines = cls._by_loop.get(loop)
-        if deadlines is None:
-            for closed in [other for other in list(cls._by_loop) if other.is_closed()]:
-                del cls._by_loop[closed]  # (a process that ran several loops: tests)
-            deadlines = cls._by_loop[loop] = cls(loop)
-        return deadlines
 
     def add(self, when: float, channel: Channel) -> list:
         entry = [when, next(self._order), channel, self]
