@@ -172,7 +172,8 @@ class Channel(asyncio.BufferedProtocol):
             chunk = self._receive_view[:nbytes].tobytes()
             watcher = self._watcher
             if watcher is not None:  # (nothing is buffered while watched)
-                self.unwatch()
+                self._watcher = None  # (unwatch, inlined: once per request each way)
+                self._read_deadline = 0.0
                 watcher.received(self, chunk)
                 return
         if self._chunks:
@@ -190,7 +191,8 @@ class Channel(asyncio.BufferedProtocol):
     def data_received(self, data: bytes) -> None:
         watcher = self._watcher
         if watcher is not None:  # (nothing is buffered while watched)
-            self.unwatch()
+            self._watcher = None  # (unwatch, inlined: once per request each way)
+            self._read_deadline = 0.0
             watcher.received(self, data)
             return
         if self._chunks:
