@@ -34,7 +34,21 @@ SERVER_HEADER = (b"server", b"tlsproxy-echo")
 
 async def start_echo(host: str, port: int) -> asyncio.Server:
     """Listen on HOST:PORT (0 = any free port) and serve until the server is closed."""
-    return await asyncio.start_server(_serve_connection, host, port)
+    return await asyncio.start_server(_on_connection, host, port)
+
+
+# The connections' tasks (a task nobody references may be collected while it runs).
+_connection_tasks: set[asyncio.Task] = set()
+
+
+def _on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Each connection in a task of our own, not the one asyncio.streams would make: on
+    3.11 that one's done-callback asks a cancelled task for its exception, and logs the
+    CancelledError with a traceback ("Exception in callback ...") when Ctrl-C finds a
+    connection closing (in ``writer.wait_closed``) or not yet started."""
+    task = asyncio.get_running_loop().create_task(_serve_connection(reader, writer))
+    _connection_tasks.add(task)
+    task.add_done_callback(_connection_tasks.discard)
 
 
 class _RequestSeen:
