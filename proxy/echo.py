@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import signal
 
 import h11
 
@@ -169,13 +170,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_echo(args: argparse.Namespace) -> int:
     try:
-        asyncio.run(_serve_forever(args.listen.host, args.listen.port))
-    except KeyboardInterrupt:
-        print("tlsproxy echo: stopped", flush=True)  # asyncio.run cancelled and closed everything
+        asyncio.run(_serve_until_signal(args.listen.host, args.listen.port))
+    except KeyboardInterrupt:  # (where the loop has no signal handlers)
+        pass
+    print("tlsproxy echo: stopped", flush=True)
     return 0
 
 
-async def _serve_forever(host: str, port: int) -> None:
+async def _serve_until_signal(host: str, port: int) -> None:
+    """Serve until SIGINT or SIGTERM, as ``serve`` and ``demo`` do. Handlers of our own:
+    asyncio.run installs its SIGINT one only where SIGINT is not ignored, and a job a
+    non-interactive shell starts in the background inherits it ignored (Ctrl-C and kill
+    -INT would do nothing; so would a container runtime's SIGTERM without a handler)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     try:
         server = await start_echo(host, port)
     except OSError as exc:
@@ -184,7 +194,7 @@ async def _serve_forever(host: str, port: int) -> None:
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"tlsproxy echo: listening on http://{shown}:{bound_port}", flush=True)
     async with server:
-        await server.serve_forever()
+        await stop.wait()
 
 
 def _listen_arg(text: str) -> ListenAddress:

@@ -116,7 +116,19 @@ def test_malformed_request_gets_400_and_close(echo_url):
     assert reply.startswith(b"HTTP/1.1 400 ") and b"connection: close" in reply.lower()
 
 
-def test_command_prints_its_address_serves_and_stops_on_ctrl_c():
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (in the child, before exec: as a shell's background job)
+
+
+@pytest.mark.parametrize(
+    ("signum", "sigint_ignored_at_start"),
+    [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["ctrl-c", "ctrl-c, started as a background job", "sigterm"],
+)
+def test_command_prints_its_address_serves_and_stops_on_ctrl_c(signum, sigint_ignored_at_start):
+    """Stops cleanly (exit 0, "stopped") on SIGINT and SIGTERM, as serve and demo do, also
+    when it inherited SIGINT ignored: a non-interactive shell starts background jobs so
+    (`tlsproxy echo &` in a script, CI), and asyncio.run's own handler skips that case."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "echo", "--listen", "127.0.0.1:0"],
@@ -124,6 +136,7 @@ def test_command_prints_its_address_serves_and_stops_on_ctrl_c():
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=_ignore_sigint if sigint_ignored_at_start else None,
     )
     try:
         with ThreadPoolExecutor(1) as pool:
@@ -131,9 +144,10 @@ def test_command_prints_its_address_serves_and_stops_on_ctrl_c():
         assert line.startswith("tlsproxy echo: listening on http://127.0.0.1:")
         url = line.split()[-1]
         assert requests.get(f"{url}/cli", timeout=TIMEOUT).json()["path"] == "/cli"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=15)
         assert proc.returncode == 0, err
+        assert "tlsproxy echo: stopped" in out
         assert "Traceback" not in err
     finally:
         if proc.poll() is None:
