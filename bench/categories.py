@@ -28,7 +28,8 @@ CATEGORIES = (
     ("access log and metrics", ("proxy/server/access_log.py", "proxy/server/metrics.py")),
     ("channel I/O (reads, writes, sends)", ("proxy/server/channel.py",)),
     ("upstream pool", ("proxy/server/upstream_pool.py",)),
-    ("request loop and relay", ("proxy/server/connection.py", "proxy/server/relay.py", "proxy/server/downstream.py",
+    ("request loop and relay", ("proxy/server/connection.py", "proxy/server/request.py", "proxy/server/relay.py",
+                                "proxy/server/downstream.py",
                                 "proxy/server/body_pump.py", "proxy/server/h2_")),
     ("event loop (uvloop, asyncio)", ("asyncio/", "runners.py", "uvloop")),
 )
