@@ -192,17 +192,23 @@ class AdminServer:
         self.close()
         await self.wait_closed()
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One connection (asyncio's client_connected_cb)."""
-        task = asyncio.current_task()
+    def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """asyncio's client_connected_cb: each connection in a task of our own, not the
+        one asyncio.streams would make. ``close`` cancels them, and on Python 3.11 that
+        one's done-callback asks a cancelled task for its exception: a CancelledError
+        traceback in the log at every shutdown with a scraper connected."""
         if len(self._connections) >= MAX_CONNECTIONS:
             writer.close()
             return
+        task = asyncio.get_running_loop().create_task(self.handle(reader, writer))
         self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection."""
         try:
             await _serve_connection(self.routes, reader, writer)
         finally:
-            self._connections.discard(task)
             writer.close()
 
 
@@ -219,7 +225,7 @@ async def start_admin(
     Raises OSError when the address cannot be bound (as the proxy's own listeners do).
     """
     admin = AdminServer(AdminRoutes(metrics=metrics, ready=ready, ca_pem=ca_pem, status=status))
-    admin.server = await asyncio.start_server(admin.handle, listen.host, listen.port)
+    admin.server = await asyncio.start_server(admin.accept, listen.host, listen.port)
     return admin
 
 
