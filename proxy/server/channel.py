@@ -258,12 +258,7 @@ class Channel(asyncio.BufferedProtocol):
         while not self._chunks:
             if self._eof:
                 return b""
-            if self._reading_paused and not self.closed:  # (left paused by forward)
-                self._reading_paused = False
-                self.transport.resume_reading()
-            if self._going_idle_due:  # (once: a subclass frees what an idle connection need not hold)
-                self._going_idle_due = False
-                self._going_idle()
+            self._before_waiting()
             waiter = self._read_waiter = self.loop.create_future()
             if timeout:
                 self._set_read_deadline(timeout)
@@ -295,16 +290,20 @@ class Channel(asyncio.BufferedProtocol):
         for it (``proxy.server.connection``)."""
         if self._chunks or self._eof:
             return False
-        if self._reading_paused and not self.closed:  # (left paused by forward)
-            self._reading_paused = False
-            self.transport.resume_reading()
-        if self._going_idle_due:
-            self._going_idle_due = False
-            self._going_idle()
+        self._before_waiting()
         self._watcher = watcher
         if timeout:
             self._set_read_deadline(timeout)
         return True
+
+    def _before_waiting(self) -> None:
+        """What a read or a watch does before it waits for bytes."""
+        if self._reading_paused and not self.closed:  # (left paused by forward)
+            self._reading_paused = False
+            self.transport.resume_reading()
+        if self._going_idle_due:  # (once: a subclass frees what an idle connection need not hold)
+            self._going_idle_due = False
+            self._going_idle()
 
     def unwatch(self) -> None:
         """Stop a ``watch`` (its watcher is not called)."""

@@ -229,21 +229,20 @@ class _RequestLoop:
     def _response_received(self, data: bytes) -> object:
         conn, cycle = self.conn, self.cycle
         relay = cycle.relay
-        conn.engine.feed(data)
-        relay._responded = True
         try:
-            step = relay.relay_events(conn)
+            step = relay.received(conn, data)
             if step is DONE:
-                step = self._ended(cycle.done(relay.finish(conn)))
-                return self.next() if step is _NEXT else step
+                keep_alive = cycle.done(relay.finish(conn))
         except Exception as exc:
             conn.abort()
-            step = self._ended(cycle.failed(exc))
-            return self.next() if step is _NEXT else step
+            keep_alive, step = cycle.failed(exc), DONE  # (answered or aborted: the request is over)
         if step is NEED_DATA:
             return self._await_response()
-        self._step = step  # (the client's backpressure, a large body, a tunnel: the coroutine)
-        return _RESUME
+        if step is not DONE:
+            self._step = step  # (the client's backpressure, a large body, a tunnel: the coroutine)
+            return _RESUME
+        step = self._ended(keep_alive)
+        return self.next() if step is _NEXT else step
 
     def ended(self, channel: Channel) -> None:
         if channel is self.down.channel:

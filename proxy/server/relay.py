@@ -130,7 +130,7 @@ class Relay(Exchange):
         conn = self.pool.idle_for(self.service, self.upstream_tls) or await self.pool.acquire(
             self.service, tls=self.upstream_tls
         )
-        return await self._complete(conn, headers, target, fields, SEND)
+        return await self.resume(conn, headers, target, fields, SEND)
 
     def start(self, headers: Headers, target: bytes, fields: bytes | None = None) -> UpstreamConnection | None:
         """``run``'s first half without a coroutine, for a request without a body: its
@@ -153,17 +153,11 @@ class Relay(Exchange):
     async def resume(
         self, conn: UpstreamConnection, headers: Headers, target: bytes, fields: bytes | None, step: object
     ) -> int:
-        """The rest of a request ``start`` sent: ``step`` is where ``relay_events`` (or
-        the connection's deadline, TIMED_OUT) stopped. The same as ``run`` from there on,
-        a second attempt included."""
-        return await self._complete(conn, headers, target, fields, step)
-
-    async def _complete(
-        self, conn: UpstreamConnection, headers: Headers, target: bytes, fields: bytes | None, step: object
-    ) -> int:
-        """Send (unless ``step`` says the head went already) and relay the response, once
-        more on a fresh connection when ``may_send_again`` allows; then the connection
-        goes back to the pool or is closed."""
+        """The request's trip on ``conn`` from ``step``: SEND (``run``: nothing written
+        yet), or where ``relay_events`` (or the connection's deadline, TIMED_OUT) stopped
+        for a request ``start`` sent. The response relayed, once more on a fresh
+        connection when ``may_send_again`` allows; then the connection goes back to the
+        pool or is closed; the response status."""
         pool, service, tls = self.pool, self.service, self.upstream_tls
         retried = False
         while True:
@@ -254,6 +248,13 @@ class Relay(Exchange):
             log.warning("service %r: upstream %s: TLS: %s", self.service.name, conn.upstream.url, tls_failure)
             return f"service {self.service.name!r}: upstream {conn.upstream.url}: TLS: {tls_failure}"
         return f"service {self.service.name!r}: upstream {conn.upstream.url} closed the connection without a response"
+
+    def received(self, conn: UpstreamConnection, data: bytes) -> object:
+        """Response bytes the upstream's receive callback took (``start``): relayed as far
+        as they go (``relay_events``)."""
+        self._responded = True
+        conn.engine.feed(data)
+        return self.relay_events(conn)
 
     def relay_events(self, conn: UpstreamConnection) -> object:
         """Pass on what the upstream's engine has parsed, as far as it goes without
