@@ -21,9 +21,11 @@ from pathlib import Path
 
 import pytest
 from upstream import (
+    GENUINE,
+    STALL,
     WAIT,
     ProxyThread,
-    RawUpstream,
+    ScriptedUpstream,
     TestUpstream,
     pattern_sha256,
     proxy_config,
@@ -265,35 +267,6 @@ def test_large_responses_over_plain_http_arrive_intact_and_counted(pki, tmp_path
 
 BIG = bytes(range(256)) * (300 * 4)  # 300 KiB: forwarded past the engines (httptools)
 FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
-GENUINE = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ngenuine"
-
-
-STALL = object()
-
-
-class ScriptedUpstream(RawUpstream):
-    """Each request head gets ``answers[target]`` in one send (``GENUINE`` for other
-    targets); an answer ending in ``None`` closes the connection after the rest, one
-    ending in ``STALL`` sends nothing more."""
-
-    def __init__(self, answers: dict[bytes, tuple]) -> None:
-        super().__init__()
-        self.answers = answers
-
-    def _serve(self, conn: socket.socket) -> None:
-        buf = b""
-        while True:
-            buf = recv_head(conn, buf)
-            if b"\r\n\r\n" not in buf:
-                return
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            answer = self.answers.get(head.split(b" ", 2)[1], (GENUINE,))
-            conn.sendall(b"".join(piece for piece in answer if isinstance(piece, bytes)))
-            if answer[-1] is None:
-                return
-            if answer[-1] is STALL:
-                conn.recv(1)  # until the proxy gives up on us (or WAIT)
-                return
 
 
 def test_bytes_past_a_forwarded_body_never_reach_the_next_client(pki, tmp_path: Path) -> None:

@@ -10,36 +10,14 @@ the overrun; the next client must get the upstream's genuine answer, never the f
 from __future__ import annotations
 
 import contextlib
-import socket
 
 import pytest
 import requests
-from upstream import WAIT, ProxyThread, RawUpstream, proxy_config, recv_head, service
+from upstream import GENUINE, WAIT, ProxyThread, ScriptedUpstream, proxy_config, service
 
 pytestmark = pytest.mark.both_engines
 
 FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
-GENUINE = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ngenuine"
-
-
-class ScriptedUpstream(RawUpstream):
-    """A raw-socket HTTP/1.1 upstream: each request (head only, no body) on any
-    connection gets ``answers[target]`` in one send, ``GENUINE`` for other targets;
-    ``accepts`` counts connections."""
-
-    def __init__(self, answers: dict[bytes, bytes]) -> None:
-        super().__init__()
-        self.answers = answers
-
-    def _serve(self, conn: socket.socket) -> None:
-        buf = b""
-        while True:
-            buf = recv_head(conn, buf)
-            if b"\r\n\r\n" not in buf:
-                return
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            target = head.split(b" ", 2)[1]
-            conn.sendall(self.answers.get(target, GENUINE))
 
 
 @contextlib.contextmanager

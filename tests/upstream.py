@@ -198,6 +198,40 @@ class RawUpstream:
         raise NotImplementedError
 
 
+# The default answer of a ScriptedUpstream.
+GENUINE = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ngenuine"
+# A ScriptedUpstream answer ending in STALL sends nothing more (the proxy must give up).
+STALL = object()
+
+
+class ScriptedUpstream(RawUpstream):
+    """A raw-socket HTTP/1.1 upstream: each request head (no body) on any connection gets
+    ``answers[target]`` in one send, ``GENUINE`` for other targets. An answer is bytes,
+    or a tuple of bytes ending, optionally, in None (close the connection after it) or
+    STALL (send nothing more); ``accepts`` counts connections."""
+
+    def __init__(self, answers: dict[bytes, bytes | tuple]) -> None:
+        super().__init__()
+        self.answers = answers
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        while True:
+            buf = recv_head(conn, buf)
+            if b"\r\n\r\n" not in buf:
+                return
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            answer = self.answers.get(head.split(b" ", 2)[1], GENUINE)
+            if isinstance(answer, bytes):
+                answer = (answer,)
+            conn.sendall(b"".join(piece for piece in answer if isinstance(piece, bytes)))
+            if answer[-1] is None:
+                return
+            if answer[-1] is STALL:
+                conn.recv(1)  # until the proxy gives up on us (or WAIT)
+                return
+
+
 class TestUpstream(RawUpstream):
     """A threaded HTTP/1.1 upstream on 127.0.0.1 (port from the OS)."""
 
