@@ -28,7 +28,7 @@ from upstream import (
     tls_connect,
 )
 
-from proxy.config.model import AdminSettings, ListenAddress, Timeouts
+from proxy.config.model import AdminSettings, ListenAddress, Timeouts, Upstream
 
 pytestmark = pytest.mark.both_engines  # every test here runs on h11 and on httptools
 
@@ -231,9 +231,11 @@ def test_routing_by_host_and_longest_prefix_with_strip_prefix(pki, tmp_path, ses
 
 
 def test_round_robin_skips_an_upstream_that_refuses(pki, tmp_path, session):
-    refused = TestUpstream()
-    refused.close()  # its port now refuses connections
-    with TestUpstream() as first, TestUpstream() as second:
+    # A port bound but not listening refuses connections, and stays ours: a port merely
+    # closed could be handed to the next listener bound to port 0 (the proxy's own).
+    with socket.socket() as refusing, TestUpstream() as first, TestUpstream() as second:
+        refusing.bind(("127.0.0.1", 0))
+        refused = Upstream(f"http://127.0.0.1:{refusing.getsockname()[1]}", "127.0.0.1", refusing.getsockname()[1])
         app = service("app", first, refused, second)
         with ProxyThread(proxy_config(pki, app, tmp_path)) as px:
             ports = [session.get(px.url("/echo"), timeout=WAIT).json()["server_port"] for _ in range(6)]
