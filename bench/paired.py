@@ -25,6 +25,7 @@ measured together compare. Results: bench/results/paired.json.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -36,13 +37,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (bench/run.py: certificates, configs, servers, /proc)
 
 RESULTS = bench.RESULTS_DIR / "paired.json"
+# test: (path, wrk connections) -- run.py's figures for the same tests
+LOADS = {"keepalive": ("/small", 32), "handshake": ("/small", 32), "large": ("/1m", 8)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--b-tree", type=Path, help="checkout of the tree to compare against (B)")
     parser.add_argument("--caddy", action="store_true", help="measure Caddy (GOMAXPROCS=1) at the same moment too")
-    parser.add_argument("--test", choices=("keepalive", "handshake"), default="keepalive")
+    parser.add_argument("--test", choices=tuple(LOADS), default="keepalive",
+                        help="keepalive: GET /small on 32 connections; handshake: a new TLS connection per "
+                             "request; large: GET of a 1 MiB body on 8 connections, as in run.py")
     parser.add_argument("--rounds", type=int, default=8, help="rounds (median taken; default 8)")
     parser.add_argument("--duration", type=int, default=5, help="seconds per round (default 5)")
     parser.add_argument("--server-cpu", default="1", help="core for the servers")
@@ -62,9 +67,10 @@ def measure_round(servers: dict[str, bench.Server], args: argparse.Namespace, sc
     """One round: every server loaded at once; completed requests per server CPU second."""
     cpu_before = {name: bench.cpu_seconds(server.pid) for name, server in servers.items()}
     extra = ["-s", str(script)] if script is not None else []
+    path, connections = LOADS[args.test]
     loads = {
         name: subprocess.Popen(
-            bench.pinned(args.client_cpu, ["wrk", "-t1", "-c32", f"-d{args.duration}s", *extra, server.url + "/small"]),
+            bench.pinned(args.client_cpu, ["wrk", "-t1", f"-c{connections}", f"-d{args.duration}s", *extra, server.url + path]),
             stdout=subprocess.PIPE, text=True,
         )
         for name, server in servers.items()
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tlsproxy-paired-"))
     workdir.chmod(0o755)
     _ca, cert, key = bench.make_certificates(workdir)
-    upstream, upstream_port = bench.start_upstream(workdir, args.client_cpu, {"small": bench.SMALL_BODY})
+    upstream, upstream_port = bench.start_upstream(workdir, args.client_cpu, {"small": bench.SMALL_BODY, "1m": os.urandom(bench.LARGE_SIZE)})
     servers: dict[str, bench.Server] = {}
     script = None
     if args.test == "handshake":
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         for server in [*servers.values(), upstream]:
             server.stop()
     ratios = {pair: statistics.median(r[a] / r[b] for r in rounds) for pair, (a, b) in _pairs(servers)}
-    unit = "requests" if args.test == "keepalive" else "connections"
+    unit = "connections" if args.test == "handshake" else "requests"
     print(f"medians over {len(rounds)} rounds x {args.duration}s ({unit} per server CPU second): "
           + "  ".join(f"{name} {value:.3f}" for name, value in ratios.items()))
     record = {

@@ -9,8 +9,10 @@ import asyncio
 import ctypes
 import ssl
 
+import pytest
 from test_tls_channel_writes import handshaken, receive
 
+from proxy.server import tls_channel
 from proxy.server.tls_channel import TLSChannel
 from proxy.tls import openssl_ctl
 
@@ -110,3 +112,74 @@ def test_without_libssl_close_notify_falls_back_to_unwrap(monkeypatch):
     monkeypatch.setattr(openssl_ctl, "_libssl", None)
     monkeypatch.setattr(openssl_ctl, "_load_libssl", no_libssl)
     assert openssl_ctl.close_notify_sender() is None
+
+
+class _SlowClientTransport:
+    """A RecordingTransport whose client is behind: like uvloop's, its write calls
+    ``pause_writing`` at once when the bytes do not all go out."""
+
+    def __init__(self, transport, channel: TLSChannel) -> None:
+        self.transport, self.channel = transport, channel
+
+    def write(self, data) -> None:
+        self.transport.written.append(bytes(data))
+        self.transport.unsent += len(data)
+        self.channel.pause_writing()
+
+
+def _send_large(channel: TLSChannel, size: int) -> bytes:
+    body = bytes(range(256)) * (size // 256)
+    channel.send_now(memoryview(body))  # as Channel.forward sends a receive's worth
+    return body
+
+
+async def _loop_turns(count: int = 5) -> None:
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("client", ["keeps up", "is behind"])
+def test_a_large_send_is_encrypted_at_once_and_its_grown_buffer_freed_a_moment_later(pki, monkeypatch, client):
+    monkeypatch.setattr(tls_channel._GrownBuffers, "EVERY", 0.0)  # (1 s in use)
+
+    async def scenario():
+        channel, transport, tls_client, client_in = await handshaken(pki)
+        if client == "is behind":
+            channel.transport.write = _SlowClientTransport(transport, channel).write
+        body = _send_large(channel, 128 * 1024)
+        assert len(transport.written) == 1  # one SSL_write and one read of the BIO, not 8
+        assert channel.writing_paused is (client == "is behind")
+        grown = capacity(channel._outgoing)
+        assert grown > 128 * 1024
+        # More sends before the sweep: the buffer is reused, not freed and regrown per send.
+        body += _send_large(channel, 64 * 1024)
+        assert capacity(channel._outgoing) == grown
+        await _loop_turns()
+        assert capacity(channel._outgoing) == 0
+        client_in.write(b"".join(transport.written))
+        assert receive(tls_client) == (body, False)
+        # And it grows again when needed, and is freed again.
+        body = _send_large(channel, 128 * 1024)
+        assert capacity(channel._outgoing) > 128 * 1024
+        await _loop_turns()
+        assert capacity(channel._outgoing) == 0
+
+    asyncio.run(scenario())
+
+
+def test_small_sends_never_list_the_channel_for_freeing(pki, monkeypatch):
+    # Their twin: a buffer a record or two large is kept (freeing it per send would cost a
+    # ctypes call and a regrowth each), and the channel is not listed.
+    monkeypatch.setattr(tls_channel._GrownBuffers, "EVERY", 0.0)
+
+    async def scenario():
+        channel, transport, tls_client, client_in = await handshaken(pki)
+        channel._going_idle_due = False  # (as after the first wait)
+        for _ in range(3):
+            channel.send_now(b"x" * 1000)
+        await _loop_turns()
+        assert not channel._grown and 0 < capacity(channel._outgoing) < 16 * 1024
+        client_in.write(b"".join(transport.written))
+        assert receive(tls_client) == (b"x" * 3000, False)
+
+    asyncio.run(scenario())
