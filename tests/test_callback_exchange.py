@@ -993,7 +993,7 @@ def test_a_response_relayed_with_a_pipelined_request_waiting_reaches_the_client_
     def wake(self, step):
         original(self, step)
         if step is connection._READ and self.down.channel._chunks and not shutdowns:
-            shutdowns.append(self.tracked.idle)
+            shutdowns.append(self.idle)
             self.state.begin_shutdown()  # (what a SIGTERM handled in this iteration does)
 
     monkeypatch.setattr(connection._RequestLoop, "_wake", wake)
@@ -1037,7 +1037,7 @@ def test_a_response_relayed_just_before_shutdown_reaches_the_client(pki, tmp_pat
     def next_step(self):
         step = original(self)
         if step is connection._PARKED and self.down.channel._unsent and not shutdowns:
-            shutdowns.append(self.tracked.idle)
+            shutdowns.append(self.idle)
             self.state.begin_shutdown()  # (what running.close() does if its step comes next)
         return step
 

@@ -28,7 +28,7 @@ from proxy.server.channel import Channel
 from proxy.server.downstream import MORE, Downstream
 from proxy.server.relay import DONE, NEED_DATA, TIMED_OUT
 from proxy.server.request import RequestCycle, refuse_request
-from proxy.server.state import ServerState, TrackedConnection
+from proxy.server.state import ServerState
 from proxy.server.upstream_pool import UpstreamConnection
 
 log = logging.getLogger("tlsproxy")
@@ -49,13 +49,19 @@ _NEXT = "next"  # (within ``next``: the next request)
 
 async def serve_connection(down: Downstream, state: ServerState) -> None:
     """Serve requests on ``down`` until either side ends the connection."""
-    with state.track(down) as tracked:
-        requests = _RequestLoop(down, state, tracked)
+    requests = _RequestLoop(down, state)
+    # The request loop is its own record in ``state.connections`` (``state.Tracked``):
+    # ``state.track``'s context manager and record cost ~0.5 KiB a connection.
+    connections = state.connections
+    connections.add(requests)
+    try:
+        await requests.run()
+    finally:
+        requests.stop()
         try:
-            await requests.run()
-        finally:
-            requests.stop()
             await down.channel.close_and_wait(CLOSE_WAIT)
+        finally:
+            connections.discard(requests)
 
 
 class _RequestLoop:
@@ -63,12 +69,13 @@ class _RequestLoop:
     module docstring): ``next`` serves what it can without waiting and says what the
     task must wait for; a callback that reaches such a point wakes the task with it."""
 
-    __slots__ = ("down", "state", "tracked", "first", "cycle", "conn", "_step", "_parked")
+    __slots__ = ("down", "state", "idle", "first", "cycle", "conn", "_step", "_parked")
+    on_shutdown = None  # (as Tracked: begin_shutdown closes it when idle)
 
-    def __init__(self, down: Downstream, state: ServerState, tracked: TrackedConnection) -> None:
+    def __init__(self, down: Downstream, state: ServerState) -> None:
         self.down = down
         self.state = state
-        self.tracked = tracked
+        self.idle = True  # as Tracked.idle: no byte of a next request received
         self.first = True  # no request yet: the wait for one is timeouts.request_header, not idle
         self.cycle: RequestCycle | None = None  # the request in progress
         self.conn: UpstreamConnection | None = None  # its upstream connection, while callbacks relay
@@ -95,7 +102,7 @@ class _RequestLoop:
                     return
                 if not data:
                     return
-                self.tracked.idle = False
+                self.idle = False
                 down.engine.feed(data)
             elif step is _HEAD_REST:
                 # The head's first byte is here: the rest within request_header of the
@@ -148,7 +155,7 @@ class _RequestLoop:
                 # request arrives; bytes the client pipelined are already in the engine.
                 timeouts = state.generation.config.timeouts
                 if channel.watch(self, timeouts.request_header if self.first else timeouts.idle):
-                    self.tracked.idle = True
+                    self.idle = True
                     return _PARKED
                 return _READ  # (received and unread, or the client closed: not idle)
             self.first = False
@@ -214,7 +221,7 @@ class _RequestLoop:
     def received(self, channel: Channel, data: bytes) -> None:
         try:
             if channel is self.down.channel:
-                self.tracked.idle = False
+                self.idle = False
                 self.down.engine.feed(data)
                 step = self.next()
             else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from proxy.config.model import ProxyConfig
 from proxy.http.engines import EngineFactory
@@ -23,6 +24,15 @@ from proxy.server.h2_upstream import H2UpstreamPool
 from proxy.server.metrics import ProxyMetrics
 from proxy.server.upstream_pool import UpstreamPool
 from proxy.tls.context import ServerTLS
+
+
+class Tracked(Protocol):
+    """What ``begin_shutdown`` reads of a live client connection: a TrackedConnection, or
+    an HTTP/1.1 connection's request loop (``connection._RequestLoop``, its own record)."""
+
+    down: Downstream
+    idle: bool
+    on_shutdown: Callable[[], None] | None
 
 
 @dataclass(slots=True, eq=False)
@@ -46,7 +56,7 @@ class ServerState:
     closing: bool = False
     metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
     events: EventLog = field(default_factory=EventLog)  # refusals, reloads, upstream errors
-    connections: set[TrackedConnection] = field(default_factory=set)
+    connections: set[Tracked] = field(default_factory=set)
 
     # The current generation's parts, for code outside a request (start-up, admin,
     # redirect). A request reads ``generation`` once instead, so it sees one config.
