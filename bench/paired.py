@@ -44,6 +44,8 @@ LOADS = {"keepalive": ("/small", 32), "handshake": ("/small", 32), "large": ("/1
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--b-tree", type=Path, help="checkout of the tree to compare against (B)")
+    parser.add_argument("--b-python", help="the interpreter B runs on (default: this one): with --b-tree, or "
+                                           "alone to compare interpreters on this tree (e.g. a PGO/LTO build)")
     parser.add_argument("--caddy", action="store_true", help="measure Caddy (GOMAXPROCS=1) at the same moment too")
     parser.add_argument("--test", choices=tuple(LOADS), default="keepalive",
                         help="keepalive: GET /small on 32 connections; handshake: a new TLS connection per "
@@ -56,8 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tlsproxy access_log path (default: a JSON log file per tree in the temporary folder)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    if args.b_tree is None and not args.caddy:
-        parser.error("nothing to compare with: give --b-tree, --caddy or both")
+    if args.b_tree is None and not args.caddy and not args.b_python:
+        parser.error("nothing to compare with: give --b-tree, --b-python, --caddy or both")
     if args.b_tree is not None and not (args.b_tree / "proxy" / "__init__.py").is_file():
         parser.error(f"{args.b_tree} has no proxy/ package (a checkout of this repository is needed)")
     return args
@@ -110,11 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         servers["nginx"] = bench.start_nginx(
             "nginx", workdir / "nginx", bench.terminator_nginx_conf(workdir / "nginx", port, upstream_port, cert, key),
             port, args.server_cpu)
-        trees = {"A": None, "B": args.b_tree.resolve()} if args.b_tree is not None else {"A": None}
+        trees = {"A": None}
+        if args.b_tree is not None or args.b_python:
+            trees["B"] = args.b_tree.resolve() if args.b_tree is not None else bench.REPO
         for name, tree in trees.items():
             servers[name] = bench.start_tlsproxy(name, workdir / name, bench.free_port(), upstream_port, cert, key,
                                                  args.server_cpu, args.access_log or str(workdir / name / "access.log"),
-                                                 "httptools", python_path=tree)
+                                                 "httptools", python_path=tree,
+                                                 python=args.b_python if name == "B" else None)
         if args.caddy:
             servers["caddy"] = bench.start_caddy("caddy", workdir / "caddy", bench.free_port(), upstream_port,
                                                  cert, key, args.server_cpu, procs=1)
@@ -142,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "command": " ".join(["bench/paired.py", *(sys.argv[1:] if argv is None else argv)]),
-        "a_tree": str(bench.REPO), "b_tree": str(args.b_tree.resolve()) if args.b_tree else None, "test": args.test,
+        "a_tree": str(bench.REPO), "b_tree": str(args.b_tree.resolve()) if args.b_tree else None,
+        "a_python": sys.executable, "b_python": args.b_python or sys.executable, "test": args.test,
         "rounds": rounds, "medians": ratios,
     }
     bench.finish_run(record, started, args.output, workdir, keep=False)

@@ -394,16 +394,18 @@ def start_nginx(name: str, prefix: Path, conf_text: str, port: int, cpu: str | N
 
 def start_tlsproxy(name: str, workdir: Path, port: int, upstream_port: int, cert: Path, key: Path,
                    cpu: str | None, access_log: str, http_engine: str, workers: int = 1,
-                   python_path: Path | None = None, upstream_scheme: str = "http") -> Server:
+                   python_path: Path | None = None, upstream_scheme: str = "http",
+                   python: str | None = None) -> Server:
     """``tlsproxy serve`` from the installed package, or from the checkout ``python_path``
     (bench/paired.py's tree B; the working folder is outside any checkout either way);
-    ``upstream_scheme`` h2c for a gRPC upstream (bench/grpc.py)."""
+    ``upstream_scheme`` h2c for a gRPC upstream (bench/grpc.py); ``python``: the
+    interpreter (default: this one)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "tlsproxy.yaml"
     config.write_text(tlsproxy_yaml(port, upstream_port, cert, key, access_log, http_engine, workers,
                                     upstream_scheme))
     env = {**os.environ, "PYTHONPATH": str(python_path)} if python_path is not None else None
-    argv = [sys.executable, "-m", "proxy", "serve", "-c", str(config)]
+    argv = [python or sys.executable, "-m", "proxy", "serve", "-c", str(config)]
     return start_logged(f"{name} (tlsproxy serve)", name, workdir, workdir / "tlsproxy.log", pinned(cpu, argv), port, env)
 
 
