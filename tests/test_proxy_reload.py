@@ -4,6 +4,7 @@ keeps the old one serving. In process (RunningProxy.reload, the file watch) and 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -82,6 +83,27 @@ def test_failed_reload_keeps_the_old_config(pki, upstream, tmp_path, certs):
         assert waiter.seen.is_set() and "still serving the previous configuration" in waiter.messages[-1]
         assert served_der(pki, px.port) == der(first[0])
         assert requests.get(px.url("/echo"), verify=str(pki.ca_pem), timeout=WAIT).status_code == 200
+
+
+def test_the_first_generation_frozen_with_start_up_is_collectable_after_a_reload(pki, upstream, tmp_path, certs):
+    # `serve` freezes what start-up made (gc.freeze: out of every full collection); frozen
+    # objects are never collected, so a reload that replaces the first generation unfreezes
+    # them. A failed reload, which keeps that generation serving, leaves them frozen.
+    first, second = certs
+    pair = publish(first, tmp_path / "live")
+    config = proxy_config(pki, service("app", upstream), tmp_path, tls=TLSSettings(certificates=(pair,)))
+    with ProxyThread(config, config_source=lambda: config) as px:
+        gc.freeze()  # (as _serve_until_signal does once the proxy has started)
+        try:
+            shutil.copyfile(second[0], pair.cert)  # the key no longer matches the certificate
+            assert px.call(_reload(px)) is False
+            assert gc.get_freeze_count() > 0
+            publish(second, tmp_path / "live")
+            assert px.call(_reload(px)) is True
+            assert gc.get_freeze_count() == 0
+            assert served_der(pki, px.port) == der(second[0])
+        finally:
+            gc.unfreeze()
 
 
 def test_changed_certificate_files_reload_without_a_signal(pki, upstream, tmp_path, certs):

@@ -145,6 +145,9 @@ class RunningProxy:
             state.access_log.close()
             state.access_log = access_log
         state.generation = generation  # the one assignment every next request sees
+        # The first generation was frozen with start-up (_serve_until_signal): frozen objects
+        # are never collected, so what of it ends up in reference cycles would stay for good.
+        gc.unfreeze()
         state.pool.configure(
             engines=generation.engines,
             connect_timeout=config.timeouts.upstream_connect,
