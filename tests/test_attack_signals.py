@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import re
 import signal
-import socket
 import ssl
 import threading
 import time
