@@ -9,8 +9,9 @@ its alert). The first chunk the client sends decides (``tls_accept``):
 * anything else is plain HTTP on the TLS port -> a plain ``400`` (PLAIN_HTTP_RESPONSE)
   telling the user to use https://, then close.
 
-``max_connections`` is a semaphore taken before ``accept()``: above the limit the
-proxy stops accepting and new clients wait in the kernel's backlog.
+``max_connections`` is a count of slots taken before ``accept()`` (and given back while
+a listener has nothing to accept): above the limit the proxy stops accepting and new
+clients wait in the kernel's backlog.
 
 A failed ``accept()`` is logged and the loop goes on: errors that concern one pending
 connection (a client that reset it first, a firewall's EPERM, EPROTO...) at once; out of
@@ -233,22 +234,24 @@ async def accept_loop(
                     watching = False
                 await slots.take_when_free()
             try:
-                while True:
-                    try:
-                        fd, peer = sock._accept()
-                        break
-                    except (BlockingIOError, InterruptedError):
-                        if not watching:
-                            loop.add_reader(listen_fd, wake)
-                            watching = True
-                        readable = loop.create_future()
-                        await readable
+                fd, peer = sock._accept()
                 conn = _AcceptedSocket(family, sock_type, proto, fileno=fd)
-            except BaseException as exc:
+            except (BlockingIOError, InterruptedError):
+                # Nothing to accept: the slot goes back while this listener waits. The
+                # listeners share the slots, and one held by a listener that has no
+                # connection would keep another's waiting in its backlog (limit 1, two
+                # listeners: the second was never served).
                 if slots is not None:
                     slots.give_back()
-                if not isinstance(exc, OSError):
-                    raise  # cancelled: the proxy is closing
+                if not watching:
+                    loop.add_reader(listen_fd, wake)
+                    watching = True
+                readable = loop.create_future()
+                await readable  # (cancelled: the proxy is closing; no slot is held)
+                continue
+            except OSError as exc:
+                if slots is not None:
+                    slots.give_back()
                 code = exc.errno
                 if code in _LISTENER_UNUSABLE:
                     log.error("stopped accepting connections on %s: %s", _name(sock), exc.strerror or exc)
