@@ -155,7 +155,8 @@ class Channel(asyncio.BufferedProtocol):
         return self._receive_view if forward is None else forward.buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        # data_received, inlined: this runs once per receive on every upstream connection.
+        # data_received's watcher step, inlined: this runs once per receive on every
+        # upstream connection.
         forward = self._forward
         if forward is not None:
             start = self._forward_received(nbytes)
@@ -165,7 +166,6 @@ class Channel(asyncio.BufferedProtocol):
             # no more until they are read, or this receive and the READ_LIMIT of the
             # usual path could together pass the 256 KiB.
             chunk = forward.buffer[start:nbytes].tobytes()
-            nbytes -= start
             if not self._reading_paused and not self.closed:
                 self._reading_paused = True
                 self.transport.pause_reading()
@@ -177,17 +177,7 @@ class Channel(asyncio.BufferedProtocol):
                 self._read_deadline = 0.0
                 watcher.received(self, chunk)
                 return
-        if self._chunks:
-            self._chunks.append(chunk)
-        else:
-            self._chunks = deque((chunk,))
-        self._buffered += nbytes
-        if self._buffered >= self._read_limit and not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pause_reading()
-        waiter = self._read_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._keep(chunk)
 
     def data_received(self, data: bytes) -> None:
         watcher = self._watcher
@@ -196,6 +186,11 @@ class Channel(asyncio.BufferedProtocol):
             self._read_deadline = 0.0
             watcher.received(self, data)
             return
+        self._keep(data)
+
+    def _keep(self, data: bytes) -> None:
+        """Queue received bytes for the next read (reading pauses at ``read_limit``) and
+        wake that read."""
         if self._chunks:
             self._chunks.append(data)
         else:

@@ -212,8 +212,9 @@ async def accept_loop(
 
     # socket.accept() builds the new socket from the listener's family/type properties,
     # which convert to enums on every call (a few % of a handshake's CPU in py-spy): take
-    # them once and wrap the accepted descriptor ourselves (in an _AcceptedSocket). Non-blocking mode and
-    # TCP_NODELAY are left to the transport (uvloop and asyncio both set them).
+    # them once and wrap the accepted descriptor ourselves (in an _AcceptedSocket).
+    # Non-blocking mode and TCP_NODELAY are left to the transport (uvloop and asyncio
+    # both set them).
     family, sock_type, proto = int(sock.family), int(sock.type), sock.proto
     listen_fd = sock.fileno()
     # The listener stays registered with the loop between waits: adding and removing it
