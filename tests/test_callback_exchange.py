@@ -14,13 +14,14 @@ callback path) and compare what the upstream and the client receive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from upstream import (
@@ -185,8 +186,24 @@ def no_internal_error():
     assert not waiter.seen.is_set(), [m for m in waiter.messages if "internal error" in m]
 
 
-@pytest.fixture
-def started(monkeypatch) -> list[bytes]:
+def holding_upstream(target: bytes, *, then_answer: bool) -> ScriptedUpstream:
+    """An upstream echoing every target (``echo_target``) but holding the request for
+    ``target`` until its ``release`` is set, then answering it (``then_answer``) or
+    closing without an answer."""
+
+    def script(conn, index, head):
+        if target_of(head) == target:
+            up.release.wait(WAIT)
+            if not then_answer:
+                return False
+        return echo_target(conn, index, head)
+
+    up = ScriptedUpstream(script)
+    return up
+
+
+@contextlib.contextmanager
+def recording_starts() -> Iterator[list[bytes]]:
     """The targets of the requests sent on an idle pooled connection by ``Relay.start``:
     the callback path (a request that had to use ``Relay.run`` is not listed)."""
     targets: list[bytes] = []
@@ -198,8 +215,17 @@ def started(monkeypatch) -> list[bytes]:
             targets.append(self.head.target)
         return conn
 
-    monkeypatch.setattr(Relay, "start", start)
-    return targets
+    Relay.start = start
+    try:
+        yield targets
+    finally:
+        Relay.start = original
+
+
+@pytest.fixture
+def started() -> Iterator[list[bytes]]:
+    with recording_starts() as targets:
+        yield targets
 
 
 def log_lines(px: ProxyThread, tmp_path) -> list[dict]:
@@ -292,13 +318,7 @@ def test_pauses_shorter_than_upstream_response_are_waited_for_each_time(pki, tmp
 def test_an_upstream_stalling_on_the_pooled_connection_gets_504_and_the_next_request_works(
     pki, tmp_path, started
 ):
-    def script(conn, index, head):
-        if target_of(head) == b"/stall":
-            up.release.wait(WAIT)
-            return False
-        return echo_target(conn, index, head)
-
-    up = ScriptedUpstream(script)
+    up = holding_upstream(b"/stall", then_answer=False)
     with up, proxy(pki, tmp_path, up, timeouts=Timeouts(upstream_response=0.3)) as px, Client(pki, px.port) as client:
         warm(client)
         head, body = client.get("/stall")
@@ -515,29 +535,22 @@ def test_pipelined_requests_on_a_kept_alive_connection_are_answered_in_order(pki
         assert [target_of(h) for h in up.heads] == [b"/warm", b"/p1", b"/p2", b"/p3"]
 
 
-def test_a_head_in_two_pieces_on_a_kept_alive_connection(pki, tmp_path, started):
+@pytest.mark.parametrize(
+    "cut", [len(b"GET /split HTTP/1.1\r\nHost: loc"), len(b"GE")], ids=["in a header", "in the request line"]
+)
+def test_a_head_in_two_pieces_on_a_kept_alive_connection(pki, tmp_path, started, cut):
+    head_bytes = b"GET /split HTTP/1.1\r\nHost: localhost\r\nX-Two: parts\r\n\r\n"
     with ScriptedUpstream() as up, proxy(pki, tmp_path, up) as px, Client(pki, px.port) as client:
         warm(client)
-        client.send(b"GET /split HTTP/1.1\r\nHost: loc")
+        client.send(head_bytes[:cut])
         # The first piece is in the proxy (the connection is no longer idle) before the rest.
         wait_for(px, lambda state: not any(t.idle for t in state.connections))
-        client.send(b"alhost\r\nX-Two: parts\r\n\r\n")
+        client.send(head_bytes[cut:])
         head, body = client.response()
         assert status(head) == 200 and body == b"for /split"
         assert b"x-two: parts" in up.heads[-1].lower() and b"host: localhost" in up.heads[-1].lower()
         assert client.get("/next")[1] == b"for /next"
         assert up.accepts == 1 and started == [b"/split", b"/next"]
-
-
-def test_a_head_split_in_the_request_line_on_a_kept_alive_connection(pki, tmp_path, started):
-    with ScriptedUpstream() as up, proxy(pki, tmp_path, up) as px, Client(pki, px.port) as client:
-        warm(client)
-        client.send(b"GE")
-        wait_for(px, lambda state: not any(t.idle for t in state.connections))
-        client.send(b"T /split HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        head, body = client.response()
-        assert status(head) == 200 and body == b"for /split"
-        assert started == [b"/split"]
 
 
 # -- shutdown -----------------------------------------------------------------------------
@@ -546,12 +559,7 @@ def test_a_head_split_in_the_request_line_on_a_kept_alive_connection(pki, tmp_pa
 def test_shutdown_while_a_callback_request_is_in_flight_answers_it_and_closes_the_idle(
     pki, tmp_path, started, shutdown_begun
 ):
-    def script(conn, index, head):
-        if target_of(head) == b"/held":
-            up.release.wait(WAIT)
-        return echo_target(conn, index, head)
-
-    up = ScriptedUpstream(script)
+    up = holding_upstream(b"/held", then_answer=True)
     with up:
         px = proxy(pki, tmp_path, up)
         closing = None
@@ -678,20 +686,10 @@ def _exchange(pki, tmp_path, answer: bytes | tuple, raw: str, *, warm_first: boo
                 conn.sendall(piece)
         return keep_open
 
-    calls: list[bytes] = []
-    original = Relay.start
-
-    def start(self, headers, target, fields=None):
-        conn = original(self, headers, target, fields)
-        if conn is not None:
-            calls.append(self.head.target)
-        return conn
-
     half_close = raw.startswith(HALF_CLOSE)
     raw_request = raw.removeprefix(HALF_CLOSE).encode()
-    Relay.start = start
     tmp_path.mkdir()
-    try:
+    with recording_starts() as calls:
         with ScriptedUpstream(script) as up, ProxyThread(
             proxy_config(pki, service("app", up), tmp_path, timeouts=Timeouts(upstream_response=1.0))
         ) as px:
@@ -715,8 +713,6 @@ def _exchange(pki, tmp_path, answer: bytes | tuple, raw: str, *, warm_first: boo
                  line["upstream"] and _normal(line["upstream"].encode()))
                 for line in log_lines(px, tmp_path) if line["path"] != "/warm"
             ]
-    finally:
-        Relay.start = original
     return heads, _one_chunk(_normal(received)), lines, calls
 
 
@@ -948,13 +944,7 @@ def test_a_request_still_unanswered_when_the_shutdown_grace_ends(pki, tmp_path, 
     """The upstream never answers; the shutdown grace (0.3 s) ends first: the client's
     connection is closed, the request logged once, and nobody logs an internal error."""
 
-    def script(conn, index, head):
-        if target_of(head) == b"/never":
-            up.release.wait(WAIT)
-            return False
-        return echo_target(conn, index, head)
-
-    up = ScriptedUpstream(script)
+    up = holding_upstream(b"/never", then_answer=False)
     with up:
         px = proxy(pki, tmp_path, up)
         try:
@@ -998,12 +988,7 @@ def test_a_response_relayed_with_a_pipelined_request_waiting_reaches_the_client_
 
     monkeypatch.setattr(connection._RequestLoop, "_wake", wake)
 
-    def script(conn, index, head):
-        if target_of(head) == b"/a":
-            up.release.wait(WAIT)
-        return echo_target(conn, index, head)
-
-    up = ScriptedUpstream(script)
+    up = holding_upstream(b"/a", then_answer=True)
     with up, proxy(pki, tmp_path, up) as px, Client(pki, px.port) as client:
         warm(client)
         up.arrived.clear()
