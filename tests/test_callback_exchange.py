@@ -260,6 +260,13 @@ def warm(client: Client) -> None:
     assert status(head) == 200 and body == b"for /warm"
 
 
+def send_until_upstream_has_it(up: ScriptedUpstream, client: Client, path: str) -> None:
+    """Send a GET for ``path`` and wait (bounded) until the upstream has received it."""
+    up.arrived.clear()
+    client.send(request(path))
+    assert up.arrived.wait(WAIT)
+
+
 # -- a response in pieces ---------------------------------------------------------------
 
 
@@ -500,10 +507,8 @@ def test_a_client_leaving_before_its_response_never_gets_it_to_another_client(pk
     with up, proxy(pki, tmp_path, up) as px:
         with Client(pki, px.port) as first:
             warm(first)
-        up.arrived.clear()
         with Client(pki, px.port) as a:
-            a.send(request("/a"))
-            assert up.arrived.wait(WAIT)
+            send_until_upstream_has_it(up, a, "/a")
             if when == "after-head":
                 assert a.sock.recv(65536).startswith(b"HTTP/1.1 200 ")
         # A is gone (closed: close_notify and FIN); now its answer comes.
@@ -567,9 +572,7 @@ def test_shutdown_while_a_callback_request_is_in_flight_answers_it_and_closes_th
             with Client(pki, px.port) as busy, Client(pki, px.port) as idle:
                 warm(busy)
                 assert idle.get("/idle-warm")[1] == b"for /idle-warm"  # kept alive, now idle
-                up.arrived.clear()
-                busy.send(request("/held"))
-                assert up.arrived.wait(WAIT)
+                send_until_upstream_has_it(up, busy, "/held")
                 closing = asyncio.run_coroutine_threadsafe(px.running.close(5.0), px.loop)
                 assert shutdown_begun.wait(WAIT)
                 assert idle.closed()  # idle: closed at once
@@ -895,10 +898,8 @@ def test_a_client_leaving_is_logged_the_same_on_both_paths(pki, tmp_path, reset)
             if warm_first:
                 with Client(pki, px.port) as first:
                     warm(first)
-            up.arrived.clear()
             a = Client(pki, px.port)
-            a.send(request("/a"))
-            assert up.arrived.wait(WAIT)
+            send_until_upstream_has_it(up, a, "/a")
             if reset:
                 a.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             a.sock.close()
@@ -951,10 +952,8 @@ def test_a_request_still_unanswered_when_the_shutdown_grace_ends(pki, tmp_path, 
             if warm_first:
                 with Client(pki, px.port) as first:
                     warm(first)
-            up.arrived.clear()
             with Client(pki, px.port) as client:
-                client.send(request("/never"))
-                assert up.arrived.wait(WAIT)
+                send_until_upstream_has_it(up, client, "/never")
                 began = time.monotonic()
                 px.call(px.running.close(0.3), WAIT)
                 assert recv_until_closed(client.sock) == b""
@@ -991,9 +990,7 @@ def test_a_response_relayed_with_a_pipelined_request_waiting_reaches_the_client_
     up = holding_upstream(b"/a", then_answer=True)
     with up, proxy(pki, tmp_path, up) as px, Client(pki, px.port) as client:
         warm(client)
-        up.arrived.clear()
-        client.send(request("/a"))
-        assert up.arrived.wait(WAIT)
+        send_until_upstream_has_it(up, client, "/a")
         client.send(request("/b"))
         wait_for(px, lambda state: any(t.down.channel._chunks for t in state.connections))
         up.release.set()
