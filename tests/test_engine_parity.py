@@ -543,8 +543,22 @@ def test_server_engine_sends_a_raw_head_as_received_only_where_it_would_change_n
     assert (as_read, keep_alive) == (as_read_parsed, keep_alive_parsed)  # the client sees no difference
     if request_bytes == REQUESTS["plain-get"]:
         assert wire == AS_SENT + b"ok" and wire_parsed != wire  # byte for byte: names keep their case
-    else:
-        assert wire == wire_parsed  # closing / HTTP/1.0: re-framed as without raw bytes
+    elif request_bytes == REQUESTS["http10-no-host"]:
+        assert wire == wire_parsed  # HTTP/1.0: re-framed as without raw bytes
+    else:  # closing: as sent, plus the one line re-framing would add
+        assert wire == AS_SENT[:-2] + b"connection: close\r\n\r\nok" and wire_parsed != wire
+        assert not keep_alive
+
+
+def test_a_raw_head_ending_in_bare_line_feeds_is_re_framed_when_closing():
+    """``raw`` that does not end in CRLF CRLF gets no line spliced in: re-framed instead."""
+    head = dataclasses.replace(parsed_response(b"GET", AS_SENT), raw=AS_SENT[:-4] + b"\n\n")
+    engine = HTTPTOOLS.server(65536)
+    engine.feed(GET + b"Connection: close\r\n\r\n")
+    while type(engine.next_event()) is not EndOfMessage:
+        pass
+    wire = engine.send_head(head)
+    assert wire.endswith(b"connection: close\r\n\r\n") and b"Content-Type" not in wire  # (re-spelled)
 
 
 def test_a_raw_head_still_bounds_the_body_by_its_length():
