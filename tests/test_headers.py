@@ -209,6 +209,7 @@ def _relayed(raw: bytes, service=SERVICE):
         b"Host: api.localhost:8443\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Mixed-Case: A b\r\n",
         b"Host: api.localhost:8443\r\nCONNECTION: Close\r\nContent-Length: 3\r\n",
         b"Host: api.localhost:8443\r\nAccept: a\r\nAccept: b\r\nConnection: close, keep-alive\r\n",
+        b"Accept: */*\r\nConnection: close\r\nHost: api.localhost:8443\r\nUser-Agent: node\r\n",
     ],
 )
 def test_relayed_lines_say_what_the_rewritten_headers_say(lines):
@@ -221,6 +222,7 @@ def test_relayed_lines_say_what_the_rewritten_headers_say(lines):
             (line.partition(b":") for line in fields.split(b"\r\n")[1:])]
     expected, _ = rewrite(head.headers, identity_headers=((b"X-Client-Subject", b"CN=alice"),),
                           request_id=request_id)
+    expected.sort(key=lambda header: header[0] != b"host")  # (Host first, as request_wire sends it)
     assert sent == expected
     assert sent[-len(added):] == added  # (the list an engine without the raw path appends)
     assert (b"x-request-id", request_id) in added and len(request_id) == 32
@@ -240,11 +242,31 @@ def test_a_header_the_proxy_rewrites_sends_the_request_the_parsed_way(line):
     assert relayed is None
 
 
-def test_set_headers_and_host_not_first_send_the_request_the_parsed_way():
+def test_set_headers_send_the_request_the_parsed_way():
     service = Service(name="api", upstreams=SERVICE.upstreams, set_headers=(("X-Env", "test"),))
     assert _relayed(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", service)[1] is None
-    assert _plain(b"GET /x HTTP/1.1\r\nAccept: */*\r\nHost: a\r\n\r\n").raw_fields == b""
-    assert _plain(b"GET /x HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n").raw_fields == b"\r\nHost: a\r\nAccept: */*"
+
+
+@pytest.mark.parametrize(
+    ("lines", "relayed"),
+    [
+        (b"Host: a\r\nAccept: */*", b"\r\nHost: a\r\nAccept: */*"),
+        (b"Accept: */*\r\nHost: a", b"\r\nHost: a\r\nAccept: */*"),
+        (b"User-Agent: node\r\nX-A:  1\r\nhOsT: a:8443\r\nAccept: */*",
+         b"\r\nhOsT: a:8443\r\nUser-Agent: node\r\nX-A:  1\r\nAccept: */*"),
+    ],
+    ids=["host-first", "host-last", "host-third"],
+)
+def test_relayed_lines_have_the_host_line_first_and_the_rest_in_order(lines, relayed):
+    assert _plain(b"GET /x HTTP/1.1\r\n" + lines + b"\r\n\r\n").raw_fields == relayed
+
+
+def test_host_line_first_gives_up_when_the_lines_are_not_one_per_header():
+    from proxy.http.h1.heads import _host_line_first
+
+    assert _host_line_first(b"\r\nAccept: */*\r\nHost: a", 1, 2) == b"\r\nHost: a\r\nAccept: */*"
+    assert _host_line_first(b"\r\nAccept: */*\r\nHost: a", 1, 3) == b""  # a line short (a fold)
+    assert _host_line_first(b"\r\nAccept: */*\r\nX-Host: a", 1, 2) == b""  # not the Host line
 
 
 def test_relayed_head_refuses_a_target_or_added_value_that_could_split_it():

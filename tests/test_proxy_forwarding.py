@@ -149,7 +149,8 @@ def test_close_delimited_response_is_reframed_for_keep_alive(proxy, session, ups
 def test_a_response_head_needing_no_change_reaches_curl_as_the_upstream_spelled_it(proxy, pki, http_engine):
     """The upstream sends ``Content-Type`` / ``Content-Length`` (names capitalised): the
     httptools engine relays that head byte for byte, like nginx; h11 re-spells it in
-    lowercase. A client that asks to close gets the head re-framed by either engine."""
+    lowercase. A client that asks to close gets the same lines and ``connection: close``
+    from either engine (httptools: the upstream's spelling, then that one line)."""
     kept = curl("--http1.1", "-i", proxy.url("/echo"), pki=pki).stdout.partition(b"\r\n\r\n")[0].split(b"\r\n")
     closing = curl("--http1.1", "-i", "-H", "Connection: close", proxy.url("/echo"), pki=pki).stdout
     closing = closing.partition(b"\r\n\r\n")[0].split(b"\r\n")
@@ -463,6 +464,27 @@ def test_a_request_whose_headers_need_no_change_goes_up_as_the_client_spelled_it
     assert b"connection" not in names and b"keep-alive" not in names
     assert b"\r\nx-forwarded-for: 10.9.9.9, 127.0.0.1\r\n" in parsed.lower()
     assert b"x-mixed-case: va lue\r\n" in parsed.lower()
+
+
+def test_a_request_with_host_after_other_headers_goes_up_with_host_first(pki, tmp_path, http_engine):
+    """Node's http and Java's clients send Host after their other headers. Upstream, Host
+    comes first on both engines (as h11 writes it, and RFC 9112 3.2 asks of clients);
+    the httptools engine relays the other lines as the client spelled them, in order."""
+    with HeadRecorder() as recorder, ProxyThread(proxy_config(pki, service("app", recorder), tmp_path)) as px:
+        with tls_connect(pki, px.port) as client:
+            client.sendall(b"GET /n HTTP/1.1\r\nUser-Agent: node\r\nX-Mixed-Case:  Va lue\r\nHOST: localhost\r\n"
+                           b"Connection: keep-alive\r\nAccept: */*\r\n\r\n")
+            assert recv_head(client).startswith(b"HTTP/1.1 204 ")
+    (head,) = recorder.heads
+    lines = head.split(b"\r\n")
+    if http_engine == "httptools":
+        assert lines[1:5] == [b"HOST: localhost", b"User-Agent: node", b"X-Mixed-Case:  Va lue", b"Accept: */*"]
+    else:
+        assert lines[1:5] == [b"host: localhost", b"user-agent: node", b"x-mixed-case: Va lue", b"accept: */*"]
+    names = [line.partition(b":")[0].lower() for line in lines[1:]]
+    assert names.count(b"host") == 1 and b"connection" not in names
+    assert names[4:] == [b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
+                         b"forwarded", b"x-request-id"]
 
 
 def test_whitespace_padding_does_not_carry_a_head_past_the_header_limit_upstream(pki, tmp_path, http_engine):

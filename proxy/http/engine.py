@@ -49,8 +49,8 @@ class RequestHead:
     # The header lines as the client sent them, from the request line's CRLF up to the
     # last line's end (its CRLF and the blank line not included), when they may be relayed
     # as they are (``proxy.forwarding.headers.as_received``); set by the httptools
-    # engine's fast path for a plain head whose first header is Host. Wire detail, so
-    # not part of equality.
+    # engine's fast path for a plain head, its Host line moved first when the client
+    # sent it later. Wire detail, so not part of equality.
     raw_fields: bytes = field(default=b"", compare=False, repr=False)
 
     @property

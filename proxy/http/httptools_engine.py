@@ -339,7 +339,7 @@ class HttptoolsClientEngine(_Side, ClientEngine):
         # Only plain heads have fields to relay, and no hop-by-hop header is among them
         # (as_received): no Transfer-Encoding, Upgrade or Connection: close goes up.
         wire = request_wire_as_received(head.method, target, fields)
-        self._head_sent(head, head.headers[0][1], False, True)  # (Host comes first in such a head)
+        self._head_sent(head, head.header(b"host"), False, True)  # (a plain head has one Host)
         return wire
 
     def _head_sent(self, head: RequestHead, host: bytes, upgrade_asked: bool, keep_alive: bool) -> None:

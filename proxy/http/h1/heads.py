@@ -316,13 +316,26 @@ def plain_request(raw: bytes, max_header_bytes: int) -> tuple[RequestHead, list[
     head = request_head(method, target, version, headers, max_header_bytes, names)
     end = line.end()
     if (
-        names[0] == b"host"
-        and len(raw) <= max_header_bytes  # (the limit above counts values stripped: bound the bytes too)
+        len(raw) <= max_header_bytes  # (the limit above counts values stripped: bound the bytes too)
         and not fields.padded  # no value relayed with whitespace after it
         and raw.endswith(b"\r\n\r\n")  # (HEAD_END also ends a head at LF LF)
     ):
-        head.raw_fields = raw[end - 2 : -4]
+        lines = raw[end - 2 : -4]
+        head.raw_fields = lines if names[0] == b"host" else _host_line_first(lines, names.index(b"host"), len(names))
     return head, names
+
+
+def _host_line_first(lines: bytes, at: int, count: int) -> bytes:
+    """A head's header ``lines`` (each after a CRLF) with the Host line, header ``at``
+    of ``count``, moved first -- where ``request_wire`` and h11 write it, as RFC 9112
+    3.2 asks of clients -- the others in their order; b"" when the lines are not one per
+    header. Node's http and Java's clients put Host after their other headers: relayed
+    as received, such a request costs ~3 us less than re-built (timeit)."""
+    split = lines.split(b"\r\n")  # ["", line 0, line 1, ...]
+    at += 1
+    if len(split) != count + 1 or split[at][:5].lower() != b"host:":
+        return b""
+    return b"\r\n".join((b"", split[at], *split[1:at], *split[at + 1 :]))
 
 
 def plain_response(raw: bytes, upgrade_asked: bool) -> tuple[ResponseHead, Headers, list[bytes]] | None:
