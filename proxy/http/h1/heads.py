@@ -287,11 +287,14 @@ class LazyResponseHead(ResponseHead):
 # lowercased bytes in one pass (each line starts after a CRLF; values hold no CR). Their
 # values are compared lowercased anyway; a case-blind pattern on the bytes as they came
 # would cost the regex engine several times more (callgrind). Values come out stripped as
-# h11 strips them: the lazy value stops before the whitespace that ends its line (a
-# Python rstrip per value cost more than the regex does).
+# h11 strips them: the value is the line's rest up to its last character that is not
+# whitespace, taken greedily (the regex engine's tight loop over the line, then a step
+# back over any trailing blanks). A Python rstrip per value cost more than the regex
+# does, and a lazy value (``[^\r]*?``) tries the end of the line at every byte: 16.9k
+# instructions a findall on a 9-line nginx head against 11.5k (callgrind).
 _RESPONSE_CONTROL = re.compile(
     rb"\r\n(content-length|transfer-encoding|connection|keep-alive|proxy-connection|te|trailer|upgrade)"
-    rb":[ \t]*([^\r]*?)[ \t]*(?=\r|\Z)"
+    rb":[ \t]*((?:[^\r]*[^\r \t])?)[ \t]*(?=\r|\Z)"
 )
 
 
