@@ -377,12 +377,18 @@ def wants_close(headers: Headers, names: list[bytes], http_version: bytes) -> bo
     return http_version < b"1.1" or (b"connection" in names and has_connection_close(headers, names))
 
 
+# _NOT_A_BYTES_NEEDLE: on Python 3.11, ``b"," in value`` first tries the needle as an
+# int, and raises and clears a TypeError (its message formatted) before it searches:
+# ~1.8k instructions, against a memchr for ``44 in value`` (callgrind: two such tests
+# were 1.2 % of a keep-alive request's instructions). Single-byte needles are ints here.
+
+
 def has_connection_close(headers: Headers, names: list[bytes]) -> bool:
     """``close`` among the Connection tokens (h11's rule), without a loop for the usual
     single plain value such as ``keep-alive``."""
     if names.count(b"connection") == 1:
         value = headers[names.index(b"connection")][1].lower()
-        if b"," not in value:
+        if 44 not in value:  # b"," as an int (see _NOT_A_BYTES_NEEDLE)
             return value.strip() == b"close"
     return b"close" in comma_values(headers, b"connection")
 
@@ -392,7 +398,7 @@ def content_lengths(headers: Headers, names: list[bytes]) -> list[bytes]:
     count = names.count(b"content-length")
     if count == 1:
         value = headers[names.index(b"content-length")][1]
-        if b"," not in value:
+        if 44 not in value:  # b"," as an int (see _NOT_A_BYTES_NEEDLE)
             item = value.lower().strip()
             return [item] if item else []
     return comma_values(headers, b"content-length") if count else []
@@ -426,8 +432,9 @@ def request_wire(method: bytes, target: bytes, headers: Headers) -> tuple[bytes,
         headers = [headers[at], *headers[:at], *headers[at + 1 :]]
         names = [b"host", *names[:at], *names[at + 1 :]]
     wire = b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (method, target, b"\r\n".join(map(b": ".join, headers)))
-    # (_sendable and header_lines inline: this runs for every request)
-    if len(wire) - len(wire.translate(None, _UNSENDABLE)) != 2 * (len(headers) + 2) or b" " in target:
+    # (_sendable and header_lines inline: this runs for every request; 32 is b" ", as an
+    # int: _NOT_A_BYTES_NEEDLE)
+    if len(wire) - len(wire.translate(None, _UNSENDABLE)) != 2 * (len(headers) + 2) or 32 in target:
         raise BadGateway("request cannot be sent upstream: illegal byte in the request head")
     return wire, headers, names
 
