@@ -333,7 +333,8 @@ def _host_line_first(lines: bytes, at: int, count: int) -> bytes:
     of ``count``, moved first -- where ``request_wire`` and h11 write it, as RFC 9112
     3.2 asks of clients -- the others in their order; b"" when the lines are not one per
     header. Node's http and Java's clients put Host after their other headers: relayed
-    as received, such a request costs ~3 us less than re-built (timeit)."""
+    as received, such a request's parse and head take 130.2k instructions instead of
+    the re-built way's 144.9k (callgrind)."""
     split = lines.split(b"\r\n")  # ["", line 0, line 1, ...]
     at += 1
     if len(split) != count + 1 or split[at][:5].lower() != b"host:":
